@@ -1,0 +1,70 @@
+"""ember.compile: capture a model, run the pass pipeline with the verifier between stages, build a Program."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CompileError
+from .frontend import from_module
+from .ir import Graph, VerifyError
+from .optimizer import PIPELINE
+from .options import Options
+from .runtime import Program
+from .runtime.program import coverage_report
+
+log = logging.getLogger(__name__)
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, options: Options | Mapping[str, Any] | None = None) -> Program:
+    """Compile `model` for inputs shaped like `example_inputs` (a tensor, a tuple of args or a dict of kwargs)."""
+    options = _as_options(options)
+    captured = from_module(model, example_inputs)
+    checkpoint(captured.graph, "lower", options, index=0)
+    return compile_graph(
+        captured.graph,
+        options,
+        stage_seconds=captured.stage_seconds,
+        in_spec=captured.in_spec,
+        out_spec=captured.out_spec,
+        constant_inputs=captured.constant_inputs,
+        mutated_buffers=captured.mutated_buffers,
+    )
+
+
+def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str, float] | None = None, **program_args: Any) -> Program:
+    """Run the pipeline on a lowered graph and build its Program; shared by ember.compile and the backend."""
+    seconds = dict(stage_seconds or {})
+    for index, transform in enumerate(PIPELINE, start=1):
+        started = time.perf_counter()
+        graph = transform(graph)
+        seconds[transform.__name__] = time.perf_counter() - started
+        checkpoint(graph, transform.__name__, options, index=index)
+    started = time.perf_counter()
+    program = Program(graph, coverage_report(graph, seconds), check_inputs=options.check_inputs, **program_args)
+    program.report.stage_seconds["build"] = time.perf_counter() - started
+    log.info("compiled %d nodes, op coverage %.1f%%", program.report.node_count, 100 * program.report.op_coverage)
+    return program
+
+
+def checkpoint(graph: Graph, stage: str, options: Options, *, index: int) -> None:
+    """After a stage: verify the graph (when asked) and dump it to the debug directory (when set)."""
+    if options.debug_dir:
+        directory = Path(options.debug_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{index:02d}_{stage}.ir.txt").write_text(str(graph) + "\n")
+    if options.verify or options.debug:
+        try:
+            graph.verify()
+        except VerifyError as error:
+            raise CompileError(f"the IR is invalid after stage {stage!r}: {error}") from error
+
+
+def _as_options(options: Options | Mapping[str, Any] | None) -> Options:
+    if isinstance(options, Options):
+        return options
+    return Options.from_mapping(options)

@@ -1,0 +1,122 @@
+"""The IR graph: typed inputs and weights, nodes in topological order, outputs.
+
+Graphs are immutable; passes build new ones. Weights are held by reference, never copied.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+
+from .ops import OP_TABLE, OpDef, extern_def
+from .schema import _tensor_kind
+from .types import TensorType
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """A named, typed SSA value."""
+
+    name: str
+    type: TensorType
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Node:
+    """One op application. `op` is a key of the op table, or "extern" with `target` naming the torch op."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    attrs: Mapping[str, Any]
+    outputs: tuple[Value, ...]
+    target: str | None = None
+    source: str | None = None
+
+    @property
+    def definition(self) -> OpDef:
+        """The op-table entry (or the extern wrapper) that gives this node its meaning."""
+        return extern_def(self.target) if self.op == "extern" else OP_TABLE[self.op]
+
+    @property
+    def is_extern(self) -> bool:
+        return self.op == "extern"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Graph:
+    """A whole program: user inputs, weights (held by reference), nodes in topological order, outputs."""
+
+    inputs: tuple[Value, ...]
+    params: tuple[Value, ...]
+    nodes: tuple[Node, ...]
+    outputs: tuple[str, ...]
+    weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def types(self) -> dict[str, TensorType]:
+        """Every value's type by name."""
+        table = {value.name: value.type for value in (*self.inputs, *self.params)}
+        for node in self.nodes:
+            table.update((value.name, value.type) for value in node.outputs)
+        return table
+
+    def producers(self) -> dict[str, Node]:
+        """The node that defines each node-produced value."""
+        return {value.name: node for node in self.nodes for value in node.outputs}
+
+    def verify(self) -> None:
+        """Raise ember.ir.VerifyError unless the graph is well formed (see ir/verify.py)."""
+        from .verify import verify
+
+        verify(self)
+
+    def to_networkx(self) -> nx.DiGraph:
+        """Nodes and graph inputs/params as vertices; an edge per value use, labelled with the value."""
+        graph = nx.DiGraph()
+        for value in (*self.inputs, *self.params):
+            graph.add_node(value.name, op="param" if value in self.params else "input", type=value.type)
+        defined_by = {value.name: value.name for value in (*self.inputs, *self.params)}
+        for node in self.nodes:
+            graph.add_node(node.name, op=node.op, node=node)
+            for name in node.inputs:
+                graph.add_edge(defined_by[name], node.name, value=name)
+            defined_by.update((value.name, node.name) for value in node.outputs)
+        return graph
+
+    def __str__(self) -> str:
+        return format_graph(self)
+
+
+def format_graph(graph: Graph) -> str:
+    """The readable text form tests compare against: one line per node."""
+    params = {value.name for value in graph.params}
+    header = ", ".join(
+        f"%{value.name}: {value.type}{' param' if value.name in params else ''}"
+        for value in (*graph.inputs, *graph.params)
+    )
+    lines = [f"graph({header}) {{"]
+    for node in graph.nodes:
+        results = ", ".join(f"%{value.name}: {value.type}" for value in node.outputs)
+        op = f"extern[{node.target}]" if node.is_extern else node.op
+        operands = ", ".join(f"%{name}" for name in node.inputs)
+        attrs = format_attrs(node)
+        lines.append(f"  {results} = {op}({operands}){f' {{{attrs}}}' if attrs else ''}")
+    lines.append(f"  return ({', '.join(f'%{name}' for name in graph.outputs)})")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def format_attrs(node: Node) -> str:
+    """`key=value` pairs; tensor-list attrs show the values they refer to."""
+    kinds = {argument.name: _tensor_kind(argument.type) for argument in node.definition.schema.arguments}
+    parts = []
+    for key, value in node.attrs.items():
+        if kinds.get(key) == "list":
+            value = "[" + ", ".join("None" if slot is None else f"%{node.inputs[slot]}" for slot in value) + "]"
+        elif isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)

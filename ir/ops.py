@@ -1,0 +1,330 @@
+"""The op table: one entry per IR op, read by the verifier, the executor, the cost model and the tests.
+
+An IR op is an ATen overload (`mm`, `add.Tensor`, `sum.dim_IntList`) or one of ember's own
+(`grouped_mm`). Each entry gives the shape and dtype rule, FLOPs, bytes moved and a reference
+implementation in torch; anything without an entry becomes an `extern` node that calls the op as is.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .schema import bind_arguments
+from .types import TensorType, type_of
+
+Reference = Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]]
+Infer = Callable[["OpDef", Sequence[TensorType], Mapping[str, Any]], tuple[TensorType, ...]]
+Flops = Callable[[Sequence[TensorType], Sequence[TensorType], Mapping[str, Any]], int]
+
+KINDS = (
+    "pointwise", "reduction", "normalization", "matmul", "convolution", "attention", "view", "data", "routing", "extern"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OpDef:
+    """Everything ember knows about one op."""
+
+    name: str
+    kind: str
+    schema: torch._C.FunctionSchema
+    target: Callable[..., Any]
+    infer: Infer
+    flops: Flops
+
+    def bind(self, attrs: Mapping[str, Any]) -> Reference:
+        """The reference implementation specialised to a node's attrs: inputs -> output tuple."""
+        build = bind_arguments(self.schema, attrs)
+        target = self.target
+
+        def reference(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            args, kwargs = build(inputs)
+            return as_tuple(target(*args, **kwargs))
+
+        return reference
+
+    def bytes_moved(self, inputs: Sequence[TensorType], outputs: Sequence[TensorType]) -> tuple[int, int]:
+        """(bytes read, bytes written) by this op run on its own; views move nothing."""
+        if self.kind == "view":
+            return 0, 0
+        return sum(t.nbytes for t in inputs), sum(t.nbytes for t in outputs)
+
+
+def as_tuple(result: Any) -> tuple[torch.Tensor, ...]:
+    """An op's result as a flat tuple of outputs."""
+    if isinstance(result, torch.Tensor):
+        return (result,)
+    return tuple(result)
+
+
+def op_name(overload: torch._ops.OpOverload) -> str:
+    """IR name of an ATen overload: `aten.add.Tensor` -> `add.Tensor`, `aten.mm.default` -> `mm`."""
+    packet = overload._schema.name.split("::", 1)[1]
+    return packet if overload._overloadname == "default" else f"{packet}.{overload._overloadname}"
+
+
+def qualified_name(overload: torch._ops.OpOverload) -> str:
+    """`namespace.packet.overload`, the form `resolve_overload` reads back."""
+    namespace, packet = overload._schema.name.split("::", 1)
+    return f"{namespace}.{packet}.{overload._overloadname}"
+
+
+def resolve_overload(name: str) -> torch._ops.OpOverload:
+    """The OpOverload for `namespace.packet.overload`; raises LookupError when torch lacks it."""
+    try:
+        namespace, packet, overload = name.split(".")
+        return getattr(getattr(getattr(torch.ops, namespace), packet), overload)
+    except (ValueError, AttributeError, RuntimeError) as error:
+        raise LookupError(f"no torch op named {name!r}") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape and dtype rules
+
+def meta_tensor(t: TensorType) -> torch.Tensor:
+    """A meta tensor of this type, strides included, for running an op's rule through torch."""
+    strides = t.strides if t.strides is not None else None
+    if strides is None:
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device="meta")
+
+
+def infer_by_meta(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    """Types by running the reference on meta tensors: torch's own rule, for layout-heavy ops."""
+    meta_attrs = {key: _to_meta_device(value) for key, value in attrs.items()}
+    return tuple(type_of(out) for out in op.bind(meta_attrs)([meta_tensor(t) for t in inputs]))
+
+
+def _to_meta_device(value: Any) -> Any:
+    return torch.device("meta") if isinstance(value, torch.device) else value
+
+
+def infer_pointwise(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    """Broadcast shape of the tensor inputs; dtype by torch's promotion (bool for comparisons)."""
+    shape = tuple(torch.broadcast_shapes(*(t.shape for t in inputs)))
+    (dtype_probe,) = infer_by_meta(op, [TensorType(t.shape, t.dtype) for t in inputs], attrs)
+    return (TensorType(shape, dtype_probe.dtype),)
+
+
+def _matmul_out(batch: tuple[int, ...], m: int, k_left: int, k_right: int, n: int, dtype: torch.dtype, name: str) -> TensorType:
+    if k_left != k_right:
+        raise ValueError(f"{name}: inner dimensions differ ({k_left} vs {k_right})")
+    return TensorType((*batch, m, n), dtype)
+
+
+def infer_matmul(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    """mm, addmm, bmm, baddbmm, linear, grouped_mm: the output shape from the operand shapes."""
+    if op.name in ("mm", "addmm"):
+        a, b = inputs[-2:]
+        out = _matmul_out((), a.shape[0], a.shape[1], b.shape[0], b.shape[1], a.dtype, op.name)
+    elif op.name in ("bmm", "baddbmm"):
+        a, b = inputs[-2:]
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"{op.name}: batch sizes differ ({a.shape[0]} vs {b.shape[0]})")
+        out = _matmul_out((a.shape[0],), a.shape[1], a.shape[2], b.shape[1], b.shape[2], a.dtype, op.name)
+    elif op.name == "linear":
+        x, w = inputs[:2]
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"linear: input features {x.shape[-1]} != weight in_features {w.shape[1]}")
+        out = TensorType((*x.shape[:-1], w.shape[0]), x.dtype)
+    elif op.name == "grouped_mm":
+        x, w = inputs[:2]
+        out = _matmul_out((), x.shape[0], x.shape[1], w.shape[1], w.shape[2], x.dtype, op.name)
+    else:
+        raise KeyError(op.name)
+    return (out,)
+
+
+def infer_attention(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    """Output is (..., L, Ev): the query's leading dims and length, the value's head dim."""
+    query, key, value = inputs[:3]
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"attention: key length {key.shape[-2]} != value length {value.shape[-2]}")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"attention: query head dim {query.shape[-1]} != key head dim {key.shape[-1]}")
+    return (TensorType((*query.shape[:-1], value.shape[-1]), query.dtype),)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counts (multiply-add = 2 FLOPs)
+
+def no_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> int:
+    return 0
+
+
+def per_output_element(cost: int) -> Flops:
+    """`cost` FLOPs for every output element (pointwise ops)."""
+    return lambda inputs, outputs, attrs: cost * outputs[0].numel
+
+
+def per_input_element(cost: int) -> Flops:
+    """`cost` FLOPs for every element of the first input (reductions, normalizations, scans)."""
+    return lambda inputs, outputs, attrs: cost * inputs[0].numel
+
+
+def matmul_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> int:
+    """2·M·N·K per (batched) product; the bias add of addmm/baddbmm/linear counts one per output."""
+    out = outputs[0]
+    k = inputs[-1].shape[-2] if len(inputs[-1].shape) >= 2 else inputs[-1].shape[0]
+    return 2 * out.numel * k
+
+
+def addmm_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> int:
+    return matmul_flops(inputs, outputs, attrs) + outputs[0].numel
+
+
+def linear_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> int:
+    """2·rows·out·in, plus one add per output element when there is a bias."""
+    in_features = inputs[1].shape[1]
+    return 2 * outputs[0].numel * in_features + (outputs[0].numel if len(inputs) > 2 else 0)
+
+
+def grouped_mm_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> int:
+    """Each routed row is multiplied by its expert's (K, N) matrix: 2·S·K·N."""
+    rows, k = inputs[0].shape
+    return 2 * rows * k * inputs[1].shape[2]
+
+
+def convolution_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> int:
+    """2·N·C_out·(output spatial)·(C_in/groups)·(kernel spatial), plus the bias add.
+
+    weight.shape[1] is already C_in/groups; a transposed convolution's weight is (C_in, C_out/groups, …)
+    and it multiplies every input element instead of every output element.
+    """
+    weight, out = inputs[1], outputs[0]
+    multiplied = inputs[0] if attrs.get("transposed", False) else out
+    flops = 2 * multiplied.numel * weight.shape[1] * math.prod(weight.shape[2:])
+    return flops + (out.numel if len(inputs) > 2 else 0)
+
+
+def attention_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> int:
+    """Q·Kᵀ and P·V: 2·B·H·L·S·(E + Ev); a causal mask does not change the count of the dense kernel."""
+    query, key, value = inputs[:3]
+    batch_heads = math.prod(query.shape[:-2])
+    length, source = query.shape[-2], key.shape[-2]
+    return 2 * batch_heads * length * source * (query.shape[-1] + value.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference implementations that are not a single ATen call
+
+def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows [offsets[e-1], offsets[e]) of x times weight[e]; rows past the last offset are zero."""
+    out = x.new_zeros(x.shape[0], weight.shape[2])
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ weight[expert]
+        start = end
+    return out
+
+
+_GROUPED_MM_LIB = torch.library.Library("ember", "FRAGMENT")
+_GROUPED_MM_LIB.define("grouped_mm(Tensor input, Tensor weight, Tensor offsets) -> Tensor")
+_GROUPED_MM_LIB.impl("grouped_mm", grouped_mm_reference, "CompositeExplicitAutograd")
+_GROUPED_MM_LIB.impl(
+    "grouped_mm", lambda x, weight, offsets: x.new_empty(x.shape[0], weight.shape[2]), "Meta"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+OP_TABLE: dict[str, OpDef] = {}
+
+
+def register(overload: torch._ops.OpOverload, kind: str, infer: Infer, flops: Flops, name: str | None = None) -> OpDef:
+    """Add one op; the name defaults to the overload's IR name."""
+    assert kind in KINDS, kind
+    op = OpDef(name or op_name(overload), kind, overload._schema, overload, infer, flops)
+    OP_TABLE[op.name] = op
+    return op
+
+
+def _overloads(names: str) -> list[torch._ops.OpOverload]:
+    """`"add.Tensor mm"` -> [aten.add.Tensor, aten.mm.default]."""
+    result = []
+    for name in names.split():
+        packet, _, overload = name.partition(".")
+        result.append(getattr(getattr(torch.ops.aten, packet), overload or "default"))
+    return result
+
+
+# Pointwise ops; the number is FLOPs per output element (transcendentals count as a few).
+_POINTWISE = {
+    1: "abs neg relu sign floor ceil round trunc logical_not bitwise_not isnan isinf clamp clamp_min clamp_max "
+    "hardtanh leaky_relu add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar mul.Tensor mul.Scalar "
+    "div.Tensor div.Scalar div.Tensor_mode maximum minimum eq.Tensor eq.Scalar ne.Tensor ne.Scalar "
+    "lt.Tensor lt.Scalar le.Tensor le.Scalar gt.Tensor gt.Scalar ge.Tensor ge.Scalar "
+    "bitwise_and.Tensor bitwise_or.Tensor bitwise_xor.Tensor logical_and logical_or "
+    "remainder.Tensor remainder.Scalar fmod.Tensor fmod.Scalar where.self masked_fill.Scalar masked_fill.Tensor "
+    "reciprocal pow.Tensor_Scalar pow.Tensor_Tensor pow.Scalar hardsigmoid hardswish",
+    0: "clone _to_copy lift_fresh_copy",
+    4: "exp exp2 log log2 log1p expm1 sqrt rsqrt sin cos tan tanh sigmoid erf atan2 elu softplus",
+    8: "gelu silu mish",
+}
+for _cost, _names in _POINTWISE.items():
+    for _overload in _overloads(_names):
+        register(_overload, "pointwise", infer_pointwise, per_output_element(_cost))
+
+# Reductions and scans read every input element about once.
+for _overload in _overloads(
+    "sum sum.dim_IntList mean mean.dim amax amin max.dim min.dim max min argmax argmin prod prod.dim_int "
+    "any any.dim all all.dim var.correction var_mean.correction std.correction cumsum logsumexp "
+    "linalg_vector_norm"
+):
+    register(_overload, "reduction", infer_by_meta, per_input_element(1))
+
+# Softmax: max, subtract, exp, sum, divide. Norms: mean, centre, square, sum, scale, affine.
+for _overload in _overloads("_softmax _log_softmax"):
+    register(_overload, "normalization", infer_by_meta, per_input_element(5))
+for _overload in _overloads("native_layer_norm native_group_norm _native_batch_norm_legit_no_training"):
+    register(_overload, "normalization", infer_by_meta, per_input_element(8))
+
+register(torch.ops.aten.mm.default, "matmul", infer_matmul, matmul_flops)
+register(torch.ops.aten.bmm.default, "matmul", infer_matmul, matmul_flops)
+register(torch.ops.aten.addmm.default, "matmul", infer_matmul, addmm_flops)
+register(torch.ops.aten.baddbmm.default, "matmul", infer_matmul, addmm_flops)
+register(torch.ops.aten.linear.default, "matmul", infer_matmul, linear_flops)
+register(torch.ops.ember.grouped_mm.default, "matmul", infer_matmul, grouped_mm_flops, name="grouped_mm")
+register(torch.ops.aten.convolution.default, "convolution", infer_by_meta, convolution_flops)
+register(torch.ops.aten.scaled_dot_product_attention.default, "attention", infer_attention, attention_flops)
+
+for _overload in _overloads(
+    "view _unsafe_view reshape permute transpose.int t expand slice.Tensor select.int unsqueeze squeeze "
+    "squeeze.dim squeeze.dims alias detach split_with_sizes split.Tensor unbind.int"
+):
+    register(_overload, "view", infer_by_meta, no_flops)
+
+for _overload in _overloads(
+    "cat stack embedding index.Tensor index_select constant_pad_nd arange arange.start arange.start_step "
+    "full full_like zeros zeros_like ones ones_like empty.memory_format empty_permuted scalar_tensor repeat "
+    "flip roll tril triu fill.Scalar max_pool2d_with_indices avg_pool2d _adaptive_avg_pool2d "
+    "upsample_nearest2d.vec"
+):
+    register(_overload, "data", infer_by_meta, no_flops)
+
+# MoE routing: choose experts, count and sort tokens, scatter and gather them back.
+for _overload in _overloads(
+    "topk sort argsort histc gather scatter.src scatter.value scatter_add scatter_reduce.two index_add "
+    "index_put"
+):
+    register(_overload, "routing", infer_by_meta, per_input_element(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Externs: any other torch op, called as is
+
+_EXTERNS: dict[str, OpDef] = {}
+
+
+def extern_def(target: str) -> OpDef:
+    """An OpDef for an op outside the table: torch's meta rule for types, no FLOP estimate."""
+    if target not in _EXTERNS:
+        overload = resolve_overload(target)
+        _EXTERNS[target] = OpDef("extern", "extern", overload._schema, overload, infer_by_meta, no_flops)
+    return _EXTERNS[target]

@@ -1,0 +1,126 @@
+"""ATen schemas as the single source of an op's calling convention.
+
+A node keeps its tensor arguments as inputs and everything else as attrs; `split_arguments` and
+`bind_arguments` convert between that form and an ATen call, reading only the op's schema.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+_TENSOR = torch._C.TensorType.get()
+
+
+def _tensor_kind(arg_type: Any) -> str | None:
+    """'one', 'optional' or 'list' for tensor-typed schema arguments, None otherwise."""
+    if arg_type.isSubtypeOf(_TENSOR):
+        return "one"
+    if isinstance(arg_type, torch._C.OptionalType) and arg_type.getElementType().isSubtypeOf(_TENSOR):
+        return "optional"
+    if isinstance(arg_type, torch._C.ListType):
+        element = arg_type.getElementType()
+        if isinstance(element, torch._C.OptionalType):
+            element = element.getElementType()
+        if element.isSubtypeOf(_TENSOR):
+            return "list"
+    return None
+
+
+def freeze(value: Any) -> Any:
+    """Lists become tuples, recursively, so attrs are immutable and comparable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(item) for item in value)
+    return value
+
+
+def split_arguments(
+    schema: torch._C.FunctionSchema, args: Sequence[Any], kwargs: Mapping[str, Any], is_tensor: Callable[[Any], bool]
+) -> tuple[list[Any], dict[str, Any]]:
+    """Split a call into (tensor inputs in schema order, attrs).
+
+    A list-of-tensors argument is stored in attrs as a tuple of input positions (None for a missing
+    optional entry); a missing optional tensor as None; attrs equal to the schema default are dropped.
+    """
+    inputs: list[Any] = []
+    attrs: dict[str, Any] = {}
+    for position, argument in enumerate(schema.arguments):
+        if position < len(args) and not argument.kwarg_only:
+            value, given = args[position], True
+        elif argument.name in kwargs:
+            value, given = kwargs[argument.name], True
+        else:
+            value, given = None, False
+        kind = _tensor_kind(argument.type)
+        if kind == "one" or (kind == "optional" and value is not None):
+            if not is_tensor(value):
+                raise TypeError(f"argument {argument.name!r} of {schema.name} expects a tensor, got {value!r}")
+            inputs.append(value)
+        elif kind == "list":
+            slots = []
+            for item in value:
+                slots.append(None if item is None else len(inputs))
+                if item is not None:
+                    inputs.append(item)
+            attrs[argument.name] = tuple(slots)
+        elif kind == "optional":
+            attrs[argument.name] = None
+        elif given:
+            frozen = freeze(value)
+            if not (argument.has_default_value() and _equal(frozen, freeze(argument.default_value))):
+                attrs[argument.name] = frozen
+    return inputs, attrs
+
+
+def _equal(left: Any, right: Any) -> bool:
+    try:
+        return type(left) is type(right) and bool(left == right)
+    except (RuntimeError, TypeError):
+        return False
+
+
+def bind_arguments(
+    schema: torch._C.FunctionSchema, attrs: Mapping[str, Any]
+) -> Callable[[Sequence[Any]], tuple[list[Any], dict[str, Any]]]:
+    """Return a function that builds (args, kwargs) for an ATen call from a node's inputs.
+
+    The layout is worked out once, so the per-call cost is a list fill. Arguments after the first
+    omitted one go by keyword, so defaults in between stay defaults.
+    """
+    plan: list[tuple[str | None, str, Any]] = []  # (keyword or None, how, what)
+    next_input = 0
+    positional = True
+    for argument in schema.arguments:
+        kind = _tensor_kind(argument.type)
+        if kind == "one" or (kind == "optional" and attrs.get(argument.name, ...) is not None):
+            how, what = "input", next_input
+            next_input += 1
+        elif kind == "list":
+            how, what = "list", tuple(attrs[argument.name])
+            next_input += sum(slot is not None for slot in what)
+        elif argument.name in attrs:
+            how, what = "const", attrs[argument.name]
+        else:
+            positional = False
+            continue
+        positional = positional and not argument.kwarg_only
+        plan.append((None if positional else argument.name, how, what))
+
+    def build(inputs: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for keyword, how, what in plan:
+            if how == "input":
+                value = inputs[what]
+            elif how == "const":
+                value = what
+            else:
+                value = [None if slot is None else inputs[slot] for slot in what]
+            if keyword is None:
+                args.append(value)
+            else:
+                kwargs[keyword] = value
+        return args, kwargs
+
+    return build

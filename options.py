@@ -1,0 +1,44 @@
+"""Options: every knob of ember in one documented dataclass, shared by ember.compile and torch.compile."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CompileError
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """How ember compiles a model.
+
+    verify: run the IR verifier after every stage (cheap; catches a broken pass at the pass).
+    debug: extra checks and debug logging; verifiers of every plan run too.
+    debug_dir: dump the IR after each stage here; defaults to $EMBER_DEBUG_DIR.
+    check_inputs: check the shape, dtype and device of every call's inputs against the compiled ones.
+    mode: torch.compile's mode, accepted for compatibility and recorded in the report.
+    """
+
+    verify: bool = True
+    debug: bool = False
+    debug_dir: str | None = field(default_factory=lambda: os.environ.get("EMBER_DEBUG_DIR") or None)
+    check_inputs: bool = True
+    mode: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.mode not in COMPILE_MODES:
+            raise CompileError(f"unknown mode {self.mode!r}; expected one of {', '.join(COMPILE_MODES)}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None, **extra: Any) -> Options:
+        """Options from torch.compile's `options={...}` dict; unknown keys are an error that lists the known ones."""
+        values = {**(values or {}), **{key: value for key, value in extra.items() if value is not None}}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CompileError(f"unknown ember option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)

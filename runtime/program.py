@@ -1,0 +1,120 @@
+"""Program: a compiled model, callable like the original, with the report of how it was built."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import InputError
+from ..ir import Graph, TensorType
+from .executor import Executor
+
+
+@dataclass(frozen=True, slots=True)
+class CompileReport:
+    """What compiling did: graph size, op coverage, externs and time per stage."""
+
+    node_count: int
+    op_coverage: float
+    extern_ops: Mapping[str, int]
+    stage_seconds: Mapping[str, float]
+    native_ops: Mapping[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: dict(value) if isinstance(value, Mapping) else value for key, value in asdict(self).items()}
+
+
+def coverage_report(graph: Graph, stage_seconds: Mapping[str, float]) -> CompileReport:
+    """Count native and extern nodes of the final graph."""
+    native: dict[str, int] = {}
+    extern: dict[str, int] = {}
+    for node in graph.nodes:
+        counts, key = (extern, node.target) if node.is_extern else (native, node.op)
+        counts[key] = counts.get(key, 0) + 1
+    total = len(graph.nodes)
+    coverage = 1.0 if total == 0 else sum(native.values()) / total
+    return CompileReport(total, coverage, extern, dict(stage_seconds), native)
+
+
+class Program:
+    """A compiled model. Call it like the model; `graph` is the final IR, `report` says how it was built."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        report: CompileReport,
+        *,
+        in_spec: pytree.TreeSpec | None = None,
+        out_spec: pytree.TreeSpec | None = None,
+        constant_inputs: Mapping[int, Any] | None = None,
+        mutated_buffers: tuple[torch.Tensor, ...] = (),
+        check_inputs: bool = True,
+    ):
+        self.graph = graph
+        self.report = report
+        self.in_spec = in_spec
+        self.out_spec = out_spec
+        self.constant_inputs = dict(constant_inputs or {})
+        self.mutated_buffers = mutated_buffers
+        self.check_inputs = check_inputs
+        self.executor = Executor(graph)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if self.in_spec is not None and spec != self.in_spec:
+            raise InputError(f"expected arguments structured as {self.in_spec}, got {spec}")
+        tensors = self._tensor_inputs(flat)
+        outputs = self.run(tensors)
+        for buffer, value in zip(self.mutated_buffers, outputs):
+            buffer.copy_(value)
+        outputs = outputs[len(self.mutated_buffers):]
+        if self.out_spec is None:
+            return tuple(outputs)
+        return pytree.tree_unflatten(outputs, self.out_spec)
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run on the flat list of tensor inputs, in graph order; returns the flat outputs."""
+        if self.check_inputs:
+            check_inputs(self.graph, tensors, self.device)
+        return self.executor(tensors)
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device the weights live on (None for a weightless graph)."""
+        for tensor in self.graph.weights.values():
+            return tensor.device
+        return None
+
+    def _tensor_inputs(self, flat: list[Any]) -> list[torch.Tensor]:
+        tensors = []
+        for position, value in enumerate(flat):
+            if position in self.constant_inputs:
+                if value != self.constant_inputs[position]:
+                    raise InputError(
+                        f"input {position} was {self.constant_inputs[position]!r} when compiled and is {value!r} now; "
+                        "non-tensor inputs are compiled in, so recompile for a new value"
+                    )
+            else:
+                tensors.append(value)
+        return tensors
+
+
+def check_inputs(graph: Graph, tensors: list[Any], device: torch.device | None) -> None:
+    """Raise InputError naming the first input whose count, type, shape, dtype or device differs."""
+    if len(tensors) != len(graph.inputs):
+        raise InputError(f"expected {len(graph.inputs)} tensor inputs, got {len(tensors)}")
+    for value, tensor in zip(graph.inputs, tensors):
+        expected: TensorType = value.type
+        if not isinstance(tensor, torch.Tensor):
+            raise InputError(f"input %{value.name}: expected a tensor {expected}, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+            got = TensorType(tuple(tensor.shape), tensor.dtype)
+            raise InputError(
+                f"input %{value.name}: expected {expected}, got {got}; shapes and dtypes are compiled in, "
+                "so recompile (or use torch.compile(backend=\"ember\"), which recompiles per shape)"
+            )
+        if device is not None and tensor.device.type != device.type:
+            raise InputError(f"input %{value.name}: expected a tensor on {device}, got one on {tensor.device}")
