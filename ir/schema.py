@@ -41,7 +41,8 @@ def split_arguments(
     """Split a call into (tensor inputs in schema order, attrs).
 
     A list-of-tensors argument is stored in attrs as a tuple of input positions (None for a missing
-    optional entry); a missing optional tensor as None; attrs equal to the schema default are dropped.
+    optional entry); a missing optional tensor as None; a Python number given for a tensor as itself;
+    non-tensor attrs equal to the schema default are dropped.
     """
     inputs: list[Any] = []
     attrs: dict[str, Any] = {}
@@ -53,10 +54,12 @@ def split_arguments(
         else:
             value, given = None, False
         kind = _tensor_kind(argument.type)
-        if kind == "one" or (kind == "optional" and value is not None):
-            if not is_tensor(value):
-                raise TypeError(f"argument {argument.name!r} of {schema.name} expects a tensor, got {value!r}")
+        if kind in ("one", "optional") and is_tensor(value):
             inputs.append(value)
+        elif kind in ("one", "optional") and isinstance(value, (int, float, bool)):
+            attrs[argument.name] = value  # ATen takes a Python number here, with wrapped-number promotion
+        elif kind == "one":
+            raise TypeError(f"argument {argument.name!r} of {schema.name} expects a tensor, got {value!r}")
         elif kind == "list":
             slots = []
             for item in value:
@@ -93,7 +96,7 @@ def bind_arguments(
     positional = True
     for argument in schema.arguments:
         kind = _tensor_kind(argument.type)
-        if kind == "one" or (kind == "optional" and attrs.get(argument.name, ...) is not None):
+        if kind in ("one", "optional") and argument.name not in attrs:
             how, what = "input", next_input
             next_input += 1
         elif kind == "list":
