@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,9 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> torch.export.Exporte
             "ember.compile needs one whole graph. torch.compile(model, backend=\"ember\") splits the model "
             "at graph breaks and compiles the pieces it can."
         ) from error
-    return exported.run_decompositions(ember_decompositions())
+    with warnings.catch_warnings():  # torch 2.13's own run_decompositions trips its pytree deprecation
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated", category=FutureWarning)
+        return exported.run_decompositions(ember_decompositions())
 
 
 def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:

@@ -1,0 +1,103 @@
+"""The `ember` command line: `ember demo` compiles the built-in decoder and shows what happened."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, models
+from .api import compile as ember_compile
+from .errors import EmberError
+from .tolerance import tolerance_for
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="ember", description="A compiler-style graph optimizer for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"ember {__version__} (torch {torch.__version__})")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser("demo", help="compile a small built-in model and check it against eager")
+    demo.add_argument("model", nargs="?", default="demo",
+                      help=f"model spec: {', '.join(models.BUILTIN)} or package.module:function (default: demo)")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    demo.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("EMBER_LOG", "warning").upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return run_demo(args.model, args.device, as_json=args.json)
+    except EmberError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}")
+        return 2
+
+
+def run_demo(spec: str, device: str | None, *, as_json: bool = False) -> int:
+    """Compile `spec` with ember.compile and torch.compile(backend="ember"); compare both with eager."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    model, inputs = models.load(spec)
+    model = model.to(device)
+    inputs = tuple(value.to(device) if isinstance(value, torch.Tensor) else value for value in inputs)
+    with torch.no_grad():
+        expected = model(*inputs)
+        program = ember_compile(model, inputs)
+        compiled_error = models.max_error(expected, program(*inputs))
+        started = time.perf_counter()
+        backend_error = models.max_error(expected, torch.compile(model, backend="ember")(*inputs))
+        backend_seconds = time.perf_counter() - started
+    report = program.report
+    dtype = next((t.dtype for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)), torch.float32)
+    limit = tolerance_for(dtype, scale=_magnitude(expected))
+    passed = compiled_error <= limit and backend_error <= limit
+    result = {
+        "model": spec, "device": str(device), "nodes": report.node_count, "op_coverage": report.op_coverage,
+        "extern_ops": dict(report.extern_ops), "stage_seconds": dict(report.stage_seconds),
+        "max_error": compiled_error, "backend_max_error": backend_error, "backend_seconds": backend_seconds,
+        "tolerance": limit, "passed": passed,
+    }
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_demo(result)
+    return 0 if passed else 1
+
+
+def _magnitude(result: object) -> float:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(result) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return max((t.abs().max().item() for t in leaves if t.numel()), default=1.0)
+
+
+def _print_demo(result: dict) -> None:
+    console = Console()
+    console.print(f"[bold]ember {__version__}[/] compiled [cyan]{result['model']}[/] on {result['device']}")
+    summary = Table(show_header=False, box=None)
+    summary.add_row("IR nodes", str(result["nodes"]))
+    summary.add_row("op coverage", f"{100 * result['op_coverage']:.1f}% native")
+    externs = ", ".join(f"{name} ×{count}" for name, count in result["extern_ops"].items()) or "none"
+    summary.add_row("extern ops", externs)
+    summary.add_row("max |error| vs eager", f"{result['max_error']:.3g} (ember.compile)")
+    summary.add_row("", f"{result['backend_max_error']:.3g} (torch.compile backend=\"ember\", {result['backend_seconds']:.2f} s)")
+    summary.add_row("tolerance", f"{result['tolerance']:.3g}")
+    console.print(summary)
+    stages = Table(title="time per stage")
+    stages.add_column("stage")
+    stages.add_column("ms", justify="right")
+    for stage, seconds in result["stage_seconds"].items():
+        stages.add_row(stage, f"{1000 * seconds:.1f}")
+    console.print(stages)
+    verdict = "[bold green]PASS[/]: ember matches eager" if result["passed"] else "[bold red]FAIL[/]: error above tolerance"
+    console.print(verdict)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Tolerances by dtype, in one place: the CLI, the tests and the benchmarks all compare with these.
+
+They are torch.testing's defaults; integer and bool results must match exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1e-5, 1.3e-6),
+    torch.float16: (1e-5, 1e-3),
+    torch.bfloat16: (1e-5, 1.6e-2),
+}
+"""dtype -> (atol, rtol)."""
+
+
+def tolerance_for(dtype: torch.dtype, *, scale: float = 1.0) -> float:
+    """The absolute error allowed for values of magnitude `scale`: atol + rtol·scale (0 for exact dtypes)."""
+    atol, rtol = TOLERANCES.get(dtype, (0.0, 0.0))
+    return atol + rtol * abs(scale)
