@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 from .schema import bind_arguments
-from .types import TensorType, type_of
+from .types import TensorType, contiguous_strides, type_of
 
 Reference = Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]]
 Infer = Callable[["OpDef", Sequence[TensorType], Mapping[str, Any]], tuple[TensorType, ...]]
@@ -85,28 +87,21 @@ def resolve_overload(name: str) -> torch._ops.OpOverload:
 # ---------------------------------------------------------------------------------------------
 # Shape and dtype rules
 
-def meta_tensor(t: TensorType) -> torch.Tensor:
-    """A meta tensor of this type, strides included, for running an op's rule through torch."""
-    strides = t.strides if t.strides is not None else None
-    if strides is None:
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device="meta")
+def infer_by_tracing(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    """Types by running the reference on fake tensors: torch's own rule, exactly as tracing applies it.
 
-
-def infer_by_meta(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
-    """Types by running the reference on meta tensors: torch's own rule, for layout-heavy ops."""
-    meta_attrs = {key: _to_meta_device(value) for key, value in attrs.items()}
-    return tuple(type_of(out) for out in op.bind(meta_attrs)([meta_tensor(t) for t in inputs]))
-
-
-def _to_meta_device(value: Any) -> Any:
-    return torch.device("meta") if isinstance(value, torch.device) else value
+    Fake tensors rather than the meta device: some meta kernels disagree with the real kernels
+    (`_native_batch_norm_legit_no_training`'s saved statistics), fake tensors do not.
+    """
+    with FakeTensorMode():
+        fakes = [torch.empty_strided(t.shape, t.strides or contiguous_strides(t.shape), dtype=t.dtype) for t in inputs]
+        return tuple(type_of(out) for out in op.bind(attrs)(fakes))
 
 
 def infer_pointwise(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
     """Broadcast shape of the tensor inputs; dtype by torch's promotion (bool for comparisons)."""
     shape = tuple(torch.broadcast_shapes(*(t.shape for t in inputs)))
-    (dtype_probe,) = infer_by_meta(op, [TensorType(t.shape, t.dtype) for t in inputs], attrs)
+    (dtype_probe,) = infer_by_tracing(op, [TensorType(t.shape, t.dtype) for t in inputs], attrs)
     return (TensorType(shape, dtype_probe.dtype),)
 
 
@@ -277,13 +272,13 @@ for _overload in _overloads(
     "any any.dim all all.dim var.correction var_mean.correction std.correction cumsum logsumexp "
     "linalg_vector_norm"
 ):
-    register(_overload, "reduction", infer_by_meta, per_input_element(1))
+    register(_overload, "reduction", infer_by_tracing, per_input_element(1))
 
 # Softmax: max, subtract, exp, sum, divide. Norms: mean, centre, square, sum, scale, affine.
 for _overload in _overloads("_softmax _log_softmax"):
-    register(_overload, "normalization", infer_by_meta, per_input_element(5))
+    register(_overload, "normalization", infer_by_tracing, per_input_element(5))
 for _overload in _overloads("native_layer_norm native_group_norm _native_batch_norm_legit_no_training"):
-    register(_overload, "normalization", infer_by_meta, per_input_element(8))
+    register(_overload, "normalization", infer_by_tracing, per_input_element(8))
 
 register(torch.ops.aten.mm.default, "matmul", infer_matmul, matmul_flops)
 register(torch.ops.aten.bmm.default, "matmul", infer_matmul, matmul_flops)
@@ -291,14 +286,14 @@ register(torch.ops.aten.addmm.default, "matmul", infer_matmul, addmm_flops)
 register(torch.ops.aten.baddbmm.default, "matmul", infer_matmul, addmm_flops)
 register(torch.ops.aten.linear.default, "matmul", infer_matmul, linear_flops)
 register(torch.ops.ember.grouped_mm.default, "matmul", infer_matmul, grouped_mm_flops, name="grouped_mm")
-register(torch.ops.aten.convolution.default, "convolution", infer_by_meta, convolution_flops)
+register(torch.ops.aten.convolution.default, "convolution", infer_by_tracing, convolution_flops)
 register(torch.ops.aten.scaled_dot_product_attention.default, "attention", infer_attention, attention_flops)
 
 for _overload in _overloads(
     "view _unsafe_view reshape permute transpose.int t expand slice.Tensor select.int unsqueeze squeeze "
     "squeeze.dim squeeze.dims alias detach split_with_sizes split.Tensor unbind.int"
 ):
-    register(_overload, "view", infer_by_meta, no_flops)
+    register(_overload, "view", infer_by_tracing, no_flops)
 
 for _overload in _overloads(
     "cat stack embedding index.Tensor index_select constant_pad_nd arange arange.start arange.start_step "
@@ -306,14 +301,14 @@ for _overload in _overloads(
     "flip roll tril triu fill.Scalar max_pool2d_with_indices avg_pool2d _adaptive_avg_pool2d "
     "upsample_nearest2d.vec"
 ):
-    register(_overload, "data", infer_by_meta, no_flops)
+    register(_overload, "data", infer_by_tracing, no_flops)
 
 # MoE routing: choose experts, count and sort tokens, scatter and gather them back.
 for _overload in _overloads(
     "topk sort argsort histc gather scatter.src scatter.value scatter_add scatter_reduce.two index_add "
     "index_put"
 ):
-    register(_overload, "routing", infer_by_meta, per_input_element(1))
+    register(_overload, "routing", infer_by_tracing, per_input_element(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,8 +318,8 @@ _EXTERNS: dict[str, OpDef] = {}
 
 
 def extern_def(target: str) -> OpDef:
-    """An OpDef for an op outside the table: torch's meta rule for types, no FLOP estimate."""
+    """An OpDef for an op outside the table: torch's own rule for types, no FLOP estimate."""
     if target not in _EXTERNS:
         overload = resolve_overload(target)
-        _EXTERNS[target] = OpDef("extern", "extern", overload._schema, overload, infer_by_meta, no_flops)
+        _EXTERNS[target] = OpDef("extern", "extern", overload._schema, overload, infer_by_tracing, no_flops)
     return _EXTERNS[target]
