@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -38,7 +38,7 @@ def ember_backend(
 
     def backward_compiler(fx_gm: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
         _warn_once("ember compiles inference only: the backward pass runs eagerly")
-        return fx_gm
+        return make_boxed_func(fx_gm)
 
     return aot_module_simplified(
         gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=backward_compiler,
@@ -54,7 +54,7 @@ def compile_forward(fx_gm: fx.GraphModule, options: Any) -> Callable[..., Any]:
         return _ShapeSpecialized(fx_gm, options)
     except CompileError as error:
         _warn_once(f"ember could not compile a graph and runs it eagerly: {error}")
-        return fx_gm
+        return make_boxed_func(fx_gm)
 
 
 def _runner(fx_gm: fx.GraphModule, options: Any) -> Callable[..., Any]:
@@ -69,10 +69,12 @@ def _runner(fx_gm: fx.GraphModule, options: Any) -> Callable[..., Any]:
         if isinstance(node.meta.get("val"), torch.Tensor)
     ]
 
-    def run(*args: Any) -> list[torch.Tensor]:
-        return program.run([args[position] for position in tensor_positions])
+    def run(args: list[Any]) -> list[torch.Tensor]:
+        tensors = [args[position] for position in tensor_positions]
+        args.clear()  # boxed convention: let AOT's references to the inputs go early
+        return program.run(tensors)
 
-    run.program = program
+    run._boxed_call = True
     return run
 
 
@@ -84,11 +86,13 @@ class _ShapeSpecialized:
         self.options = options
         self.compiled: dict[tuple, Callable[..., Any]] = {}
 
-    def __call__(self, *args: Any) -> Any:
+    _boxed_call = True
+
+    def __call__(self, args: list[Any]) -> Any:
         key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
         if key not in self.compiled:
             self.compiled[key] = self._specialize(args)
-        return self.compiled[key](*args)
+        return self.compiled[key](args)
 
     def _specialize(self, args: Sequence[Any]) -> Callable[..., Any]:
         graph_module = copy.deepcopy(self.fx_gm)
@@ -102,7 +106,7 @@ class _ShapeSpecialized:
             return _runner(graph_module, self.options)
         except CompileError as error:
             _warn_once(f"ember could not compile a graph and runs it eagerly: {error}")
-            return self.fx_gm
+            return make_boxed_func(self.fx_gm)
 
 
 @functools.cache
