@@ -73,16 +73,19 @@ class Graph:
 
         verify(self)
 
-    def to_networkx(self) -> nx.DiGraph:
-        """Nodes and graph inputs/params as vertices; an edge per value use, labelled with the value."""
-        graph = nx.DiGraph()
+    def to_networkx(self) -> nx.MultiDiGraph:
+        """Nodes and graph inputs/params as vertices; an edge per distinct value read, keyed by the value's name.
+
+        A multigraph, because a node may read several outputs of one producer (cat of a split).
+        """
+        graph = nx.MultiDiGraph()
         for value in (*self.inputs, *self.params):
             graph.add_node(value.name, op="param" if value in self.params else "input", type=value.type)
         defined_by = {value.name: value.name for value in (*self.inputs, *self.params)}
         for node in self.nodes:
             graph.add_node(node.name, op=node.op, node=node)
-            for name in node.inputs:
-                graph.add_edge(defined_by[name], node.name, value=name)
+            for name in dict.fromkeys(node.inputs):
+                graph.add_edge(defined_by[name], node.name, key=name, value=name)
             defined_by.update((value.name, node.name) for value in node.outputs)
         return graph
 
@@ -110,11 +113,13 @@ def format_graph(graph: Graph) -> str:
 
 
 def format_attrs(node: Node) -> str:
-    """`key=value` pairs; tensor-list attrs show the values they refer to."""
+    """`key=value` pairs; tensor-list attrs show the values they refer to, unless they are just the operands."""
     kinds = {argument.name: _tensor_kind(argument.type) for argument in node.definition.schema.arguments}
     parts = []
     for key, value in node.attrs.items():
         if kinds.get(key) == "list":
+            if value == tuple(range(len(node.inputs))):
+                continue  # the operand list already says it
             value = "[" + ", ".join("None" if slot is None else f"%{node.inputs[slot]}" for slot in value) + "]"
         elif isinstance(value, torch.dtype):
             value = str(value).removeprefix("torch.")

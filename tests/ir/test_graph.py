@@ -1,0 +1,140 @@
+"""The IR's text form, verifier, networkx view and dead-code elimination, on small hand-checked graphs."""
+from __future__ import annotations
+
+import dataclasses
+
+import networkx as nx
+import pytest
+import torch
+
+import ember
+from ember.ir import Graph, Node, TensorType, Value, VerifyError
+from ember.optimizer.canonicalize import eliminate_dead_code
+
+
+class SplitCatSoftmax(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        a, b = h.split([1, 2], dim=-1)
+        return torch.cat([b, a], dim=-1).softmax(-1).transpose(0, 1)
+
+
+GOLDEN = """\
+graph(%x: f32[7, 5], %p_fc_weight: f32[3, 5] param, %p_fc_bias: f32[3] param) {
+  %linear: f32[7, 3] = linear(%x, %p_fc_weight, %p_fc_bias)
+  %relu: f32[7, 3] = relu(%linear)
+  %getitem: f32[7, 1]@(3, 1), %getitem_1: f32[7, 2]@(3, 1) = split_with_sizes(%relu) {split_sizes=(1, 2), dim=-1}
+  %cat: f32[7, 3] = cat(%getitem_1, %getitem) {dim=-1}
+  %_softmax: f32[7, 3] = _softmax(%cat) {dim=-1, half_to_float=False}
+  %transpose: f32[3, 7]@(1, 3) = transpose.int(%_softmax) {dim0=0, dim1=1}
+  return (%transpose)
+}"""
+
+
+@pytest.fixture
+def graph() -> Graph:
+    return ember.compile(SplitCatSoftmax(), (torch.randn(7, 5),)).graph
+
+
+def test_text_form_is_stable_and_readable(graph):
+    assert str(graph) == GOLDEN
+
+
+def test_weights_are_held_by_reference_not_copied():
+    model = SplitCatSoftmax()
+    graph = ember.compile(model, (torch.randn(7, 5),)).graph
+    assert graph.weights["p_fc_weight"] is model.fc.weight
+
+
+def test_verifier_accepts_the_lowered_graph(graph):
+    graph.verify()
+
+
+def _replace_node(graph: Graph, index: int, **changes) -> Graph:
+    nodes = list(graph.nodes)
+    nodes[index] = dataclasses.replace(nodes[index], **changes)
+    return dataclasses.replace(graph, nodes=tuple(nodes))
+
+
+def test_verifier_rejects_a_use_before_definition(graph):
+    swapped = list(graph.nodes)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    with pytest.raises(VerifyError, match="uses %linear before it is defined"):
+        dataclasses.replace(graph, nodes=tuple(swapped)).verify()
+
+
+def test_verifier_rejects_a_value_defined_twice(graph):
+    relu = graph.nodes[1]
+    duplicate = dataclasses.replace(relu, name="relu_again")
+    nodes = (*graph.nodes[:2], duplicate, *graph.nodes[2:])
+    with pytest.raises(VerifyError, match="defined twice"):
+        dataclasses.replace(graph, nodes=nodes).verify()
+
+
+def test_verifier_rejects_an_output_type_the_rule_disagrees_with(graph):
+    wrong = (Value("relu", TensorType((7, 4), torch.float32)),)
+    with pytest.raises(VerifyError, match=r"%relu \(relu\): outputs f32\[7, 4\], rule gives f32\[7, 3\]"):
+        _replace_node(graph, 1, outputs=wrong).verify()
+
+
+def test_verifier_rejects_a_wrong_dtype(graph):
+    wrong = (Value("relu", TensorType((7, 3), torch.float16)),)
+    with pytest.raises(VerifyError, match="rule gives f32"):
+        _replace_node(graph, 1, outputs=wrong).verify()
+
+
+def test_verifier_rejects_an_unknown_op(graph):
+    with pytest.raises(VerifyError, match="unknown op 'frobnicate'"):
+        _replace_node(graph, 1, op="frobnicate").verify()
+
+
+def test_verifier_rejects_operands_the_shape_rule_refuses():
+    x = Value("x", TensorType((3, 4), torch.float32))
+    y = Value("y", TensorType((5, 6), torch.float32))
+    node = Node("mm", "mm", ("x", "y"), {}, (Value("mm", TensorType((3, 6), torch.float32)),))
+    with pytest.raises(VerifyError, match="inner dimensions differ"):
+        Graph((x, y), (), (node,), ("mm",)).verify()
+
+
+def test_verifier_rejects_an_undefined_output(graph):
+    with pytest.raises(VerifyError, match="graph output %nowhere"):
+        dataclasses.replace(graph, outputs=("nowhere",)).verify()
+
+
+def test_verifier_rejects_a_weight_that_disagrees_with_its_param_type(graph):
+    weights = dict(graph.weights, p_fc_bias=torch.zeros(4))
+    with pytest.raises(VerifyError, match="p_fc_bias"):
+        dataclasses.replace(graph, weights=weights).verify()
+
+
+def test_networkx_view_has_an_edge_per_use(graph):
+    g = graph.to_networkx()
+    assert nx.is_directed_acyclic_graph(g)
+    assert set(g.predecessors("linear")) == {"x", "p_fc_weight", "p_fc_bias"}
+    assert set(g.successors("split_with_sizes")) == {"cat"}
+    assert set(g["split_with_sizes"]["cat"]) == {"getitem", "getitem_1"}
+    assert g.number_of_edges() == sum(len(set(node.inputs)) for node in graph.nodes)
+    assert list(nx.topological_sort(g.subgraph(n.name for n in graph.nodes))) == [n.name for n in graph.nodes]
+
+
+def test_dead_code_elimination_drops_unused_nodes_and_weights():
+    class Wasteful(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.unused(x).exp()
+            return self.used(x)
+
+    program = ember.compile(Wasteful(), (torch.randn(2, 4),))
+    assert [node.op for node in program.graph.nodes] == ["linear"]
+    assert set(program.graph.weights) == {"p_used_weight", "p_used_bias"}
+
+
+def test_dead_code_elimination_keeps_everything_that_reaches_an_output(graph):
+    assert eliminate_dead_code(graph).nodes == graph.nodes
