@@ -19,3 +19,9 @@ def tolerance_for(dtype: torch.dtype, *, scale: float = 1.0) -> float:
     """The absolute error allowed for values of magnitude `scale`: atol + rtol·scale (0 for exact dtypes)."""
     atol, rtol = TOLERANCES.get(dtype, (0.0, 0.0))
     return atol + rtol * abs(scale)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """torch.testing.assert_close with the tolerance of expected's dtype (exact for ints and bool)."""
+    atol, rtol = TOLERANCES.get(expected.dtype, (0.0, 0.0))
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)

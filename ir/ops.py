@@ -135,13 +135,22 @@ def infer_matmul(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, An
 
 
 def infer_attention(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
-    """Output is (..., L, Ev): the query's leading dims and length, the value's head dim."""
+    """Output is (..., L, Ev): leading dims broadcast over q, k, v, the query's length, the value's head dim.
+
+    With enable_gqa the head dim (-3) is the query's: key/value heads are shared by groups of query heads.
+    """
     query, key, value = inputs[:3]
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"attention: key length {key.shape[-2]} != value length {value.shape[-2]}")
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(f"attention: query head dim {query.shape[-1]} != key head dim {key.shape[-1]}")
-    return (TensorType((*query.shape[:-1], value.shape[-1]), query.dtype),)
+    kept = 3 if attrs.get("enable_gqa", False) else 2
+    leading = tuple(torch.broadcast_shapes(query.shape[:-kept], key.shape[:-kept], value.shape[:-kept]))
+    if kept == 3:
+        if query.shape[-3] % key.shape[-3] or key.shape[-3] != value.shape[-3]:
+            raise ValueError(f"attention: {query.shape[-3]} query heads cannot share {key.shape[-3]} key/value heads")
+        leading += (query.shape[-3],)
+    return (TensorType((*leading, query.shape[-2], value.shape[-1]), query.dtype),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +188,10 @@ def linear_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], at
 
 
 def grouped_mm_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> int:
-    """Each routed row is multiplied by its expert's (K, N) matrix: 2·S·K·N."""
+    """Each routed row is multiplied by its expert's (K, N) matrix: 2·S·K·N.
+
+    Offsets are data, so the count assumes every row is routed (offsets[-1] == S), as MoE dispatch does.
+    """
     rows, k = inputs[0].shape
     return 2 * rows * k * inputs[1].shape[2]
 

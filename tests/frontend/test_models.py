@@ -9,7 +9,7 @@ import torch
 
 import ember
 from ember import models
-from ember.tolerance import tolerance_for
+from ember.tolerance import assert_close, tolerance_for
 
 MODELS = ["mlp", "cnn", "demo", "gpt2", "llama", "mixtral", "bert"]
 
@@ -61,7 +61,7 @@ def test_half_precision_mlp_matches_eager_within_its_tolerance(dtype):
         expected = model(*inputs)
         actual = ember.compile(model, inputs)(*inputs)
     assert actual.dtype == dtype
-    torch.testing.assert_close(actual, expected, atol=tolerance_for(dtype), rtol=tolerance_for(dtype, scale=1) - tolerance_for(dtype))
+    assert_close(actual, expected)
 
 
 def test_attention_reaches_the_ir_as_one_op():

@@ -1,0 +1,62 @@
+"""The installed package: the `ember` console script, `ember demo`, and the torch.compile entry point."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+import ember
+from ember.cli import main
+
+
+def test_demo_json_reports_a_correct_run(capsys):
+    assert main(["demo", "mlp", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] and result["max_error"] <= result["tolerance"]
+    assert result["op_coverage"] == 1.0 and result["extern_ops"] == {}
+    assert {"capture", "lower", "eliminate_dead_code", "build"} <= set(result["stage_seconds"])
+
+
+def test_demo_prints_what_happened(capsys):
+    assert main(["demo", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("IR nodes", "op coverage", "extern ops", "max |error| vs eager", "time per stage", "PASS"):
+        assert expected in out
+
+
+def test_demo_accepts_a_module_function_spec(capsys):
+    assert main(["demo", "ember.models:cnn", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"]
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["demo", "no-such-model"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_version_names_ember_and_torch(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert f"ember {ember.__version__}" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(["ember", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in result.stdout
+
+
+def test_backend_is_found_by_name_without_importing_ember():
+    assert any(ep.name == "ember" for ep in entry_points(group="torch_dynamo_backends"))
+    script = (
+        "import sys, torch\n"
+        "model = torch.nn.Linear(4, 3)\n"
+        "x = torch.randn(2, 4)\n"
+        "assert 'ember' not in sys.modules\n"
+        "torch.testing.assert_close(torch.compile(model, backend='ember')(x), model(x))\n"
+        "assert 'ember' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd="/")
