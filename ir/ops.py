@@ -37,6 +37,9 @@ class OpDef:
     target: Callable[..., Any]
     infer: Infer
     flops: Flops
+    typed_outputs: int | None = None
+    """How many leading outputs the rule defines; None for all. The rest are implementation-defined
+    (normalizations' saved statistics differ in shape and dtype across devices and torch versions)."""
 
     def bind(self, attrs: Mapping[str, Any]) -> Reference:
         """The reference implementation specialised to a node's attrs: inputs -> output tuple."""
@@ -244,10 +247,13 @@ _GROUPED_MM_LIB.impl(
 OP_TABLE: dict[str, OpDef] = {}
 
 
-def register(overload: torch._ops.OpOverload, kind: str, infer: Infer, flops: Flops, name: str | None = None) -> OpDef:
+def register(
+    overload: torch._ops.OpOverload, kind: str, infer: Infer, flops: Flops, name: str | None = None,
+    typed_outputs: int | None = None,
+) -> OpDef:
     """Add one op; the name defaults to the overload's IR name."""
     assert kind in KINDS, kind
-    op = OpDef(name or op_name(overload), kind, overload._schema, overload, infer, flops)
+    op = OpDef(name or op_name(overload), kind, overload._schema, overload, infer, flops, typed_outputs)
     OP_TABLE[op.name] = op
     return op
 
@@ -290,7 +296,7 @@ for _overload in _overloads(
 for _overload in _overloads("_softmax _log_softmax"):
     register(_overload, "normalization", infer_by_tracing, per_input_element(5))
 for _overload in _overloads("native_layer_norm native_group_norm _native_batch_norm_legit_no_training"):
-    register(_overload, "normalization", infer_by_tracing, per_input_element(8))
+    register(_overload, "normalization", infer_by_tracing, per_input_element(8), typed_outputs=1)
 
 register(torch.ops.aten.mm.default, "matmul", infer_matmul, matmul_flops)
 register(torch.ops.aten.bmm.default, "matmul", infer_matmul, matmul_flops)

@@ -1,8 +1,16 @@
-"""Shared fixtures: deterministic seeds, a fresh dynamo cache, and a spy on the programs ember builds."""
+"""Shared fixtures: deterministic seeds, a fresh dynamo cache, a spy on the programs ember builds; hypothesis profiles."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI replays a fixed set of examples (a red CI must be reproducible); local runs keep exploring.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

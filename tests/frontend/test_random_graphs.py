@@ -97,7 +97,8 @@ def test_random_models_match_eager(steps, rows, width, dtype):
         actual = program(x)
     program.graph.verify()
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    scale = expected.abs().max().item() if expected.numel() else 1.0
+    finite = expected[expected.isfinite()]  # var over one element is NaN, in eager and in ember alike
+    scale = finite.abs().max().item() if finite.numel() else 1.0
     limit = tolerance_for(dtype, scale=max(scale, 1.0))
     torch.testing.assert_close(actual, expected, atol=limit, rtol=0, equal_nan=True)
     assert program.report.op_coverage == 1.0, program.report.extern_ops

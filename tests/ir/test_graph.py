@@ -138,3 +138,15 @@ def test_dead_code_elimination_drops_unused_nodes_and_weights():
 
 def test_dead_code_elimination_keeps_everything_that_reaches_an_output(graph):
     assert eliminate_dead_code(graph).nodes == graph.nodes
+
+
+def test_verifier_checks_only_the_outputs_an_op_defines():
+    """Batch norm's saved statistics are [C] or [0], fp32 or not, by device and torch version."""
+    program = ember.compile(torch.nn.BatchNorm2d(3).eval(), (torch.randn(2, 3, 5, 5),))
+    (index, node), = [(i, n) for i, n in enumerate(program.graph.nodes) if n.op == "_native_batch_norm_legit_no_training"]
+    output, mean, rstd = node.outputs
+    other_stats = (output, Value(mean.name, TensorType((3,), torch.float32)), Value(rstd.name, TensorType((3,), torch.float32)))
+    _replace_node(program.graph, index, outputs=other_stats).verify()
+    wrong_output = (Value(output.name, TensorType((2, 3, 5, 4), torch.float32)), mean, rstd)
+    with pytest.raises(VerifyError, match="rule gives"):
+        _replace_node(program.graph, index, outputs=wrong_output).verify()

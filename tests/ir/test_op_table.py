@@ -478,7 +478,8 @@ def test_infer_matches_actual_outputs(name, index, dtype):
     op, inputs, attrs, direct = run_sample(name, index, dtype)
     inferred = op.infer(op, [type_of(t) for t in inputs], attrs)
     assert len(inferred) == len(direct)
-    for rule, actual in zip(inferred, direct):
+    typed = len(inferred) if op.typed_outputs is None else op.typed_outputs
+    for rule, actual in zip(inferred[:typed], direct[:typed]):
         assert rule.same_as(type_of(actual)), f"infer says {rule}, torch gives {type_of(actual)}"
 
 

@@ -1,0 +1,88 @@
+"""GPU check: every built-in model through ember.compile and torch.compile(backend="ember") on CUDA.
+
+Not a speed benchmark: it records max error against eager (fp32 and bf16), op coverage and compile time
+on the lent GPU, with the torch and triton versions, so compatibility across versions is on record.
+Usage: python bench/gpu_check.py [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import triton
+
+import ember
+import ember.api
+from ember import models
+from ember.tolerance import tolerance_for
+
+
+def check(name: str, dtype: torch.dtype, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model, inputs = models.load(name)
+    model = model.to(device=device, dtype=dtype)
+    inputs = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in inputs)
+    built = []
+    original = ember.api.compile_graph
+    ember.api.compile_graph = lambda *a, **k: built.append(original(*a, **k)) or built[-1]
+    try:
+        with torch.no_grad():
+            expected = model(*inputs)
+            started = time.perf_counter()
+            program = ember.compile(model, inputs)
+            compile_s = time.perf_counter() - started
+            error = models.max_error(expected, program(*inputs))
+            torch._dynamo.reset()
+            built.clear()
+            backend_error = models.max_error(expected, torch.compile(model, backend="ember")(*inputs))
+    finally:
+        ember.api.compile_graph = original
+    leaves = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    limit = tolerance_for(dtype, scale=max(t.abs().max().item() for t in leaves))
+    return {
+        "model": name, "dtype": str(dtype).removeprefix("torch."), "nodes": program.report.node_count,
+        "op_coverage": program.report.op_coverage, "extern_ops": dict(program.report.extern_ops),
+        "compile_s": compile_s, "max_err": error, "backend_max_err": backend_error,
+        "backend_compiled_by_ember": bool(built), "tolerance": limit,
+        "passed": error <= limit and backend_error <= limit and bool(built),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    rows = []
+    for name in models.BUILTIN:
+        for dtype in (torch.float32, torch.bfloat16):
+            try:
+                rows.append(check(name, dtype, device))
+            except Exception as error:  # a failing model is a row of the report, not the end of it
+                rows.append({"model": name, "dtype": str(dtype).removeprefix("torch."), "passed": False,
+                             "error": f"{type(error).__name__}: {str(error)[:300]}"})
+    result = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(), "ember": ember.__version__, "rows": rows,
+    }
+    header = f"{'model':8} {'dtype':9} {'nodes':>5} {'coverage':>8} {'compile s':>9} {'max err':>9} {'backend err':>11} {'tol':>9}  ok"
+    lines = [f"# {result['device']}, torch {result['torch']}, triton {result['triton']}", header]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['model']:8} {r['dtype']:9} FAILED {r['error']}")
+            continue
+        lines.append(f"{r['model']:8} {r['dtype']:9} {r['nodes']:5d} {100 * r['op_coverage']:7.1f}% {r['compile_s']:9.2f} "
+                     f"{r['max_err']:9.2e} {r['backend_max_err']:11.2e} {r['tolerance']:9.2e}  {'yes' if r['passed'] else 'NO'}")
+    table = "\n".join(lines)
+    with open(f"{args.out}/gpu_check.json", "w") as handle:
+        json.dump(result, handle, indent=2)
+    with open(f"{args.out}/gpu_check.txt", "w") as handle:
+        handle.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
