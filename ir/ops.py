@@ -93,45 +93,46 @@ def resolve_overload(name: str) -> torch._ops.OpOverload:
 def infer_by_tracing(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
     """Types by running the reference on fake tensors: torch's own rule, exactly as tracing applies it.
 
-    Fake tensors rather than the meta device: some meta kernels disagree with the real kernels
-    (`_native_batch_norm_legit_no_training`'s saved statistics), fake tensors do not.
+    Fake tensors on the inputs' device rather than the meta device: some meta kernels disagree with
+    the real ones, and kernels differ by device (histc takes int32 on CUDA, not on the CPU).
     """
     with FakeTensorMode():
-        fakes = [torch.empty_strided(t.shape, t.strides or contiguous_strides(t.shape), dtype=t.dtype) for t in inputs]
+        fakes = [torch.empty_strided(t.shape, t.strides or contiguous_strides(t.shape), dtype=t.dtype, device=t.device)
+                 for t in inputs]
         return tuple(type_of(out) for out in op.bind(attrs)(fakes))
 
 
 def infer_pointwise(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
     """Broadcast shape of the tensor inputs; dtype by torch's promotion (bool for comparisons)."""
     shape = tuple(torch.broadcast_shapes(*(t.shape for t in inputs)))
-    (dtype_probe,) = infer_by_tracing(op, [TensorType(t.shape, t.dtype) for t in inputs], attrs)
-    return (TensorType(shape, dtype_probe.dtype),)
+    (probe,) = infer_by_tracing(op, [TensorType(t.shape, t.dtype, device=t.device) for t in inputs], attrs)
+    return (TensorType(shape, probe.dtype, device=probe.device),)
 
 
-def _matmul_out(batch: tuple[int, ...], m: int, k_left: int, k_right: int, n: int, dtype: torch.dtype, name: str) -> TensorType:
+def _matmul_out(batch: tuple[int, ...], m: int, k_left: int, k_right: int, n: int, like: TensorType, name: str) -> TensorType:
     if k_left != k_right:
         raise ValueError(f"{name}: inner dimensions differ ({k_left} vs {k_right})")
-    return TensorType((*batch, m, n), dtype)
+    return TensorType((*batch, m, n), like.dtype, device=like.device)
 
 
 def infer_matmul(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
     """mm, addmm, bmm, baddbmm, linear, grouped_mm: the output shape from the operand shapes."""
     if op.name in ("mm", "addmm"):
         a, b = inputs[-2:]
-        out = _matmul_out((), a.shape[0], a.shape[1], b.shape[0], b.shape[1], a.dtype, op.name)
+        out = _matmul_out((), a.shape[0], a.shape[1], b.shape[0], b.shape[1], a, op.name)
     elif op.name in ("bmm", "baddbmm"):
         a, b = inputs[-2:]
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"{op.name}: batch sizes differ ({a.shape[0]} vs {b.shape[0]})")
-        out = _matmul_out((a.shape[0],), a.shape[1], a.shape[2], b.shape[1], b.shape[2], a.dtype, op.name)
+        out = _matmul_out((a.shape[0],), a.shape[1], a.shape[2], b.shape[1], b.shape[2], a, op.name)
     elif op.name == "linear":
         x, w = inputs[:2]
         if x.shape[-1] != w.shape[1]:
             raise ValueError(f"linear: input features {x.shape[-1]} != weight in_features {w.shape[1]}")
-        out = TensorType((*x.shape[:-1], w.shape[0]), x.dtype)
+        out = TensorType((*x.shape[:-1], w.shape[0]), x.dtype, device=x.device)
     elif op.name == "grouped_mm":
         x, w = inputs[:2]
-        out = _matmul_out((), x.shape[0], x.shape[1], w.shape[1], w.shape[2], x.dtype, op.name)
+        out = _matmul_out((), x.shape[0], x.shape[1], w.shape[1], w.shape[2], x, op.name)
     else:
         raise KeyError(op.name)
     return (out,)
@@ -153,7 +154,7 @@ def infer_attention(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str,
         if query.shape[-3] % key.shape[-3] or key.shape[-3] != value.shape[-3]:
             raise ValueError(f"attention: {query.shape[-3]} query heads cannot share {key.shape[-3]} key/value heads")
         leading += (query.shape[-3],)
-    return (TensorType((*leading, query.shape[-2], value.shape[-1]), query.dtype),)
+    return (TensorType((*leading, query.shape[-2], value.shape[-1]), query.dtype, device=query.device),)
 
 
 # ---------------------------------------------------------------------------------------------

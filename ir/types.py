@@ -27,11 +27,13 @@ SUPPORTED_DTYPES = frozenset(DTYPE_NAMES)
 
 @dataclass(frozen=True, slots=True)
 class TensorType:
-    """The static type of a tensor value."""
+    """The static type of a tensor value; `device` is the device type ("cpu", "cuda"), since op rules
+    differ by device (the dtypes a kernel accepts, the dtype of its saved statistics)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     strides: tuple[int, ...] | None = None
+    device: str = "cpu"
 
     @property
     def numel(self) -> int:
@@ -46,15 +48,15 @@ class TensorType:
         return self.strides is None or self.strides == contiguous_strides(self.shape)
 
     def same_as(self, other: TensorType) -> bool:
-        """Shape and dtype agree (strides are layout, not type)."""
-        return self.shape == other.shape and self.dtype == other.dtype
+        """Shape, dtype and device agree (strides are layout, not type)."""
+        return self.shape == other.shape and self.dtype == other.dtype and self.device == other.device
 
     def __str__(self) -> str:
         name = DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch."))
         text = f"{name}[{', '.join(map(str, self.shape))}]"
         if not self.is_contiguous:
             text += f"@({', '.join(map(str, self.strides))})"
-        return text
+        return text if self.device == "cpu" else f"{text}:{self.device}"
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -74,4 +76,4 @@ def type_of(tensor: torch.Tensor) -> TensorType:
     strides = tuple(tensor.stride()) if tensor.layout == torch.strided else None
     if strides is not None and not all(type(stride) is int for stride in strides):
         strides = None
-    return TensorType(shape, tensor.dtype, strides)
+    return TensorType(shape, tensor.dtype, strides, tensor.device.type)

@@ -78,15 +78,8 @@ class Program:
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run on the flat list of tensor inputs, in graph order; returns the flat outputs."""
         if self.check_inputs:
-            check_inputs(self.graph, tensors, self.device)
+            check_inputs(self.graph, tensors)
         return self.executor(tensors)
-
-    @property
-    def device(self) -> torch.device | None:
-        """The device the weights live on (None for a weightless graph)."""
-        for tensor in self.graph.weights.values():
-            return tensor.device
-        return None
 
     def _tensor_inputs(self, flat: list[Any]) -> list[torch.Tensor]:
         tensors = []
@@ -102,7 +95,7 @@ class Program:
         return tensors
 
 
-def check_inputs(graph: Graph, tensors: list[Any], device: torch.device | None) -> None:
+def check_inputs(graph: Graph, tensors: list[Any]) -> None:
     """Raise InputError naming the first input whose count, type, shape, dtype or device differs."""
     if len(tensors) != len(graph.inputs):
         raise InputError(f"expected {len(graph.inputs)} tensor inputs, got {len(tensors)}")
@@ -111,10 +104,10 @@ def check_inputs(graph: Graph, tensors: list[Any], device: torch.device | None) 
         if not isinstance(tensor, torch.Tensor):
             raise InputError(f"input %{value.name}: expected a tensor {expected}, got {type(tensor).__name__}")
         if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
-            got = TensorType(tuple(tensor.shape), tensor.dtype)
+            got = TensorType(tuple(tensor.shape), tensor.dtype, device=tensor.device.type)
             raise InputError(
                 f"input %{value.name}: expected {expected}, got {got}; shapes and dtypes are compiled in, "
                 "so recompile (or use torch.compile(backend=\"ember\"), which recompiles per shape)"
             )
-        if device is not None and tensor.device.type != device.type:
-            raise InputError(f"input %{value.name}: expected a tensor on {device}, got one on {tensor.device}")
+        if tensor.device.type != expected.device:
+            raise InputError(f"input %{value.name}: expected a tensor on {expected.device}, got one on {tensor.device}")

@@ -148,3 +148,9 @@ def test_buffer_mutation_is_written_back_to_the_model():
     program(torch.zeros(2))
     torch.testing.assert_close(program(torch.zeros(2)), torch.full((2,), 2.0))
     assert model.calls.item() == 2
+
+
+def test_input_on_the_wrong_device_is_an_input_error():
+    program = ember.compile(torch.nn.Linear(6, 3), (torch.randn(4, 6),))
+    with pytest.raises(ember.InputError, match="expected a tensor on cpu, got one on meta"):
+        program(torch.randn(4, 6, device="meta"))

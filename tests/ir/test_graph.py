@@ -150,3 +150,13 @@ def test_verifier_checks_only_the_outputs_an_op_defines():
     wrong_output = (Value(output.name, TensorType((2, 3, 5, 4), torch.float32)), mean, rstd)
     with pytest.raises(VerifyError, match="rule gives"):
         _replace_node(program.graph, index, outputs=wrong_output).verify()
+
+
+def test_shape_rules_run_on_the_values_device():
+    """histc takes int32 on CUDA but not on the CPU: the rule must follow the graph's device (fake tensors, no GPU needed)."""
+    histc = ember.ir.OP_TABLE["histc"]
+    attrs = {"bins": 4, "min": 0, "max": 4}
+    (out,) = histc.infer(histc, [TensorType((13,), torch.int32, device="cuda")], attrs)
+    assert out == TensorType((4,), torch.int32, (1,), "cuda")
+    with pytest.raises(RuntimeError, match="not implemented"):
+        histc.infer(histc, [TensorType((13,), torch.int32, device="cpu")], attrs)
