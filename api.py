@@ -31,6 +31,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, options: Options | Mapp
         stage_seconds=captured.stage_seconds,
         in_spec=captured.in_spec,
         out_spec=captured.out_spec,
+        arg_count=captured.arg_count,
+        kwarg_names=captured.kwarg_names,
         constant_inputs=captured.constant_inputs,
         mutated_buffers=captured.mutated_buffers,
     )

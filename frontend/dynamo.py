@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import CompileError
+from ..options import Options
 from .decompositions import ember_decompositions
 from .lower import SymbolicShapeError, lower_fx
 
@@ -29,8 +30,6 @@ def ember_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None, mode: str | None = None
 ) -> Callable[..., Any]:
     """torch.compile backend: `torch.compile(model, backend="ember", options={...})`."""
-    from ..options import Options
-
     opts = Options.from_mapping(options, mode=mode)
 
     def forward_compiler(fx_gm: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
@@ -46,7 +45,7 @@ def ember_backend(
     )
 
 
-def compile_forward(fx_gm: fx.GraphModule, options: Any) -> Callable[..., Any]:
+def compile_forward(fx_gm: fx.GraphModule, options: Options) -> Callable[..., Any]:
     """An ember-compiled callable for an ATen forward graph, or the graph itself if ember cannot compile it."""
     try:
         return _runner(fx_gm, options)
@@ -57,7 +56,7 @@ def compile_forward(fx_gm: fx.GraphModule, options: Any) -> Callable[..., Any]:
         return make_boxed_func(fx_gm)
 
 
-def _runner(fx_gm: fx.GraphModule, options: Any) -> Callable[..., Any]:
+def _runner(fx_gm: fx.GraphModule, options: Options) -> Callable[..., Any]:
     """Lower and compile; the runner takes AOT's flat args (tensors and ints) and passes on the tensors."""
     from ..api import checkpoint, compile_graph
 
@@ -81,7 +80,7 @@ def _runner(fx_gm: fx.GraphModule, options: Any) -> Callable[..., Any]:
 class _ShapeSpecialized:
     """Compiles a symbolic-shape graph once per concrete input signature, on first use."""
 
-    def __init__(self, fx_gm: fx.GraphModule, options: Any):
+    def __init__(self, fx_gm: fx.GraphModule, options: Options):
         self.fx_gm = fx_gm
         self.options = options
         self.compiled: dict[tuple, Callable[..., Any]] = {}

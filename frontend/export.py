@@ -25,6 +25,7 @@ class Captured:
     """A lowered model and how to call it like the original.
 
     in_spec/out_spec: the pytree structure of (args, kwargs) and of the model's result.
+    arg_count/kwarg_names: the call's positional arity and keyword names, for readable errors.
     constant_inputs: flat input position -> the value export specialised on (non-tensor inputs).
     mutated_buffers: the model buffers that the first graph outputs are written back to, in order.
     stage_seconds: wall time of capture (export + decompositions) and of lowering.
@@ -33,6 +34,8 @@ class Captured:
     graph: Graph
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
+    arg_count: int
+    kwarg_names: tuple[str, ...]
     constant_inputs: Mapping[int, Any]
     mutated_buffers: tuple[torch.Tensor, ...]
     stage_seconds: Mapping[str, float]
@@ -97,7 +100,9 @@ def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:
             raise CompileError(f"export output {spec.arg} of kind {spec.kind.name} is not supported by ember")
     seconds = {"capture": captured_at - started, "lower": time.perf_counter() - captured_at}
     log.debug("captured %s: %d nodes in %.2f s", type(model).__name__, len(graph.nodes), sum(seconds.values()))
-    return Captured(graph, exported.call_spec.in_spec, exported.call_spec.out_spec, constant_inputs, tuple(mutated), seconds)
+    args, kwargs = normalize_inputs(example_inputs)
+    return Captured(graph, exported.call_spec.in_spec, exported.call_spec.out_spec, len(args), tuple(kwargs),
+                    constant_inputs, tuple(mutated), seconds)
 
 
 def flatten_call(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], pytree.TreeSpec]:

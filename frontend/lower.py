@@ -122,7 +122,7 @@ class _Lowering:
             self.env[fx_node] = [self.env[fx_node]]  # read back through getitem(·, 0)
             return
         args, kwargs = self._substitute(fx_node.args), self._substitute(fx_node.kwargs)
-        if qualified in GROUPED_MATMULS and self._is_plain_grouped_mm(args, kwargs):
+        if qualified in GROUPED_MATMULS and _is_plain_grouped_mm(fx_node, args, kwargs):
             self._emit(fx_node, "grouped_mm", *split_arguments(OP_TABLE["grouped_mm"].schema, args[:3], {}, _is_name))
             return
         inputs, attrs = split_arguments(target._schema, args, kwargs, _is_name)
@@ -187,11 +187,17 @@ class _Lowering:
         sdpa = OP_TABLE["scaled_dot_product_attention"].schema
         return split_arguments(sdpa, [bound["query"], bound["key"], bound["value"]], kwargs, _is_name)
 
-    @staticmethod
-    def _is_plain_grouped_mm(args: tuple, kwargs: Mapping[str, Any]) -> bool:
-        """2-D input, 3-D per-expert weights, offsets given, no bias or dtype change."""
-        extra = list(args[3:]) + [value for key, value in kwargs.items()]
-        return len(args) >= 3 and args[2] is not None and all(item is None for item in extra)
+
+
+def _is_plain_grouped_mm(fx_node: fx.Node, args: tuple, kwargs: Mapping[str, Any]) -> bool:
+    """2-D input, 3-D per-expert weights, offsets given, no bias or dtype change: ember's grouped_mm.
+
+    aten._grouped_mm's 2-D x 2-D and 3-D x 3-D forms group along other dimensions and stay externs.
+    """
+    if len(args) < 3 or args[2] is None or any(item is not None for item in (*args[3:], *kwargs.values())):
+        return False
+    x, weight = (node.meta.get("val") for node in fx_node.args[:2])
+    return isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 2 and weight.dim() == 3
 
 
 def _bind(schema: torch._C.FunctionSchema, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:

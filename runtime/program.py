@@ -49,6 +49,8 @@ class Program:
         *,
         in_spec: pytree.TreeSpec | None = None,
         out_spec: pytree.TreeSpec | None = None,
+        arg_count: int | None = None,
+        kwarg_names: tuple[str, ...] = (),
         constant_inputs: Mapping[int, Any] | None = None,
         mutated_buffers: tuple[torch.Tensor, ...] = (),
         check_inputs: bool = True,
@@ -57,12 +59,20 @@ class Program:
         self.report = report
         self.in_spec = in_spec
         self.out_spec = out_spec
+        self.arg_count = arg_count
+        self.kwarg_names = kwarg_names
         self.constant_inputs = dict(constant_inputs or {})
         self.mutated_buffers = mutated_buffers
         self.check_inputs = check_inputs
         self.executor = Executor(graph)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.arg_count is not None and (len(args) != self.arg_count or set(kwargs) != set(self.kwarg_names)):
+            raise InputError(
+                f"expected {self.arg_count} positional argument(s) and keywords ({', '.join(self.kwarg_names)}), "
+                f"got {len(args)} and ({', '.join(kwargs)})"
+            )
+        kwargs = {key: kwargs[key] for key in self.kwarg_names} if self.arg_count is not None else kwargs
         flat, spec = pytree.tree_flatten((args, kwargs))
         if self.in_spec is not None and spec != self.in_spec:
             raise InputError(f"expected arguments structured as {self.in_spec}, got {spec}")

@@ -67,7 +67,7 @@ def test_wrong_shape_or_dtype_at_call_time_names_what_was_expected(bad, expected
 
 def test_wrong_number_of_inputs_is_an_input_error():
     program = ember.compile(torch.nn.Linear(6, 3), (torch.randn(4, 6),))
-    with pytest.raises(ember.InputError, match="expected arguments"):
+    with pytest.raises(ember.InputError, match=r"expected 1 positional argument\(s\) and keywords \(\), got 2"):
         program(torch.randn(4, 6), torch.randn(4, 6))
 
 
@@ -125,7 +125,9 @@ def test_program_returns_the_model_output_structure():
 
     x, scale = torch.randn(3, 4), torch.randn(4)
     program = ember.compile(TwoHeads(), {"x": x, "scale": scale})
-    result = program(x=x, scale=scale)
+    result = program(scale=scale, x=x)  # keyword order is the caller's
+    with pytest.raises(ember.InputError, match=r"keywords \(x, scale\), got 0 and \(x\)"):
+        program(x=x)
     expected = TwoHeads()(x, scale=scale)
     assert result.keys() == expected.keys()
     torch.testing.assert_close(result["pair"][1], expected["pair"][1])
@@ -154,3 +156,23 @@ def test_input_on_the_wrong_device_is_an_input_error():
     program = ember.compile(torch.nn.Linear(6, 3), (torch.randn(4, 6),))
     with pytest.raises(ember.InputError, match="expected a tensor on cpu, got one on meta"):
         program(torch.randn(4, 6, device="meta"))
+
+
+def test_grouped_matmul_forms_with_other_semantics_stay_externs():
+    """aten._grouped_mm's 2-D x 2-D form groups the K dimension: it must not become ember's grouped_mm."""
+    from ember.frontend.lower import _is_plain_grouped_mm
+
+    class Node:
+        def __init__(self, value):
+            self.meta = {"val": value}
+
+    class Call:
+        def __init__(self, *values):
+            self.args = tuple(Node(v) for v in values)
+
+    x2, w3, w2 = torch.empty(6, 4), torch.empty(3, 4, 5), torch.empty(4, 5)
+    assert _is_plain_grouped_mm(Call(x2, w3), ("x", "w", "offs"), {})
+    assert not _is_plain_grouped_mm(Call(x2, w2), ("x", "w", "offs"), {})
+    assert not _is_plain_grouped_mm(Call(x2, w3), ("x", "w", "offs", "bias"), {})
+    assert not _is_plain_grouped_mm(Call(x2, w3), ("x", "w", None), {})
+    assert not _is_plain_grouped_mm(Call(x2, w3), ("x", "w", "offs"), {"out_dtype": torch.bfloat16})
