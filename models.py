@@ -5,6 +5,7 @@ every command and benchmark resolves specs here, so they all use the same defini
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Callable
@@ -71,16 +72,22 @@ class Decoder(nn.Module):
         return self.norm(x) @ self.token_embedding.weight.T
 
 
-def demo(batch: int = 2, length: int = 64) -> ModelAndInputs:
-    """The demo decoder with random weights and random tokens."""
+SIZES = ("tiny", "suite")
+"""tiny: odd-sized fp32 configs for tests; suite: the bf16 benchmark configs every benchmark uses."""
+SUITE = ("mlp", "gpt2", "llama", "llama_b1", "mixtral", "bert")
+
+
+def demo(size: str = "tiny") -> ModelAndInputs:
+    """The demo decoder with random weights and random tokens (one size)."""
     config = DecoderConfig()
-    return Decoder(config).eval(), (torch.randint(0, config.vocab_size, (batch, length)),)
+    return Decoder(config).eval(), (torch.randint(0, config.vocab_size, (2, 64)),)
 
 
-def mlp(rows: int = 37, features: int = 48, hidden: int = 96) -> ModelAndInputs:
-    """Linear -> GELU -> Linear, odd sizes."""
+def mlp(size: str = "tiny") -> ModelAndInputs:
+    """Linear -> GELU -> Linear: 48->96->48 on 37 rows (tiny), 4096->16384->4096 on 8192 rows in bf16 (suite)."""
+    rows, features, hidden = (37, 48, 96) if size == "tiny" else (8192, 4096, 16384)
     model = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, features))
-    return model.eval(), (torch.randn(rows, features),)
+    return _sized(model.eval(), (torch.randn(rows, features),), size)
 
 
 class SmallCNN(nn.Module):
@@ -98,8 +105,9 @@ class SmallCNN(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(self.features(images), 1).flatten(1))
 
 
-def cnn(batch: int = 3, size: int = 21) -> ModelAndInputs:
-    return SmallCNN().eval(), (torch.randn(batch, 3, size, size),)
+def cnn(size: str = "tiny") -> ModelAndInputs:
+    """A small CNN on 21x21 images (one size)."""
+    return SmallCNN().eval(), (torch.randn(3, 3, 21, 21),)
 
 
 def _transformers() -> Any:
@@ -109,52 +117,103 @@ def _transformers() -> Any:
         raise CompileError("this model needs transformers: pip install 'ember[test]'") from error
 
 
-def _causal_lm(model: nn.Module, vocab_size: int, batch: int, length: int) -> ModelAndInputs:
-    model.config.use_cache = False  # a KV cache is a stateful output ember does not compile
-    return model.eval(), (torch.randint(0, vocab_size, (batch, length)),)
+def _sized(model: nn.Module, inputs: tuple[torch.Tensor, ...], size: str) -> ModelAndInputs:
+    """Suite models run in bf16; tiny ones stay fp32."""
+    if size == "suite":
+        model = model.to(torch.bfloat16)
+        inputs = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs)
+    return model.eval(), inputs
 
 
-def gpt2(batch: int = 2, length: int = 13) -> ModelAndInputs:
-    """transformers' GPT-2 LM, two layers of width 64."""
+def _tokens(model: nn.Module, vocab_size: int, batch: int, length: int, size: str) -> ModelAndInputs:
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # a KV cache is a stateful output ember does not compile
+    return _sized(model, (torch.randint(0, vocab_size, (batch, length)),), size)
+
+
+def gpt2(size: str = "tiny") -> ModelAndInputs:
+    """transformers' GPT-2 LM: 2 layers of width 64 (tiny); GPT-2 small, batch 8, 512 tokens (suite)."""
     t = _transformers()
-    config = t.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=211, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return _causal_lm(t.GPT2LMHeadModel(config), config.vocab_size, batch, length)
+    if size == "tiny":
+        config, batch, length = t.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=211, n_positions=64), 2, 13
+    else:
+        config, batch, length = t.GPT2Config(), 8, 512
+    config.bos_token_id = config.eos_token_id = 0
+    return _tokens(t.GPT2LMHeadModel(config), config.vocab_size, batch, length, size)
 
 
-def llama(batch: int = 2, length: int = 13) -> ModelAndInputs:
-    """transformers' Llama LM with grouped-query attention (4 heads, 2 KV heads)."""
+def _llama_config(t: Any, size: str) -> Any:
+    if size == "tiny":
+        return t.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=96, vocab_size=211, max_position_embeddings=64)
+    return t.LlamaConfig(hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                         intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
+
+
+def llama(size: str = "tiny") -> ModelAndInputs:
+    """transformers' Llama LM with grouped-query attention; suite: hidden 2048, 8 layers, batch 4, 1024 tokens."""
     t = _transformers()
-    config = t.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=96, vocab_size=211, max_position_embeddings=64)
-    return _causal_lm(t.LlamaForCausalLM(config), config.vocab_size, batch, length)
+    config = _llama_config(t, size)
+    batch, length = (2, 13) if size == "tiny" else (4, 1024)
+    return _tokens(t.LlamaForCausalLM(config), config.vocab_size, batch, length, size)
 
 
-def mixtral(batch: int = 2, length: int = 13) -> ModelAndInputs:
-    """transformers' Mixtral LM: 4 experts, top-2 routing."""
+def llama_b1(size: str = "tiny") -> ModelAndInputs:
+    """The same Llama on one sequence of 16 tokens (suite): small, launch-bound work."""
     t = _transformers()
-    config = t.MixtralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=96, vocab_size=211, num_local_experts=4, num_experts_per_tok=2,
-                             max_position_embeddings=64)
-    return _causal_lm(t.MixtralForCausalLM(config), config.vocab_size, batch, length)
+    config = _llama_config(t, size)
+    return _tokens(t.LlamaForCausalLM(config), config.vocab_size, 1, 5 if size == "tiny" else 16, size)
 
 
-def bert(batch: int = 2, length: int = 13) -> ModelAndInputs:
-    """transformers' BERT encoder, two layers of width 64."""
+def mixtral(size: str = "tiny") -> ModelAndInputs:
+    """transformers' Mixtral LM, top-2 routing: 4 experts (tiny); hidden 1024, 4 layers, 8 experts, b4 s512 (suite)."""
     t = _transformers()
-    config = t.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                          vocab_size=211, max_position_embeddings=64)
-    return t.BertModel(config).eval(), (torch.randint(0, config.vocab_size, (batch, length)),)
+    if size == "tiny":
+        config = t.MixtralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=96, vocab_size=211, num_local_experts=4, num_experts_per_tok=2,
+                                 max_position_embeddings=64)
+        batch, length = 2, 13
+    else:
+        config = t.MixtralConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                                 intermediate_size=3584, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
+                                 max_position_embeddings=2048)
+        batch, length = 4, 512
+    return _tokens(t.MixtralForCausalLM(config), config.vocab_size, batch, length, size)
 
 
-BUILTIN: dict[str, Callable[[], ModelAndInputs]] = {
-    "demo": demo, "mlp": mlp, "cnn": cnn, "gpt2": gpt2, "llama": llama, "mixtral": mixtral, "bert": bert,
+def bert(size: str = "tiny") -> ModelAndInputs:
+    """transformers' BERT encoder: 2 layers of width 64 (tiny); hidden 384, 6 layers, 12 heads, b32 s128 (suite)."""
+    t = _transformers()
+    if size == "tiny":
+        config, batch, length = t.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=96, vocab_size=211, max_position_embeddings=64), 2, 13
+    else:
+        config, batch, length = t.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                             intermediate_size=1536), 32, 128
+    return _tokens(t.BertModel(config), config.vocab_size, batch, length, size)
+
+
+BUILTIN: dict[str, Callable[[str], ModelAndInputs]] = {
+    "demo": demo, "mlp": mlp, "cnn": cnn, "gpt2": gpt2, "llama": llama, "llama_b1": llama_b1, "mixtral": mixtral,
+    "bert": bert,
 }
 
 
-def load(spec: str) -> ModelAndInputs:
-    """Resolve a model spec: a built-in name or `package.module:function` returning (model, example_inputs)."""
+def load(spec: str, size: str = "tiny", device: str | torch.device | None = None) -> ModelAndInputs:
+    """Resolve a model spec: a built-in name or `package.module:function` returning (model, example_inputs).
+
+    Built-ins come in two sizes (SIZES); `device` builds the model there ("meta" for shapes only).
+    """
+    if size not in SIZES:
+        raise CompileError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model, example_inputs = _build(spec, size)
+    return model, example_inputs
+
+
+def _build(spec: str, size: str) -> ModelAndInputs:
     if spec in BUILTIN:
-        return BUILTIN[spec]()
+        return BUILTIN[spec](size)
     module_name, colon, function_name = spec.partition(":")
     if not colon:
         raise CompileError(f"unknown model {spec!r}: use one of {', '.join(BUILTIN)} or package.module:function")
