@@ -5,7 +5,7 @@
 """
 from importlib.metadata import PackageNotFoundError, version
 
-from .api import compile
+from .api import compile, inspect
 from .errors import ArtifactError, CompileError, EmberError, InputError, PlanError
 from .options import Options
 from .runtime import CompileReport, Program
@@ -17,5 +17,5 @@ except PackageNotFoundError:
 
 __all__ = [
     "ArtifactError", "CompileError", "CompileReport", "EmberError", "InputError", "Options", "PlanError", "Program",
-    "compile", "__version__",
+    "compile", "inspect", "__version__",
 ]

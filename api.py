@@ -13,6 +13,8 @@ from .errors import CompileError
 from .frontend import from_module
 from .ir import Graph, VerifyError
 from .optimizer import PIPELINE
+from .optimizer.cost import DeviceProfile, load_profile
+from .optimizer.inspect import Report, build_report
 from .options import Options
 from .runtime import Program
 from .runtime.program import coverage_report
@@ -41,16 +43,39 @@ def compile(model: torch.nn.Module, example_inputs: Any, options: Options | Mapp
 def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str, float] | None = None, **program_args: Any) -> Program:
     """Run the pipeline on a lowered graph and build its Program; shared by ember.compile and the backend."""
     seconds = dict(stage_seconds or {})
-    for index, transform in enumerate(PIPELINE, start=1):
-        started = time.perf_counter()
-        graph = transform(graph)
-        seconds[transform.__name__] = time.perf_counter() - started
-        checkpoint(graph, transform.__name__, options, index=index)
+    graph = optimize(graph, options, seconds)
     started = time.perf_counter()
     program = Program(graph, coverage_report(graph, seconds), check_inputs=options.check_inputs, **program_args)
     program.report.stage_seconds["build"] = time.perf_counter() - started
     log.info("compiled %d nodes, op coverage %.1f%%", program.report.node_count, 100 * program.report.op_coverage)
     return program
+
+
+def optimize(graph: Graph, options: Options, seconds: dict[str, float]) -> Graph:
+    """Every pass of the pipeline in order, timed into `seconds`, with a checkpoint after each."""
+    for index, transform in enumerate(PIPELINE, start=1):
+        started = time.perf_counter()
+        graph = transform(graph)
+        seconds[transform.__name__] = time.perf_counter() - started
+        checkpoint(graph, transform.__name__, options, index=index)
+    return graph
+
+
+def inspect(
+    model: torch.nn.Module, example_inputs: Any, device: str | DeviceProfile = "h100",
+    options: Options | Mapping[str, Any] | None = None,
+) -> Report:
+    """Where time and memory go: capture and optimize `model`, then price every node on `device`.
+
+    `device` is a profile name (`h100`, `h200`, `a100`, `cpu`, or one `ember calibrate` saved), a path to
+    a profile JSON, or a DeviceProfile. Nothing runs: a model on the meta device works.
+    """
+    profile = device if isinstance(device, DeviceProfile) else load_profile(device)
+    options = _as_options(options)
+    captured = from_module(model, example_inputs)
+    checkpoint(captured.graph, "lower", options, index=0)
+    graph = optimize(captured.graph, options, dict(captured.stage_seconds))
+    return build_report(graph, profile, model=type(model).__name__)
 
 
 def checkpoint(graph: Graph, stage: str, options: Options, *, index: int) -> None:

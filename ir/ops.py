@@ -40,6 +40,8 @@ class OpDef:
     typed_outputs: int | None = None
     """How many leading outputs the rule defines; None for all. The rest are implementation-defined
     (normalizations' saved statistics differ in shape and dtype across devices and torch versions)."""
+    gathers: bool = False
+    """Reads only the rows it returns from its first input (embedding, index): bytes read follow the output."""
 
     def bind(self, attrs: Mapping[str, Any]) -> Reference:
         """The reference implementation specialised to a node's attrs: inputs -> output tuple."""
@@ -56,7 +58,10 @@ class OpDef:
         """(bytes read, bytes written) by this op run on its own; views move nothing."""
         if self.kind == "view":
             return 0, 0
-        return sum(t.nbytes for t in inputs), sum(t.nbytes for t in outputs)
+        written = sum(t.nbytes for t in outputs)
+        if self.gathers:
+            return written + sum(t.nbytes for t in inputs[1:]), written
+        return sum(t.nbytes for t in inputs), written
 
 
 def as_tuple(result: Any) -> tuple[torch.Tensor, ...]:
@@ -250,11 +255,11 @@ OP_TABLE: dict[str, OpDef] = {}
 
 def register(
     overload: torch._ops.OpOverload, kind: str, infer: Infer, flops: Flops, name: str | None = None,
-    typed_outputs: int | None = None,
+    typed_outputs: int | None = None, gathers: bool = False,
 ) -> OpDef:
     """Add one op; the name defaults to the overload's IR name."""
     assert kind in KINDS, kind
-    op = OpDef(name or op_name(overload), kind, overload._schema, overload, infer, flops, typed_outputs)
+    op = OpDef(name or op_name(overload), kind, overload._schema, overload, infer, flops, typed_outputs, gathers)
     OP_TABLE[op.name] = op
     return op
 
@@ -314,8 +319,11 @@ for _overload in _overloads(
 ):
     register(_overload, "view", infer_by_tracing, no_flops)
 
+for _overload in _overloads("embedding index.Tensor index_select"):
+    register(_overload, "data", infer_by_tracing, no_flops, gathers=True)
+
 for _overload in _overloads(
-    "cat stack embedding index.Tensor index_select constant_pad_nd arange arange.start arange.start_step "
+    "cat stack constant_pad_nd arange arange.start arange.start_step "
     "full full_like zeros zeros_like ones ones_like empty.memory_format empty_permuted scalar_tensor repeat "
     "flip roll tril triu fill.Scalar max_pool2d_with_indices avg_pool2d _adaptive_avg_pool2d "
     "upsample_nearest2d.vec"
@@ -324,10 +332,11 @@ for _overload in _overloads(
 
 # MoE routing: choose experts, count and sort tokens, scatter and gather them back.
 for _overload in _overloads(
-    "topk sort argsort histc gather scatter.src scatter.value scatter_add scatter_reduce.two index_add "
+    "topk sort argsort histc scatter.src scatter.value scatter_add scatter_reduce.two index_add "
     "index_put"
 ):
     register(_overload, "routing", infer_by_tracing, per_input_element(1))
+register(torch.ops.aten.gather.default, "routing", infer_by_tracing, no_flops, gathers=True)
 
 
 # ---------------------------------------------------------------------------------------------

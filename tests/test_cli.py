@@ -60,3 +60,29 @@ def test_backend_is_found_by_name_without_importing_ember():
         "assert 'ember' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd="/")
+
+
+def test_inspect_prints_the_report_for_a_suite_model(capsys):
+    assert main(["inspect", "mlp", "--device", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "Sequential on h200" in out and "the 3 costliest nodes" in out
+
+
+def test_inspect_json_and_files(capsys, tmp_path):
+    plot, graph = tmp_path / "r.png", tmp_path / "g.html"
+    assert main(["inspect", "bert", "--size", "tiny", "--json", "--plot", str(plot), "--graph", str(graph)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["rows"] and data["totals"]["predicted_us"] > 0
+    assert plot.stat().st_size > 0 and graph.stat().st_size > 0
+
+
+def test_inspect_unknown_device_is_a_clear_error(capsys):
+    assert main(["inspect", "mlp", "--device", "tpu9"]) == 2
+    assert "unknown device 'tpu9'; known:" in capsys.readouterr().err
+
+
+def test_calibrate_writes_a_profile_inspect_can_use(capsys, tmp_path):
+    out = tmp_path / "here.json"
+    assert main(["calibrate", "--quick", "--out", str(out), "--name", "here"]) == 0
+    assert out.exists() and "saved" in capsys.readouterr().out
+    assert main(["inspect", "mlp", "--device", str(out)]) == 0

@@ -489,10 +489,20 @@ def test_flops_and_bytes_moved_are_consistent(name, index, dtype):
     input_types, output_types = [type_of(t) for t in inputs], [type_of(t) for t in direct]
     flops = op.flops(input_types, output_types, attrs)
     assert isinstance(flops, int) and flops >= 0
-    expected = (0, 0) if op.kind == "view" else (
-        sum(t.numel() * t.element_size() for t in inputs), sum(t.numel() * t.element_size() for t in direct)
-    )
+    written = sum(t.numel() * t.element_size() for t in direct)
+    if op.kind == "view":
+        expected = (0, 0)
+    elif op.gathers:  # only the returned rows of the first input are read, plus the indices
+        expected = (written + sum(t.numel() * t.element_size() for t in inputs[1:]), written)
+    else:
+        expected = (sum(t.numel() * t.element_size() for t in inputs), written)
     assert op.bytes_moved(input_types, output_types) == expected
+
+
+def test_gather_ops_read_the_rows_they_return_not_the_whole_table():
+    op = OP_TABLE["embedding"]
+    table, indices, out = TensorType((50257, 768), torch.bfloat16), TensorType((8, 512), torch.int64), TensorType((8, 512, 768), torch.bfloat16)
+    assert op.bytes_moved([table, indices], [out]) == (8 * 512 * 768 * 2 + 8 * 512 * 8, 8 * 512 * 768 * 2)
 
 
 # ---------------------------------------------------------------------------------------------

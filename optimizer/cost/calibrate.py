@@ -1,0 +1,135 @@
+"""`ember calibrate`: measure the ceilings of the device at hand and write them as a DeviceProfile.
+
+Large matmuls per dtype give the peaks, a device-to-device copy the bandwidths, a one-element op the
+launch overhead, and a grid of matmul shapes the efficiency points the cost model interpolates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+from .model import CostModel, MatmulShape
+from .profile import DTYPE_KEYS, DeviceProfile
+
+log = logging.getLogger(__name__)
+
+GPU_GRID = {"m": (16, 256, 2048, 8192), "n": (1024, 4096, 16384), "k": (1024, 4096)}
+CPU_GRID = {"m": (8, 64, 256), "n": (64, 256), "k": (64, 256)}
+
+
+def time_us(fn: Callable[[], object], device: torch.device, *, min_block_us: float = 2000.0, blocks: int = 5) -> float:
+    """Median over `blocks` of the mean time per call, each block long enough to dwarf timer noise."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    synchronize()
+    started = time.perf_counter()
+    fn()
+    synchronize()
+    single_us = max((time.perf_counter() - started) * 1e6, 1.0)
+    reps = max(1, math.ceil(min_block_us / single_us))
+    for _ in range(min(reps, 10)):
+        fn()
+    synchronize()
+    samples = []
+    for _ in range(blocks):
+        started = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        synchronize()
+        samples.append((time.perf_counter() - started) * 1e6 / reps)
+    return statistics.median(samples)
+
+
+def calibrate(device: str | torch.device | None = None, *, quick: bool = False, name: str | None = None) -> DeviceProfile:
+    """Measure the device (CUDA when present, else the CPU) and return its profile."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    size = (2048 if quick else 8192) if gpu else (128 if quick else 512)
+    matmul_dtypes = (torch.bfloat16, torch.float16, torch.float32) if gpu else (torch.float32,)
+    peaks: dict[str, dict[str, float]] = {"tensor": {}, "cuda": {}}
+    for dtype in matmul_dtypes:
+        tflops = _matmul_tflops(size, size, size, dtype, device)
+        unit = "tensor" if dtype in (torch.bfloat16, torch.float16) else "cuda"
+        peaks[unit][DTYPE_KEYS[dtype]] = tflops
+        log.info("matmul %d^3 %s: %.1f TFLOP/s", size, dtype, tflops)
+    if not peaks["tensor"]:
+        del peaks["tensor"]
+    properties = torch.cuda.get_device_properties(device) if gpu else None
+    l2_bytes = properties.L2_cache_size if gpu else 2 * 2**20
+    dram_bytes = (2**28 if quick else 2**30) if gpu else 2**26
+    memory_bandwidth = _copy_gbps(dram_bytes, device)
+    l2_bandwidth = max(_copy_gbps(max(l2_bytes // 4, 2**16), device), memory_bandwidth)
+    tiny = torch.zeros(1, device=device)
+    launch_us = time_us(lambda: tiny.add_(1), device)
+    sm_count = properties.multi_processor_count if gpu else (os.cpu_count() or 1)
+    draft = DeviceProfile(
+        name=name or _default_name(device), peak_tflops=peaks, memory_bandwidth_gbps=memory_bandwidth,
+        l2_bandwidth_gbps=l2_bandwidth, l2_bytes=l2_bytes, sm_count=sm_count, launch_overhead_us=launch_us,
+        matmul_base_efficiency=1.0, description=f"calibrated on {_device_name(device)} with torch {torch.__version__}",
+        source="calibrated",
+    )
+    # The peak is the large square matmul itself: choose the base so the analytic model gives 1 there.
+    base = 1.0 / CostModel(draft).analytic_efficiency(MatmulShape(1, size, size, size))
+    points = _matmul_grid(draft, matmul_dtypes[0], CPU_GRID if not gpu or quick else GPU_GRID, device)
+    attention = _attention_efficiency(draft, device, quick)
+    return dataclasses.replace(draft, matmul_base_efficiency=base, attention_efficiency=attention,
+                               matmul_efficiency={DTYPE_KEYS[matmul_dtypes[0]]: points})
+
+
+def _matmul_tflops(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> float:
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    return 2 * m * n * k / time_us(lambda: a @ b, device) / 1e6
+
+
+def _copy_gbps(nbytes: int, device: torch.device) -> float:
+    """Device-to-device copy rate, counting bytes read plus written."""
+    source = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    target = torch.empty_like(source)
+    return 2 * source.nbytes / time_us(lambda: target.copy_(source), device) / 1e3
+
+
+def _matmul_grid(draft: DeviceProfile, dtype: torch.dtype, grid: dict, device: torch.device) -> tuple:
+    peak = draft.peak_flops("tensor" if dtype in (torch.bfloat16, torch.float16) else "cuda", dtype)
+    points = []
+    for m in grid["m"]:
+        for n in grid["n"]:
+            for k in grid["k"]:
+                achieved = _matmul_tflops(m, n, k, dtype, device) * 1e12
+                points.append((m, n, k, round(min(achieved / peak, 1.0), 4)))
+    return tuple(points)
+
+
+def _attention_efficiency(draft: DeviceProfile, device: torch.device, quick: bool) -> float:
+    """Fraction of peak a fused attention kernel reaches (non-causal, head dim 128, or 32 on the CPU)."""
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    batch, heads, length, head_dim = (4, 16, 512 if quick else 2048, 128) if gpu else (1, 2, 64, 32)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, dtype=dtype, device=device) for _ in range(3))
+    flops = 4 * batch * heads * length * length * head_dim
+    seconds = time_us(lambda: F.scaled_dot_product_attention(q, k, v), device) / 1e6
+    peak = draft.peak_flops("tensor" if gpu else "cuda", dtype)
+    return round(min(1.0, flops / seconds / peak), 4)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()}-core CPU"
+
+
+def _default_name(device: torch.device) -> str:
+    """`h200` from "NVIDIA H200", `cpu` for the CPU: the name `--device` finds it by."""
+    if device.type != "cuda":
+        return "cpu-calibrated"
+    words = re.findall(r"[a-z0-9]+", torch.cuda.get_device_name(device).lower())
+    return "-".join(word for word in words if word not in ("nvidia", "tesla")) + "-calibrated"

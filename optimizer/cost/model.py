@@ -1,0 +1,204 @@
+"""The cost model: one object that prices a node, a fused group or a whole program on one device.
+
+Predicted time = max(compute, memory) + launch overhead per kernel. Compute divides FLOPs by the
+unit's peak (tensor cores for bf16/fp16 matmuls, attention and convolution; the general cores
+otherwise) times a shape-dependent efficiency; memory divides bytes by DRAM or L2 bandwidth.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ...ir import Graph, Node, TensorType
+from .profile import DTYPE_KEYS, DeviceProfile
+
+TILE = 128
+"""Output tile edge of the matmul kernels the analytic efficiency assumes (cuBLAS/Triton on Hopper)."""
+K_HALF_EFFICIENCY = 256
+"""Reduction length at which prologue/epilogue cost halves a matmul's efficiency."""
+TENSOR_CORE_DTYPES = frozenset({torch.bfloat16, torch.float16})
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """Work and predicted time of a node, a group or a program."""
+
+    flops: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    compute_us: float = 0.0
+    memory_us: float = 0.0
+    overhead_us: float = 0.0
+    kernels: int = 0
+    predicted_us: float = 0.0
+    """max(compute, memory) + overhead per kernel, summed over kernels run one after another."""
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per byte moved (0 when nothing moves)."""
+        return self.flops / self.bytes_moved if self.bytes_moved else 0.0
+
+    @property
+    def bound(self) -> str:
+        """What limits it: compute, memory, overhead (launch-bound), or none (no kernel)."""
+        if self.kernels == 0:
+            return "none"
+        limits = {"compute": self.compute_us, "memory": self.memory_us, "overhead": self.overhead_us}
+        return max(limits, key=limits.get)
+
+    def __add__(self, other: Cost) -> Cost:
+        """Kernels run one after another: work and times add."""
+        return Cost(self.flops + other.flops, self.bytes_read + other.bytes_read, self.bytes_written + other.bytes_written,
+                    self.compute_us + other.compute_us, self.memory_us + other.memory_us,
+                    self.overhead_us + other.overhead_us, self.kernels + other.kernels,
+                    self.predicted_us + other.predicted_us)
+
+
+def kernel_cost(flops: int, read: int, written: int, compute_us: float, memory_us: float, overhead_us: float,
+                kernels: int) -> Cost:
+    """The cost of one kernel launch (or of a node's few): compute and memory overlap, overhead does not."""
+    return Cost(flops, read, written, compute_us, memory_us, overhead_us, kernels,
+                max(compute_us, memory_us) + overhead_us)
+
+
+@dataclass(frozen=True, slots=True)
+class MatmulShape:
+    """A (batched) matmul as the kernel sees it: batch × (m, k) @ (k, n)."""
+
+    batch: int
+    m: int
+    n: int
+    k: int
+
+
+class CostModel:
+    """Prices IR on one device profile."""
+
+    def __init__(self, profile: DeviceProfile):
+        self.profile = profile
+
+    # -- whole things ------------------------------------------------------------------------
+    def node(self, node: Node, types: Mapping[str, TensorType]) -> Cost:
+        """One node run on its own, as eager PyTorch runs it."""
+        definition = node.definition
+        if definition.kind == "view":
+            return Cost()
+        inputs = [types[name] for name in node.inputs]
+        outputs = [value.type for value in node.outputs]
+        flops = definition.flops(inputs, outputs, node.attrs)
+        read, written = definition.bytes_moved(inputs, outputs)
+        kernels = self.kernels(node, inputs)
+        return kernel_cost(flops, read, written, self.compute_us(node, inputs, outputs, flops),
+                           self.memory_us(read + written), kernels * self.profile.launch_overhead_us, kernels)
+
+    def group(self, nodes: Sequence[Node], graph: Graph) -> Cost:
+        """A fused group run as one kernel: only the bytes that cross its boundary move."""
+        types = graph.types()
+        inside = {value.name for node in nodes for value in node.outputs}
+        used_outside = {name for node in graph.nodes if node not in nodes for name in node.inputs} | set(graph.outputs)
+        read_names = {name for node in nodes for name in node.inputs if name not in inside}
+        written_names = inside & used_outside
+        read = sum(types[name].nbytes for name in read_names)
+        written = sum(types[name].nbytes for name in written_names)
+        work = [self.node(node, types) for node in nodes]
+        flops = sum(cost.flops for cost in work)
+        compute = sum(cost.compute_us for cost in work)
+        kernels = 1 if any(cost.kernels for cost in work) else 0
+        return kernel_cost(flops, read, written, compute, self.memory_us(read + written),
+                           kernels * self.profile.launch_overhead_us, kernels)
+
+    def program(self, graph: Graph) -> Cost:
+        """Every node in order, unfused (eager execution)."""
+        return sum(self.nodes(graph).values(), Cost())
+
+    def nodes(self, graph: Graph) -> dict[str, Cost]:
+        """Node name -> its cost."""
+        types = graph.types()
+        return {node.name: self.node(node, types) for node in graph.nodes}
+
+    # -- parts -------------------------------------------------------------------------------
+    def memory_us(self, nbytes: int) -> float:
+        """Time to move `nbytes` (read plus written): L2 bandwidth when they fit in L2, DRAM otherwise."""
+        bandwidth = self.profile.l2_bandwidth_gbps if nbytes <= self.profile.l2_bytes else self.profile.memory_bandwidth_gbps
+        return nbytes / (bandwidth * 1e3)
+
+    def compute_us(self, node: Node, inputs: Sequence[TensorType], outputs: Sequence[TensorType], flops: int) -> float:
+        """FLOPs over the rate the node's unit reaches for its dtype and shape."""
+        if flops == 0:
+            return 0.0
+        kind = node.definition.kind
+        dtype = inputs[0].dtype if inputs else outputs[0].dtype
+        unit = "tensor" if kind in ("matmul", "convolution", "attention") and dtype in TENSOR_CORE_DTYPES else "cuda"
+        rate_dtype = dtype if unit == "tensor" or dtype == torch.float64 else torch.float32
+        peak = self.profile.peak_flops(unit, rate_dtype)
+        if kind == "attention":
+            causal = node.attrs.get("is_causal", False) and inputs[0].shape[-2] == inputs[1].shape[-2]
+            return (flops / 2 if causal else flops) / (peak * self.profile.attention_efficiency) * 1e6
+        shape = matmul_shape(node, inputs, outputs)
+        efficiency = self.matmul_efficiency(shape, dtype) if shape else 1.0
+        return flops / (peak * efficiency) * 1e6
+
+    def kernels(self, node: Node, inputs: Sequence[TensorType]) -> int:
+        """Kernels the node launches eagerly: one, or one per expert for a grouped matmul."""
+        if node.op == "grouped_mm":
+            return inputs[1].shape[0]
+        return 1
+
+    def matmul_efficiency(self, shape: MatmulShape, dtype: torch.dtype) -> float:
+        """Fraction of peak a matmul of this shape reaches: analytic, corrected by calibration points nearby."""
+        analytic = self.analytic_efficiency(shape)
+        points = self.profile.matmul_efficiency.get(DTYPE_KEYS.get(dtype, "fp32"), ())
+        if not points:
+            return analytic
+        here = (math.log2(shape.m * shape.batch), math.log2(shape.n), math.log2(shape.k))
+        nearest = sorted(points, key=lambda p: _distance(here, p))[:3]
+        weights = [1 / (1e-3 + _distance(here, p)) for p in nearest]
+        corrections = [p[3] / self.analytic_efficiency(MatmulShape(1, p[0], p[1], p[2])) for p in nearest]
+        correction = sum(w * c for w, c in zip(weights, corrections)) / sum(weights)
+        return min(1.0, max(1e-3, analytic * correction))
+
+    def analytic_efficiency(self, shape: MatmulShape) -> float:
+        """Base efficiency × wave quantization × partial tiles × K-loop amortisation."""
+        tiles_m, tiles_n = math.ceil(shape.m / TILE), math.ceil(shape.n / TILE)
+        tiles = shape.batch * tiles_m * tiles_n
+        waves = math.ceil(tiles / self.profile.sm_count)
+        wave_fill = tiles / (waves * self.profile.sm_count)
+        tile_fill = (shape.m * shape.n) / (tiles_m * TILE * tiles_n * TILE)
+        k_amortised = shape.k / (shape.k + K_HALF_EFFICIENCY)
+        return self.profile.matmul_base_efficiency * wave_fill * tile_fill * k_amortised
+
+
+def matmul_shape(node: Node, inputs: Sequence[TensorType], outputs: Sequence[TensorType]) -> MatmulShape | None:
+    """The GEMM a matmul-like node runs (convolution as implicit GEMM); None for other ops."""
+    op, out = node.op, outputs[0]
+    if op in ("mm", "addmm"):
+        a, b = inputs[-2:]
+        return MatmulShape(1, a.shape[0], b.shape[1], a.shape[1])
+    if op in ("bmm", "baddbmm"):
+        a, b = inputs[-2:]
+        return MatmulShape(a.shape[0], a.shape[1], b.shape[2], a.shape[2])
+    if op == "linear":
+        x, weight = inputs[:2]
+        return MatmulShape(1, math.prod(x.shape[:-1]), weight.shape[0], weight.shape[1])
+    if op == "grouped_mm":
+        x, weight = inputs[:2]
+        experts = weight.shape[0]
+        return MatmulShape(experts, max(1, x.shape[0] // experts), weight.shape[2], weight.shape[1])
+    if op == "convolution":
+        weight = inputs[1]
+        groups = node.attrs.get("groups", 1)
+        out_channels = out.shape[1]
+        return MatmulShape(groups, out.numel // out_channels, out_channels // groups, math.prod(weight.shape[1:]))
+    return None
+
+
+def _distance(here: tuple[float, float, float], point: Iterable[float]) -> float:
+    m, n, k = list(point)[:3]
+    return math.dist(here, (math.log2(m), math.log2(n), math.log2(k)))

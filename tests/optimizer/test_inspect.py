@@ -1,0 +1,85 @@
+"""ember.inspect: rows for every node, totals that add up, memory, and the JSON, plot and graph outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ember
+from ember import models
+from ember.optimizer.cost import load_profile
+from ember.optimizer.inspect import plot_roofline, write_graph
+
+
+@pytest.fixture(scope="module")
+def report():
+    model, inputs = models.load("gpt2", "suite", device="meta")
+    return ember.inspect(model, inputs, device="h100")
+
+
+def test_rows_cover_every_node_and_totals_add_up(report):
+    assert len(report.rows) == report.totals["nodes"] == len(report.graph.nodes)
+    assert report.totals["flops"] == sum(row.flops for row in report.rows)
+    assert report.totals["predicted_us"] == pytest.approx(sum(row.predicted_us for row in report.rows))
+    assert sum(row.share for row in report.rows) == pytest.approx(1.0)
+    assert sum(entry["nodes"] for entry in report.by_kind.values()) == len(report.rows)
+
+
+def test_the_costliest_are_sorted_and_led_by_the_lm_head(report):
+    costliest = report.costliest()
+    assert len(costliest) == 10
+    assert [row.predicted_us for row in costliest] == sorted((row.predicted_us for row in costliest), reverse=True)
+    head = costliest[0]
+    assert head.op == "linear" and head.output_shapes == ((8, 512, 50257),)
+    assert head.flops == 2 * 8 * 512 * 768 * 50257 and head.bound == "compute"
+
+
+def test_gpt2_small_flops_match_the_hand_count(report):
+    """Per layer: QKV, attention out, two MLP matmuls (24·h² per token) and attention (4·s·h per token)."""
+    tokens, hidden, layers, vocab, seq = 8 * 512, 768, 12, 50257, 512
+    matmul = 2 * tokens * (12 * hidden * hidden) * layers + 2 * tokens * hidden * vocab
+    attention = 4 * tokens * seq * hidden * layers
+    kinds = report.by_kind
+    assert kinds["attention"]["flops"] == attention
+    biases = tokens * (3 * hidden + hidden + 4 * hidden + hidden) * layers
+    assert kinds["matmul"]["flops"] == matmul + biases
+
+
+def test_memory_reports_weights_and_the_eager_order_peak(report):
+    memory = report.memory
+    assert memory["weights_bytes"] == 2 * 124_439_808  # GPT-2 small in bf16; the tied LM head counted once
+    logits = 8 * 512 * 50257 * 2
+    assert memory["peak_live_bytes"] >= logits and memory["peak_step"] == len(report.rows) - 1
+    assert memory["no_reuse_bytes"] > memory["peak_live_bytes"]
+
+
+def test_json_has_rows_and_totals_with_the_documented_keys(report):
+    data = json.loads(report.to_json())
+    assert {"op", "flops", "bytes", "predicted_us", "bound"} <= set(data["rows"][0])
+    assert {"flops", "bytes", "predicted_us"} <= set(data["totals"])
+    assert "graph" not in data and len(data["costliest"]) == 10
+
+
+def test_roofline_and_graph_files_are_written(report, tmp_path):
+    png = plot_roofline(report, load_profile("h100"), tmp_path / "roofline.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = write_graph(report, tmp_path / "graph.html").read_text()
+    assert "<svg" in page and "linear" in page and "GPT2LMHeadModel" in page
+    svg = write_graph(report, tmp_path / "graph.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    with pytest.raises(ValueError, match=".html or .svg"):
+        write_graph(report, tmp_path / "graph.dot")
+
+
+def test_text_rendering_names_the_parts(report):
+    text = str(report)
+    for expected in ("GPT2LMHeadModel on h100", "time by op kind", "the 10 costliest nodes", "activations peak"):
+        assert expected in text
+
+
+def test_inspect_accepts_a_profile_path_and_a_cpu_model(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(load_profile("a100").to_json())
+    report = ember.inspect(torch.nn.Linear(64, 32), (torch.randn(9, 64),), device=str(path))
+    assert report.device == "a100" and report.rows[0].flops == 2 * 9 * 64 * 32 + 9 * 32
