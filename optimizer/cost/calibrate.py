@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from .model import CostModel, MatmulShape
+from .model import ATTENTION_HEADS, CostModel, MatmulShape
 from .profile import DTYPE_KEYS, DeviceProfile
 
 log = logging.getLogger(__name__)
@@ -68,21 +68,73 @@ def calibrate(device: str | torch.device | None = None, *, quick: bool = False, 
     dram_bytes = (2**28 if quick else 2**30) if gpu else 2**26
     memory_bandwidth = _copy_gbps(dram_bytes, device)
     l2_bandwidth = max(_copy_gbps(max(l2_bytes // 4, 2**16), device), memory_bandwidth)
-    tiny = torch.zeros(1, device=device)
-    launch_us = time_us(lambda: tiny.add_(1), device)
     sm_count = properties.multi_processor_count if gpu else (os.cpu_count() or 1)
     draft = DeviceProfile(
         name=name or _default_name(device), peak_tflops=peaks, memory_bandwidth_gbps=memory_bandwidth,
-        l2_bandwidth_gbps=l2_bandwidth, l2_bytes=l2_bytes, sm_count=sm_count, launch_overhead_us=launch_us,
+        l2_bandwidth_gbps=l2_bandwidth, l2_bytes=l2_bytes, sm_count=sm_count,
+        launch_overhead_us=_launch_us(device), dispatch_us=_dispatch_us(device), asynchronous=gpu,
         matmul_base_efficiency=1.0, description=f"calibrated on {_device_name(device)} with torch {torch.__version__}",
         source="calibrated",
     )
     # The peak is the large square matmul itself: choose the base so the analytic model gives 1 there.
     base = 1.0 / CostModel(draft).analytic_efficiency(MatmulShape(1, size, size, size))
     points = _matmul_grid(draft, matmul_dtypes[0], CPU_GRID if not gpu or quick else GPU_GRID, device)
-    attention = _attention_efficiency(draft, device, quick)
-    return dataclasses.replace(draft, matmul_base_efficiency=base, attention_efficiency=attention,
-                               matmul_efficiency={DTYPE_KEYS[matmul_dtypes[0]]: points})
+    attention = _attention_points(draft, device, quick)
+    return dataclasses.replace(
+        draft, matmul_base_efficiency=base, matmul_efficiency={DTYPE_KEYS[matmul_dtypes[0]]: points},
+        misaligned_matmul_factor=_misaligned_factor(device, quick) if gpu else 1.0,
+        attention_points=attention, attention_efficiency=statistics.median(point[3] for point in attention),
+    )
+
+
+def _launch_us(device: torch.device) -> float:
+    """Device time per tiny kernel when the host is out of the way: a CUDA graph of 200 of them, replayed."""
+    if device.type != "cuda":
+        return 0.0
+    x = torch.zeros(16, device=device)
+    count = 200
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            x.add_(1)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(count):
+            x.add_(1)
+    return time_us(graph.replay, device) / count
+
+
+def _dispatch_us(device: torch.device) -> dict[str, float]:
+    """Host time per eager op, by op kind, from one representative op each called through torch.ops."""
+    aten = torch.ops.aten
+    a = torch.randn(4, 16, device=device)
+    b = torch.randn(4, 16, device=device)
+    square = torch.randn(16, 16, device=device)
+    q = torch.randn(1, 2, 4, 16, device=device)
+    index = torch.tensor([0, 2], device=device)
+    representatives: dict[str, Callable[[], object]] = {
+        "pointwise": lambda: aten.add.Tensor(a, b),
+        "reduction": lambda: aten.sum.dim_IntList(a, [1]),
+        "normalization": lambda: aten.native_layer_norm.default(a, [16], None, None, 1e-5),
+        "matmul": lambda: aten.mm.default(a, square),
+        "attention": lambda: aten.scaled_dot_product_attention.default(q, q, q),
+        "data": lambda: aten.index.Tensor(a, [index]),
+        "routing": lambda: aten.topk.default(a, 2),
+        "view": lambda: aten.view.default(a, [64]),
+    }
+    measured = {kind: round(time_us(fn, device, min_block_us=5000.0), 2) for kind, fn in representatives.items()}
+    measured["default"] = measured["pointwise"]
+    return measured
+
+
+def _misaligned_factor(device: torch.device, quick: bool) -> float:
+    """Efficiency of a bf16 matmul with an odd N (GPT-2's 50257-word vocabulary) against N padded to 64."""
+    m, k = (1024, 768) if quick else (4096, 768)
+    odd, padded = 50257, 50304
+    odd_tflops = _matmul_tflops(m, odd, k, torch.bfloat16, device)
+    padded_tflops = _matmul_tflops(m, padded, k, torch.bfloat16, device)
+    return round(min(1.0, odd_tflops / padded_tflops), 4)
 
 
 def _matmul_tflops(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -109,16 +161,32 @@ def _matmul_grid(draft: DeviceProfile, dtype: torch.dtype, grid: dict, device: t
     return tuple(points)
 
 
-def _attention_efficiency(draft: DeviceProfile, device: torch.device, quick: bool) -> float:
-    """Fraction of peak a fused attention kernel reaches (non-causal, head dim 128, or 32 on the CPU)."""
+def _attention_points(draft: DeviceProfile, device: torch.device, quick: bool) -> tuple:
+    """Fraction of peak scaled_dot_product_attention reaches, per variant, sequence length and head dim.
+
+    "mask" passes a boolean causal mask of shape (batch, 1, L, L), as transformers' models do.
+    """
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
-    batch, heads, length, head_dim = (4, 16, 512 if quick else 2048, 128) if gpu else (1, 2, 64, 32)
-    q, k, v = (torch.randn(batch, heads, length, head_dim, dtype=dtype, device=device) for _ in range(3))
-    flops = 4 * batch * heads * length * length * head_dim
-    seconds = time_us(lambda: F.scaled_dot_product_attention(q, k, v), device) / 1e6
+    lengths = ((512,) if quick else (128, 512, 2048)) if gpu else (32,)
+    head_dims = (64, 128) if quick and gpu else (32, 64, 128) if gpu else (16, 32)
+    batch, heads = 4, ATTENTION_HEADS // 4
     peak = draft.peak_flops("tensor" if gpu else "cuda", dtype)
-    return round(min(1.0, flops / seconds / peak), 4)
+    points = []
+    for length in lengths:
+        mask = torch.ones(length, length, dtype=torch.bool, device=device).tril().expand(batch, 1, length, length)
+        for head_dim in head_dims:
+            q, k, v = (torch.randn(batch, heads, length, head_dim, dtype=dtype, device=device) for _ in range(3))
+            flops = 4 * batch * heads * length * length * head_dim
+            variants = {
+                "plain": (lambda: F.scaled_dot_product_attention(q, k, v), flops),
+                "causal": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), flops / 2),
+                "mask": (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), flops),
+            }
+            for variant, (fn, useful_flops) in variants.items():
+                seconds = time_us(fn, device) / 1e6
+                points.append((variant, length, head_dim, round(min(1.0, useful_flops / seconds / peak), 4)))
+    return tuple(points)
 
 
 def _device_name(device: torch.device) -> str:

@@ -1,11 +1,14 @@
 """The cost model: one object that prices a node, a fused group or a whole program on one device.
 
-Predicted time = max(compute, memory) + launch overhead per kernel. Compute divides FLOPs by the
-unit's peak (tensor cores for bf16/fp16 matmuls, attention and convolution; the general cores
-otherwise) times a shape-dependent efficiency; memory divides bytes by DRAM or L2 bandwidth.
+A kernel takes max(compute, memory) + launch overhead. Compute divides FLOPs by the unit's peak
+(tensor cores for bf16/fp16 matmuls, attention and convolution; the general cores otherwise) times a
+shape-dependent efficiency; memory divides bytes by DRAM or L2 bandwidth. Run eagerly, an op also
+costs the host time to issue it: on a GPU that overlaps earlier kernels, so a node takes the larger
+of the two, and a program follows a host/device timeline.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ TILE = 128
 K_HALF_EFFICIENCY = 256
 """Reduction length at which prologue/epilogue cost halves a matmul's efficiency."""
 TENSOR_CORE_DTYPES = frozenset({torch.bfloat16, torch.float16})
+ATTENTION_HEADS = 64
+"""batch × heads of the attention shapes `ember calibrate` measures."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +38,10 @@ class Cost:
     memory_us: float = 0.0
     overhead_us: float = 0.0
     kernels: int = 0
+    dispatch_us: float = 0.0
     predicted_us: float = 0.0
-    """max(compute, memory) + overhead per kernel, summed over kernels run one after another."""
+    """The node's (or group's) own time: the kernel time or the host's dispatch, whichever is longer
+    on an asynchronous device, their sum otherwise; summed over things run one after another."""
 
     @property
     def bytes_moved(self) -> int:
@@ -46,11 +53,16 @@ class Cost:
         return self.flops / self.bytes_moved if self.bytes_moved else 0.0
 
     @property
+    def kernel_us(self) -> float:
+        return max(self.compute_us, self.memory_us) + self.overhead_us
+
+    @property
     def bound(self) -> str:
-        """What limits it: compute, memory, overhead (launch-bound), or none (no kernel)."""
+        """What limits it: compute, memory, overhead (launch or dispatch), or none (no kernel)."""
         if self.kernels == 0:
             return "none"
-        limits = {"compute": self.compute_us, "memory": self.memory_us, "overhead": self.overhead_us}
+        limits = {"compute": self.compute_us, "memory": self.memory_us,
+                  "overhead": max(self.overhead_us, self.dispatch_us - max(self.compute_us, self.memory_us))}
         return max(limits, key=limits.get)
 
     def __add__(self, other: Cost) -> Cost:
@@ -58,14 +70,15 @@ class Cost:
         return Cost(self.flops + other.flops, self.bytes_read + other.bytes_read, self.bytes_written + other.bytes_written,
                     self.compute_us + other.compute_us, self.memory_us + other.memory_us,
                     self.overhead_us + other.overhead_us, self.kernels + other.kernels,
-                    self.predicted_us + other.predicted_us)
+                    self.dispatch_us + other.dispatch_us, self.predicted_us + other.predicted_us)
 
 
-def kernel_cost(flops: int, read: int, written: int, compute_us: float, memory_us: float, overhead_us: float,
-                kernels: int) -> Cost:
-    """The cost of one kernel launch (or of a node's few): compute and memory overlap, overhead does not."""
-    return Cost(flops, read, written, compute_us, memory_us, overhead_us, kernels,
-                max(compute_us, memory_us) + overhead_us)
+def op_cost(flops: int, read: int, written: int, compute_us: float, memory_us: float, overhead_us: float,
+            kernels: int, dispatch_us: float, asynchronous: bool) -> Cost:
+    """One eager op: compute and memory overlap; launch overhead adds; host dispatch is a floor or an addend."""
+    kernel_us = max(compute_us, memory_us) + overhead_us
+    predicted = max(kernel_us, dispatch_us) if asynchronous else kernel_us + dispatch_us
+    return Cost(flops, read, written, compute_us, memory_us, overhead_us, kernels, dispatch_us, predicted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,17 +99,18 @@ class CostModel:
 
     # -- whole things ------------------------------------------------------------------------
     def node(self, node: Node, types: Mapping[str, TensorType]) -> Cost:
-        """One node run on its own, as eager PyTorch runs it."""
-        definition = node.definition
-        if definition.kind == "view":
-            return Cost()
+        """One node run on its own, as eager PyTorch runs it (a view launches nothing but is still issued)."""
+        definition, profile = node.definition, self.profile
         inputs = [types[name] for name in node.inputs]
         outputs = [value.type for value in node.outputs]
+        if definition.kind == "view":
+            return op_cost(0, 0, 0, 0.0, 0.0, 0.0, 0, profile.dispatch("view"), profile.asynchronous)
         flops = definition.flops(inputs, outputs, node.attrs)
         read, written = definition.bytes_moved(inputs, outputs)
         kernels = self.kernels(node, inputs)
-        return kernel_cost(flops, read, written, self.compute_us(node, inputs, outputs, flops),
-                           self.memory_us(read + written), kernels * self.profile.launch_overhead_us, kernels)
+        return op_cost(flops, read, written, self.compute_us(node, inputs, outputs, flops),
+                       self.memory_us(read + written), kernels * profile.launch_overhead_us, kernels,
+                       kernels * profile.dispatch(definition.kind), profile.asynchronous)
 
     def group(self, nodes: Sequence[Node], graph: Graph) -> Cost:
         """A fused group run as one kernel: only the bytes that cross its boundary move."""
@@ -111,12 +125,26 @@ class CostModel:
         flops = sum(cost.flops for cost in work)
         compute = sum(cost.compute_us for cost in work)
         kernels = 1 if any(cost.kernels for cost in work) else 0
-        return kernel_cost(flops, read, written, compute, self.memory_us(read + written),
-                           kernels * self.profile.launch_overhead_us, kernels)
+        return op_cost(flops, read, written, compute, self.memory_us(read + written),
+                       kernels * self.profile.launch_overhead_us, kernels,
+                       kernels * self.profile.dispatch("default"), self.profile.asynchronous)
 
     def program(self, graph: Graph) -> Cost:
-        """Every node in order, unfused (eager execution)."""
-        return sum(self.nodes(graph).values(), Cost())
+        """Every node in order, unfused, as eager PyTorch runs it.
+
+        On an asynchronous device the host issues op i after op i-1 and the device starts it once both
+        it is issued and the device is free: long kernels hide the dispatch of the short ops after them.
+        """
+        costs = list(self.nodes(graph).values())
+        total = sum(costs, Cost())
+        if not self.profile.asynchronous:
+            return total
+        host = device = 0.0
+        for cost in costs:
+            host += cost.dispatch_us
+            if cost.kernels:
+                device = max(device, host) + cost.kernel_us
+        return dataclasses.replace(total, predicted_us=max(host, device))
 
     def nodes(self, graph: Graph) -> dict[str, Cost]:
         """Node name -> its cost."""
@@ -140,20 +168,41 @@ class CostModel:
         peak = self.profile.peak_flops(unit, rate_dtype)
         if kind == "attention":
             causal = node.attrs.get("is_causal", False) and inputs[0].shape[-2] == inputs[1].shape[-2]
-            return (flops / 2 if causal else flops) / (peak * self.profile.attention_efficiency) * 1e6
+            return (flops / 2 if causal else flops) / (peak * self.attention_efficiency(node, inputs)) * 1e6
         shape = matmul_shape(node, inputs, outputs)
         efficiency = self.matmul_efficiency(shape, dtype) if shape else 1.0
         return flops / (peak * efficiency) * 1e6
 
+    def attention_efficiency(self, node: Node, inputs: Sequence[TensorType]) -> float:
+        """The measured point of the same variant nearest in (sequence length, head dim), scaled by how
+        well this many (batch·head, query block) tiles fill the device compared with the measured one."""
+        query = inputs[0]
+        variant = "mask" if len(inputs) > 3 else "causal" if node.attrs.get("is_causal", False) else "plain"
+        points = [p for p in self.profile.attention_points if p[0] == variant]
+        if not points:
+            return self.profile.attention_efficiency
+        length, head_dim = query.shape[-2], query.shape[-1]
+        _, measured_length, measured_dim, efficiency = min(
+            points, key=lambda p: math.dist((math.log2(length), math.log2(head_dim)), (math.log2(p[1]), math.log2(p[2]))))
+        heads = math.prod(query.shape[:-2])
+        fill = self._fill(heads * math.ceil(length / TILE)) / self._fill(ATTENTION_HEADS * math.ceil(measured_length / TILE))
+        return max(1e-3, min(1.0, efficiency * fill))
+
+    def _fill(self, tiles: int) -> float:
+        """Fraction of the device's SMs busy over the waves `tiles` tiles take."""
+        waves = math.ceil(tiles / self.profile.sm_count)
+        return tiles / (waves * self.profile.sm_count)
+
     def kernels(self, node: Node, inputs: Sequence[TensorType]) -> int:
-        """Kernels the node launches eagerly: one, or one per expert for a grouped matmul."""
+        """Kernels the node launches eagerly: one, or a matmul and a copy per expert (plus the zero fill)
+        for a grouped matmul's reference loop."""
         if node.op == "grouped_mm":
-            return inputs[1].shape[0]
+            return 2 * inputs[1].shape[0] + 1
         return 1
 
     def matmul_efficiency(self, shape: MatmulShape, dtype: torch.dtype) -> float:
         """Fraction of peak a matmul of this shape reaches: analytic, corrected by calibration points nearby."""
-        analytic = self.analytic_efficiency(shape)
+        analytic = self.analytic_efficiency(shape) * self._aligned(shape, dtype)
         points = self.profile.matmul_efficiency.get(DTYPE_KEYS.get(dtype, "fp32"), ())
         if not points:
             return analytic
@@ -164,12 +213,16 @@ class CostModel:
         correction = sum(w * c for w, c in zip(weights, corrections)) / sum(weights)
         return min(1.0, max(1e-3, analytic * correction))
 
+    def _aligned(self, shape: MatmulShape, dtype: torch.dtype) -> float:
+        """The misalignment penalty: 16-bit GEMMs with a dimension not a multiple of 8 lose their fast paths."""
+        if dtype in TENSOR_CORE_DTYPES and any(size % 8 for size in (shape.m, shape.n, shape.k)):
+            return self.profile.misaligned_matmul_factor
+        return 1.0
+
     def analytic_efficiency(self, shape: MatmulShape) -> float:
         """Base efficiency × wave quantization × partial tiles × K-loop amortisation."""
         tiles_m, tiles_n = math.ceil(shape.m / TILE), math.ceil(shape.n / TILE)
-        tiles = shape.batch * tiles_m * tiles_n
-        waves = math.ceil(tiles / self.profile.sm_count)
-        wave_fill = tiles / (waves * self.profile.sm_count)
+        wave_fill = self._fill(shape.batch * tiles_m * tiles_n)
         tile_fill = (shape.m * shape.n) / (tiles_m * TILE * tiles_n * TILE)
         k_amortised = shape.k / (shape.k + K_HALF_EFFICIENCY)
         return self.profile.matmul_base_efficiency * wave_fill * tile_fill * k_amortised

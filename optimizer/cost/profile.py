@@ -35,10 +35,16 @@ class DeviceProfile:
     peak_tflops: unit ("tensor" or "cuda", the general cores) -> dtype key -> dense TFLOP/s.
     memory_bandwidth_gbps: achievable DRAM bandwidth, bytes read plus written, in GB/s.
     l2_bandwidth_gbps: the same for working sets that fit in L2.
-    launch_overhead_us: the floor of one eager op: dispatch plus kernel launch.
+    launch_overhead_us: device time between back-to-back kernels (kernel launch), per kernel.
+    dispatch_us: op kind ("pointwise", "view", …, "default") -> host time to issue one eager op; an
+        asynchronous device hides it behind longer kernels, so it is a floor, not an addend.
+    asynchronous: the device runs kernels while the host issues more (GPUs); on the CPU they add up.
     matmul_efficiency: dtype key -> measured (m, n, k, fraction of peak) points; empty for datasheet profiles.
     matmul_base_efficiency: fraction of peak a large, well-shaped matmul reaches.
-    attention_efficiency: fraction of tensor peak a fused attention kernel reaches on the FLOPs it computes.
+    misaligned_matmul_factor: efficiency multiplier when a 16-bit matmul dimension is not a multiple of 8.
+    attention_efficiency: fraction of tensor peak a fused attention kernel reaches, where no point is measured.
+    attention_points: measured (variant, sequence length, head dim, fraction of peak); variants are
+        "plain", "causal" (is_causal) and "mask" (an explicit mask: a different kernel in PyTorch).
     """
 
     name: str
@@ -48,11 +54,19 @@ class DeviceProfile:
     l2_bytes: int
     sm_count: int
     launch_overhead_us: float
+    dispatch_us: Mapping[str, float] = field(default_factory=lambda: {"default": 8.0})
+    asynchronous: bool = True
     matmul_base_efficiency: float = 0.8
+    misaligned_matmul_factor: float = 1.0
     attention_efficiency: float = 0.45
+    attention_points: tuple[tuple[str, int, int, float], ...] = ()
     matmul_efficiency: Mapping[str, tuple[tuple[int, int, int, float], ...]] = field(default_factory=dict)
     description: str = ""
     source: str = "datasheet"
+
+    def dispatch(self, kind: str) -> float:
+        """Host time to issue one eager op of this kind."""
+        return self.dispatch_us.get(kind, self.dispatch_us["default"])
 
     def peak_flops(self, unit: str, dtype: torch.dtype) -> float:
         """FLOP/s of `unit` for `dtype`; the general cores' fp32 rate when the profile has no entry."""
@@ -73,19 +87,23 @@ def profile_from_dict(data: Mapping[str, Any], where: str) -> DeviceProfile:
             "matmul_efficiency": {
                 key: tuple(tuple(point) for point in points) for key, points in data.get("matmul_efficiency", {}).items()
             },
+            "attention_points": tuple(tuple(point) for point in data.get("attention_points", ())),
         })
     except TypeError as error:
         raise ProfileError(f"{where} is not a device profile: {error}") from None
     positive = {
         "memory_bandwidth_gbps": profile.memory_bandwidth_gbps, "l2_bandwidth_gbps": profile.l2_bandwidth_gbps,
         "sm_count": profile.sm_count, "launch_overhead_us": profile.launch_overhead_us,
+        "misaligned_matmul_factor": profile.misaligned_matmul_factor,
         "matmul_base_efficiency": profile.matmul_base_efficiency, "attention_efficiency": profile.attention_efficiency,
     }
     for key, value in positive.items():
-        if not isinstance(value, (int, float)) or value <= 0:
+        if not isinstance(value, (int, float)) or value < 0 or (value == 0 and key != "launch_overhead_us"):
             raise ProfileError(f"{where}: {key} must be a positive number, got {value!r}")
     if "fp32" not in profile.peak_tflops.get("cuda", {}):
         raise ProfileError(f"{where}: peak_tflops needs at least cuda.fp32")
+    if "default" not in profile.dispatch_us:
+        raise ProfileError(f"{where}: dispatch_us needs a 'default' entry")
     return profile
 
 
