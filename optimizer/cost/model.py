@@ -110,7 +110,7 @@ class CostModel:
         kernels = self.kernels(node, inputs)
         return op_cost(flops, read, written, self.compute_us(node, inputs, outputs, flops),
                        self.memory_us(read + written), kernels * profile.launch_overhead_us, kernels,
-                       kernels * profile.dispatch(definition.kind), profile.asynchronous)
+                       self.host_us(node, inputs), profile.asynchronous)
 
     def group(self, nodes: Sequence[Node], graph: Graph) -> Cost:
         """A fused group run as one kernel: only the bytes that cross its boundary move."""
@@ -182,11 +182,16 @@ class CostModel:
         if not points:
             return self.profile.attention_efficiency
         length, head_dim = query.shape[-2], query.shape[-1]
-        _, measured_length, measured_dim, efficiency = min(
-            points, key=lambda p: math.dist((math.log2(length), math.log2(head_dim)), (math.log2(p[1]), math.log2(p[2]))))
+        here = (math.log2(length), math.log2(head_dim))
+        nearest = sorted(points, key=lambda p: math.dist(here, (math.log2(p[1]), math.log2(p[2]))))[:2]
         heads = math.prod(query.shape[:-2])
-        fill = self._fill(heads * math.ceil(length / TILE)) / self._fill(ATTENTION_HEADS * math.ceil(measured_length / TILE))
-        return max(1e-3, min(1.0, efficiency * fill))
+        weighted = total = 0.0
+        for _, measured_length, _, efficiency in nearest:
+            weight = 1 / (1e-3 + math.dist(here, (math.log2(measured_length), math.log2(nearest[0][2]))))
+            fill = self._fill(heads * math.ceil(length / TILE)) / self._fill(ATTENTION_HEADS * math.ceil(measured_length / TILE))
+            weighted += weight * efficiency * fill
+            total += weight
+        return max(1e-3, min(1.0, weighted / total))
 
     def _fill(self, tiles: int) -> float:
         """Fraction of the device's SMs busy over the waves `tiles` tiles take."""
@@ -199,6 +204,16 @@ class CostModel:
         if node.op == "grouped_mm":
             return 2 * inputs[1].shape[0] + 1
         return 1
+
+    def host_us(self, node: Node, inputs: Sequence[TensorType]) -> float:
+        """Host time to issue the node eagerly. A grouped matmul's reference loop issues, per expert, three
+        slices, a matmul and a copy, after a zero fill and a host sync on the offsets."""
+        profile = self.profile
+        if node.op == "grouped_mm":
+            experts = inputs[1].shape[0]
+            per_expert = profile.dispatch("matmul") + profile.dispatch("pointwise") + 3 * profile.dispatch("view")
+            return experts * per_expert + 2 * profile.dispatch("default")
+        return profile.dispatch(node.definition.kind)
 
     def matmul_efficiency(self, shape: MatmulShape, dtype: torch.dtype) -> float:
         """Fraction of peak a matmul of this shape reaches: analytic, corrected by calibration points nearby."""
