@@ -7,17 +7,16 @@ Usage: python bench/gpu_check.py [--out DIR]
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
-import triton
 
 import ember
 import ember.api
 from ember import models
 from ember.tolerance import tolerance_for
+
+from common import environment, write_results
 
 
 def check(name: str, dtype: torch.dtype, device: torch.device) -> dict:
@@ -64,10 +63,7 @@ def main() -> None:
             except Exception as error:  # a failing model is a row of the report, not the end of it
                 rows.append({"model": name, "dtype": str(dtype).removeprefix("torch."), "passed": False,
                              "error": f"{type(error).__name__}: {str(error)[:300]}"})
-    result = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(), "ember": ember.__version__, "rows": rows,
-    }
+    result = {**environment(device), "rows": rows}
     header = f"{'model':8} {'dtype':9} {'nodes':>5} {'coverage':>8} {'compile s':>9} {'max err':>9} {'backend err':>11} {'tol':>9}  ok"
     lines = [f"# {result['device']}, torch {result['torch']}, triton {result['triton']}", header]
     for r in rows:
@@ -76,12 +72,7 @@ def main() -> None:
             continue
         lines.append(f"{r['model']:8} {r['dtype']:9} {r['nodes']:5d} {100 * r['op_coverage']:7.1f}% {r['compile_s']:9.2f} "
                      f"{r['max_err']:9.2e} {r['backend_max_err']:11.2e} {r['tolerance']:9.2e}  {'yes' if r['passed'] else 'NO'}")
-    table = "\n".join(lines)
-    with open(f"{args.out}/gpu_check.json", "w") as handle:
-        json.dump(result, handle, indent=2)
-    with open(f"{args.out}/gpu_check.txt", "w") as handle:
-        handle.write(table + "\n")
-    print(table)
+    write_results(args.out, "gpu_check", result, "\n".join(lines))
 
 
 if __name__ == "__main__":

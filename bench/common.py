@@ -1,0 +1,26 @@
+"""What every benchmark shares: the environment it ran in, and writing its JSON and table under one name."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+import triton
+
+import ember
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Device, torch, triton, Python and ember versions, as every result file records them."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "ember": ember.__version__}
+
+
+def write_results(out: str, stem: str, result: dict, table: str) -> None:
+    """`out/stem.json` and `out/stem.txt`, then the table on stdout."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    Path(out, f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(out, f"{stem}.txt").write_text(table + "\n")
+    print(table)
