@@ -99,12 +99,17 @@ def calibrate(device: str | torch.device | None = None, *, quick: bool = False, 
     points = _matmul_grid(draft, matmul_dtypes[0], CPU_GRID if not gpu or quick else GPU_GRID, device)
     attention = _attention_points(draft, device, quick)
     misaligned = _misaligned_factor(device, quick) if gpu else 1.0
+    representatives = _representatives(device)
+    floors = {kind: round(device_time_us(fn, device), 2) for kind, fn in representatives.items() if kind != "view"} if gpu else {}
     # Host dispatch last and twice, keeping the faster: a cold process reads slow.
-    first, second = _dispatch_us(device), _dispatch_us(device)
+    first, second = ({kind: round(time_us(fn, device, min_block_us=5000.0), 2) for kind, fn in representatives.items()}
+                     for _ in range(2))
     dispatch = {kind: min(first[kind], second[kind]) for kind in first}
+    dispatch["default"] = dispatch["pointwise"]
+    floors["default"] = floors.get("pointwise", 0.0)
     return dataclasses.replace(
         draft, matmul_base_efficiency=base, matmul_efficiency={DTYPE_KEYS[matmul_dtypes[0]]: points},
-        misaligned_matmul_factor=misaligned, attention_points=attention, dispatch_us=dispatch,
+        misaligned_matmul_factor=misaligned, attention_points=attention, dispatch_us=dispatch, kernel_floor_us=floors,
         attention_efficiency=statistics.median(point[3] for point in attention),
     )
 
@@ -117,8 +122,9 @@ def _launch_us(device: torch.device) -> float:
     return device_time_us(lambda: x.add_(1), device, copies=200)
 
 
-def _dispatch_us(device: torch.device) -> dict[str, float]:
-    """Host time per eager op, by op kind, from one representative op each called through torch.ops."""
+def _representatives(device: torch.device) -> dict[str, Callable[[], object]]:
+    """One small op of each kind, called through torch.ops as the executor calls it: its eager time is the
+    host's dispatch for that kind, its CUDA-graph replay time the smallest kernel of the kind."""
     aten = torch.ops.aten
     a = torch.randn(4, 16, device=device)
     b = torch.randn(4, 16, device=device)
@@ -136,9 +142,7 @@ def _dispatch_us(device: torch.device) -> dict[str, float]:
         "routing": lambda: aten.topk.default(a, 2),
         "view": lambda: aten.view.default(a, [64]),
     }
-    measured = {kind: round(time_us(fn, device, min_block_us=5000.0), 2) for kind, fn in representatives.items()}
-    measured["default"] = measured["pointwise"]
-    return measured
+    return representatives
 
 
 def _misaligned_factor(device: torch.device, quick: bool) -> float:

@@ -73,11 +73,13 @@ class Cost:
                     self.dispatch_us + other.dispatch_us, self.predicted_us + other.predicted_us)
 
 
-def op_cost(flops: int, read: int, written: int, compute_us: float, memory_us: float, overhead_us: float,
-            kernels: int, dispatch_us: float, asynchronous: bool) -> Cost:
-    """One eager op: compute and memory overlap; launch overhead adds; host dispatch is a floor or an addend."""
-    kernel_us = max(compute_us, memory_us) + overhead_us
+def op_cost(flops: int, read: int, written: int, compute_us: float, memory_us: float, launch_us: float,
+            floor_us: float, kernels: int, dispatch_us: float, asynchronous: bool) -> Cost:
+    """One eager op: compute and memory overlap; launch adds, up to the kind's smallest-kernel floor;
+    host dispatch is a floor (asynchronous device) or an addend."""
+    kernel_us = max(max(compute_us, memory_us) + launch_us, floor_us)
     predicted = max(kernel_us, dispatch_us) if asynchronous else kernel_us + dispatch_us
+    overhead_us = kernel_us - max(compute_us, memory_us)
     return Cost(flops, read, written, compute_us, memory_us, overhead_us, kernels, dispatch_us, predicted)
 
 
@@ -104,12 +106,13 @@ class CostModel:
         inputs = [types[name] for name in node.inputs]
         outputs = [value.type for value in node.outputs]
         if definition.kind == "view":
-            return op_cost(0, 0, 0, 0.0, 0.0, 0.0, 0, profile.dispatch("view"), profile.asynchronous)
+            return op_cost(0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, profile.dispatch("view"), profile.asynchronous)
         flops = definition.flops(inputs, outputs, node.attrs)
         read, written = definition.bytes_moved(inputs, outputs)
         kernels = self.kernels(node, inputs)
         return op_cost(flops, read, written, self.compute_us(node, inputs, outputs, flops),
-                       self.memory_us(read + written), kernels * profile.launch_overhead_us, kernels,
+                       self.memory_us(read + written), kernels * profile.launch_overhead_us,
+                       kernels * profile.kernel_floor(definition.kind), kernels,
                        self.host_us(node, inputs), profile.asynchronous)
 
     def group(self, nodes: Sequence[Node], graph: Graph) -> Cost:
@@ -126,8 +129,8 @@ class CostModel:
         compute = sum(cost.compute_us for cost in work)
         kernels = 1 if any(cost.kernels for cost in work) else 0
         return op_cost(flops, read, written, compute, self.memory_us(read + written),
-                       kernels * self.profile.launch_overhead_us, kernels,
-                       kernels * self.profile.dispatch("default"), self.profile.asynchronous)
+                       kernels * self.profile.launch_overhead_us, kernels * self.profile.kernel_floor("default"),
+                       kernels, kernels * self.profile.dispatch("default"), self.profile.asynchronous)
 
     def program(self, graph: Graph) -> Cost:
         """Every node in order, unfused, as eager PyTorch runs it.

@@ -39,6 +39,8 @@ class DeviceProfile:
     dispatch_us: op kind ("pointwise", "view", …, "default") -> host time to issue one eager op; an
         asynchronous device hides it behind longer kernels, so it is a floor, not an addend.
     asynchronous: the device runs kernels while the host issues more (GPUs); on the CPU they add up.
+    kernel_floor_us: op kind -> device time of the smallest kernel of that kind (launch gap included):
+        no kernel of the kind takes less, however little work it has.
     matmul_efficiency: dtype key -> measured (m, n, k, fraction of peak) points; empty for datasheet profiles.
     matmul_base_efficiency: fraction of peak a large, well-shaped matmul reaches.
     misaligned_matmul_factor: efficiency multiplier when a 16-bit matmul dimension is not a multiple of 8.
@@ -56,6 +58,7 @@ class DeviceProfile:
     launch_overhead_us: float
     dispatch_us: Mapping[str, float] = field(default_factory=lambda: {"default": 8.0})
     asynchronous: bool = True
+    kernel_floor_us: Mapping[str, float] = field(default_factory=lambda: {"default": 0.0})
     matmul_base_efficiency: float = 0.8
     misaligned_matmul_factor: float = 1.0
     attention_efficiency: float = 0.45
@@ -67,6 +70,10 @@ class DeviceProfile:
     def dispatch(self, kind: str) -> float:
         """Host time to issue one eager op of this kind."""
         return self.dispatch_us.get(kind, self.dispatch_us["default"])
+
+    def kernel_floor(self, kind: str) -> float:
+        """Device time of the smallest kernel of this kind."""
+        return self.kernel_floor_us.get(kind, self.kernel_floor_us.get("default", 0.0))
 
     def peak_flops(self, unit: str, dtype: torch.dtype) -> float:
         """FLOP/s of `unit` for `dtype`; the general cores' fp32 rate when the profile has no entry."""

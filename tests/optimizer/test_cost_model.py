@@ -225,3 +225,17 @@ def test_attention_efficiency_comes_from_the_measured_point_of_its_variant():
     assert model.attention_efficiency(node, [q, q, q]) == pytest.approx(0.6)
     assert model.attention_efficiency(masked, [q, q, q, mask]) == pytest.approx(0.1)
     assert model.attention_efficiency(dataclasses.replace(node, attrs={"is_causal": True}), [q, q, q]) == measured.attention_efficiency
+
+
+def test_no_kernel_is_shorter_than_its_kinds_floor():
+    floored = dataclasses.replace(ANALYTIC, kernel_floor_us={"default": 2.0, "reduction": 5.0})
+    tiny, big = _value("tiny", 7), _value("big", 8192, 4096)
+    graph = _graph(
+        Node("neg", "neg", ("tiny",), {}, (_value("neg", 7),)),
+        Node("total", "sum", ("tiny",), {}, (_value("total"),)),
+        Node("exp", "exp", ("big",), {}, (_value("exp", 8192, 4096),)),
+        inputs=(tiny, big), outputs=("neg", "total", "exp"),
+    )
+    costs = CostModel(floored).nodes(graph)
+    assert costs["neg"].kernel_us == 2.0 and costs["total"].kernel_us == 5.0
+    assert costs["exp"].kernel_us == pytest.approx(costs["exp"].memory_us + floored.launch_overhead_us)
