@@ -1,0 +1,293 @@
+"""Memory planning: place every intermediate buffer in one arena, and prove how close the plan is to optimal.
+
+Heuristics (greedy-by-size, first-fit) give a plan in milliseconds; a search over canonical packings
+tries the max-live lower bound itself; a MIP (pulp + HiGHS) warm-started from the best heuristic
+improves the rest, and its bound, with the lower bound, proves the gap. Time windows that no buffer
+crosses are planned apart.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pulp
+
+from ..errors import PlanError
+from .memory_search import fits
+
+log = logging.getLogger(__name__)
+
+METHODS = ("naive", "greedy", "mip")
+MIP_MAX_PAIRS = 20_000
+"""Above this many overlapping pairs in one window the MIP is not built: its heuristic plan stands."""
+SEARCH_SHARE = 0.3
+"""Share of a window's time the search for a packing at the lower bound gets before the MIP."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    """Where each buffer lives. Buffer i occupies [offsets[i], offsets[i] + its aligned size).
+
+    lower_bound: max over steps of live (aligned) bytes; no plan can beat it.
+    status: "optimal" (proven), "feasible" (the solver stopped at its limit), or "heuristic".
+    gap: (arena_bytes - best proven bound) / arena_bytes.
+    """
+
+    offsets: tuple[int, ...]
+    arena_bytes: int
+    lower_bound: int
+    method: str
+    status: str
+    gap: float
+    solve_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    sizes: tuple[int, ...]
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+
+
+def plan_intervals(
+    sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int], *, alignment: int = 256,
+    time_limit: float = 10.0, method: str = "mip",
+) -> MemoryPlan:
+    """Return offsets so that buffers live at the same step never overlap.
+
+    Buffer i is live on the closed step interval [starts[i], ends[i]]; sizes are rounded up to
+    `alignment`, and offsets are multiples of it. `method` is "naive" (no reuse), "greedy" (the better
+    of greedy-by-size and first-fit) or "mip" (greedy, then a search for a packing at the lower bound,
+    then the MIP, all within `time_limit` seconds). A missing, failing or timed-out solver leaves the
+    best plan found so far, with one warning, never an error.
+    """
+    started = time.perf_counter()
+    problem = _checked(sizes, starts, ends, alignment, method)
+    aligned = _Problem(tuple(_round_up(size, alignment) for size in problem.sizes), problem.starts, problem.ends)
+    bound = lower_bound(aligned.sizes, aligned.starts, aligned.ends)
+    if method == "naive":
+        offsets = tuple(_prefix_sums(aligned.sizes))
+        return _finish(aligned, offsets, bound, bound, "naive", "heuristic", started)
+    offsets = [0] * len(aligned.sizes)
+    proven = bound
+    statuses = []
+    deadline = started + time_limit
+    for window in time_windows(aligned.starts, aligned.ends):
+        sub = _Problem(*(tuple(values[i] for i in window) for values in (aligned.sizes, aligned.starts, aligned.ends)))
+        sub_offsets, sub_bound, sub_status = _plan_window(sub, alignment, method, deadline)
+        for index, offset in zip(window, sub_offsets):
+            offsets[index] = offset
+        proven = max(proven, sub_bound)
+        statuses.append(sub_status)
+    status = "optimal" if all(s == "optimal" for s in statuses) else "feasible" if "feasible" in statuses else "heuristic"
+    return _finish(aligned, tuple(offsets), bound, proven, method, status, started)
+
+
+def lower_bound(sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int]) -> int:
+    """Max over steps of the bytes live at that step."""
+    events: dict[int, int] = {}
+    for size, start, end in zip(sizes, starts, ends):
+        events[start] = events.get(start, 0) + size
+        events[end + 1] = events.get(end + 1, 0) - size
+    live = peak = 0
+    for step in sorted(events):
+        live += events[step]
+        peak = max(peak, live)
+    return peak
+
+
+def time_windows(starts: Sequence[int], ends: Sequence[int]) -> list[list[int]]:
+    """Groups of buffers whose lifetimes chain together; no buffer of one group is live with another's."""
+    order = sorted(range(len(starts)), key=lambda i: (starts[i], ends[i]))
+    windows: list[list[int]] = []
+    reach = -math.inf
+    for index in order:
+        if starts[index] > reach:
+            windows.append([])
+        windows[-1].append(index)
+        reach = max(reach, ends[index])
+    return windows
+
+
+# ---------------------------------------------------------------------------------------------
+# Heuristics
+
+def greedy_by_size(sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int]) -> list[int]:
+    """TFLite's greedy-by-size: largest first, each into the tightest gap among buffers live with it."""
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], starts[i] - ends[i], i))
+    return _place_in_order(order, sizes, starts, ends, best_fit=True)
+
+
+def first_fit(sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int]) -> list[int]:
+    """In order of first use, each at the lowest offset that fits."""
+    order = sorted(range(len(sizes)), key=lambda i: (starts[i], -sizes[i], i))
+    return _place_in_order(order, sizes, starts, ends, best_fit=False)
+
+
+def _place_in_order(order: Sequence[int], sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int],
+                    *, best_fit: bool) -> list[int]:
+    offsets = [0] * len(sizes)
+    placed: list[int] = []
+    for index in order:
+        busy = sorted((offsets[j], offsets[j] + sizes[j]) for j in placed
+                      if starts[j] <= ends[index] and starts[index] <= ends[j])
+        best, best_slack, cursor = None, math.inf, 0
+        for low, high in busy:
+            if low - cursor >= sizes[index]:
+                slack = low - cursor - sizes[index]
+                if not best_fit:
+                    best = cursor
+                    break
+                if slack < best_slack:
+                    best, best_slack = cursor, slack
+            cursor = max(cursor, high)
+        offsets[index] = cursor if best is None else best
+        placed.append(index)
+    return offsets
+
+
+def _arena(offsets: Sequence[int], sizes: Sequence[int]) -> int:
+    return max((offset + size for offset, size in zip(offsets, sizes)), default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# One window: the best heuristic, then the MIP
+
+def _plan_window(problem: _Problem, alignment: int, method: str, deadline: float) -> tuple[list[int], int, str]:
+    """(offsets, proven bound, status) of one time window."""
+    sizes, starts, ends = problem.sizes, problem.starts, problem.ends
+    bound = lower_bound(sizes, starts, ends)
+    offsets = min((greedy_by_size(sizes, starts, ends), first_fit(sizes, starts, ends)), key=lambda o: _arena(o, sizes))
+    if _arena(offsets, sizes) == bound:
+        return offsets, bound, "optimal"
+    if method != "mip":
+        return offsets, bound, "heuristic"
+    # A perfect packing, if the search over canonical packings finds one in its share of the time.
+    share = SEARCH_SHARE * (deadline - time.perf_counter())
+    packed = fits(sizes, starts, ends, bound, time.perf_counter() + share)
+    if packed is not None:
+        return packed, bound, "optimal"
+    pairs = [(i, j) for i in range(len(sizes)) for j in range(i + 1, len(sizes))
+             if starts[i] <= ends[j] and starts[j] <= ends[i]]
+    remaining = deadline - time.perf_counter()
+    if len(pairs) > MIP_MAX_PAIRS or remaining < 0.05:
+        log.info("window of %d buffers (%d pairs) keeps its heuristic plan", len(sizes), len(pairs))
+        return offsets, bound, "heuristic"
+    return _solve_mip(problem, pairs, offsets, alignment, remaining)
+
+
+class _WarmHiGHS(pulp.HiGHS):
+    """pulp's HiGHS, started from a known solution (pulp 3 passes no warm start to HiGHS)."""
+
+    def __init__(self, start: Sequence[float], **options):
+        super().__init__(**options)
+        self.start = list(start)
+
+    def callSolver(self, lp):
+        import highspy
+
+        solution = highspy.HighsSolution()
+        solution.col_value = self.start
+        solution.value_valid = True
+        lp.solverModel.setSolution(solution)
+        lp.solverModel.run()
+
+
+def _solve_mip(problem: _Problem, pairs: list[tuple[int, int]], start: list[int], alignment: int,
+               time_limit: float) -> tuple[list[int], int, str]:
+    """OLLA-style MIP: an offset per buffer (in alignment units), an ordering binary per overlapping pair."""
+    sizes = problem.sizes
+    upper = _arena(start, sizes)
+    units = [size // alignment for size in sizes]
+    top = upper // alignment
+    model = pulp.LpProblem("arena", pulp.LpMinimize)
+    arena = pulp.LpVariable("arena", lowBound=max(units), upBound=top, cat="Integer")
+    slot = [pulp.LpVariable(f"o{i}", lowBound=0, upBound=top - units[i], cat="Integer") for i in range(len(sizes))]
+    below = {(i, j): pulp.LpVariable(f"b{i}_{j}", cat="Binary") for i, j in pairs}
+    model += arena
+    for i, variable in enumerate(slot):
+        model += variable + units[i] <= arena
+    for (i, j), order in below.items():
+        model += slot[i] + units[i] <= slot[j] + top * (1 - order)
+        model += slot[j] + units[j] <= slot[i] + top * order
+    model += arena >= lower_bound(sizes, problem.starts, problem.ends) // alignment
+    values = {arena.name: top, **{slot[i].name: start[i] // alignment for i in range(len(sizes))}}
+    values.update({below[(i, j)].name: 1 if start[i] + sizes[i] <= start[j] else 0 for i, j in pairs})
+    solver = _solver(values, model, time_limit)
+    try:
+        model.solve(solver)
+    except pulp.PulpSolverError as error:
+        log.warning("the MIP solver failed (%s); keeping the heuristic plan", error)
+        return start, lower_bound(sizes, problem.starts, problem.ends), "heuristic"
+    solved = [int(round(variable.value() or 0)) * alignment for variable in slot] if model.sol_status > 0 else start
+    if _arena(solved, sizes) > upper or not _disjoint(solved, problem):
+        solved = start
+    bound = max(lower_bound(sizes, problem.starts, problem.ends), _proven_bound(solver, model, alignment))
+    optimal = model.sol_status == pulp.LpSolutionOptimal or _arena(solved, sizes) <= bound
+    return solved, bound, "optimal" if optimal else "feasible"
+
+
+def _solver(values: dict[str, float], model: pulp.LpProblem, time_limit: float) -> pulp.LpSolver:
+    """HiGHS through highspy when present, else CBC; both warm-started from the heuristic plan."""
+    if pulp.HiGHS().available():
+        ordered = [values.get(variable.name, 0) for variable in model.variables()]
+        return _WarmHiGHS(ordered, msg=False, timeLimit=time_limit, threads=1)
+    for variable in model.variables():
+        variable.setInitialValue(values.get(variable.name, 0))
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True)
+
+
+def _proven_bound(solver: pulp.LpSolver, model: pulp.LpProblem, alignment: int) -> int:
+    """The solver's best bound on the arena, in bytes (0 when it reports none)."""
+    highs = getattr(model, "solverModel", None)
+    if highs is None:
+        return 0
+    bound = highs.getInfo().mip_dual_bound
+    return int(math.ceil(bound - 1e-6)) * alignment if math.isfinite(bound) else 0
+
+
+def _disjoint(offsets: Sequence[int], problem: _Problem) -> bool:
+    from .memory_verify import overlapping_pair
+
+    return overlapping_pair(problem.sizes, problem.starts, problem.ends, offsets) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing
+
+def _checked(sizes, starts, ends, alignment, method) -> _Problem:
+    if method not in METHODS:
+        raise PlanError(f"unknown planning method {method!r}; use one of {', '.join(METHODS)}")
+    if not (len(sizes) == len(starts) == len(ends)):
+        raise PlanError(f"sizes, starts and ends differ in length ({len(sizes)}, {len(starts)}, {len(ends)})")
+    if alignment < 1:
+        raise PlanError(f"alignment must be at least 1, got {alignment}")
+    for i, (size, start, end) in enumerate(zip(sizes, starts, ends)):
+        if size < 0 or start > end:
+            raise PlanError(f"buffer {i}: size {size} live on [{start}, {end}] is not a buffer")
+    return _Problem(tuple(int(s) for s in sizes), tuple(int(s) for s in starts), tuple(int(e) for e in ends))
+
+
+def _round_up(size: int, alignment: int) -> int:
+    return -(-size // alignment) * alignment
+
+
+def _prefix_sums(sizes: Sequence[int]) -> list[int]:
+    offsets, running = [], 0
+    for size in sizes:
+        offsets.append(running)
+        running += size
+    return offsets
+
+
+def _finish(problem: _Problem, offsets: tuple[int, ...], bound: int, proven: int, method: str, status: str,
+            started: float) -> MemoryPlan:
+    arena = _arena(offsets, problem.sizes)
+    proven = max(bound, min(proven, arena))
+    if arena == proven:
+        status = "optimal"
+    gap = (arena - proven) / arena if arena else 0.0
+    return MemoryPlan(offsets, arena, bound, method, status, gap, time.perf_counter() - started)
