@@ -21,8 +21,11 @@ from rich.table import Table
 from ..ir import Graph
 from .cost import CostModel, DeviceProfile
 from .liveness import buffers, live_bytes
+from .memory_plan import plan_intervals
 
 COSTLIEST = 10
+PLAN_SECONDS = 2.0
+"""Time the arena plan may take inside a report (the full planner's default is 10 s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +104,21 @@ def build_report(graph: Graph, profile: DeviceProfile, model: str = "model") -> 
     all_buffers = buffers(graph)
     per_step = live_bytes(all_buffers, len(graph.nodes))
     peak = max(per_step, default=0)
+    intervals = ([b.size_bytes for b in all_buffers], [b.start for b in all_buffers], [b.end for b in all_buffers])
+    greedy = plan_intervals(*intervals, method="greedy")
+    planned = plan_intervals(*intervals, method="mip", time_limit=PLAN_SECONDS)
     memory = {
         "weights_bytes": sum(tensor.nbytes for tensor in graph.weights.values()),
         "inputs_bytes": sum(value.type.nbytes for value in graph.inputs),
         "peak_live_bytes": peak,
         "peak_step": per_step.index(peak) if per_step else 0,
         "no_reuse_bytes": sum(buffer.size_bytes for buffer in all_buffers),
+        "lower_bound_bytes": planned.lower_bound,
+        "greedy_bytes": greedy.arena_bytes,
+        "planned_bytes": planned.arena_bytes,
+        "plan_status": planned.status,
+        "plan_gap": planned.gap,
+        "plan_seconds": planned.solve_seconds,
     }
     totals = {
         "flops": sum(row.flops for row in rows), "bytes": sum(row.bytes for row in rows),
@@ -138,6 +150,11 @@ def render(report: Report, console: Console, *, all_rows: bool = False) -> None:
         f"memory: weights {memory['weights_bytes'] / 2**20:,.1f} MiB; activations peak "
         f"{memory['peak_live_bytes'] / 2**20:,.1f} MiB live at step {memory['peak_step']} in eager order "
         f"(the lower bound of any arena in this order; no reuse would need {memory['no_reuse_bytes'] / 2**20:,.1f} MiB)"
+    )
+    console.print(
+        f"arena plan (256-byte aligned): lower bound {memory['lower_bound_bytes'] / 2**20:,.1f} MiB, greedy "
+        f"{memory['greedy_bytes'] / 2**20:,.1f} MiB, planned {memory['planned_bytes'] / 2**20:,.1f} MiB "
+        f"({memory['plan_status']}, gap {memory['plan_gap']:.1%}, {memory['plan_seconds']:.2f} s)"
     )
     rows = report.rows if all_rows else report.costliest()
     table = Table(title="every node" if all_rows else f"the {len(rows)} costliest nodes")

@@ -7,8 +7,11 @@ crosses are planned apart.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -186,6 +189,10 @@ class _WarmHiGHS(pulp.HiGHS):
         super().__init__(**options)
         self.start = list(start)
 
+    def createAndConfigureSolver(self, lp):
+        with _quiet_stdout():  # HiGHS prints its banner from C++ when constructed, before any option applies
+            super().createAndConfigureSolver(lp)
+
     def callSolver(self, lp):
         import highspy
 
@@ -194,6 +201,20 @@ class _WarmHiGHS(pulp.HiGHS):
         solution.value_valid = True
         lp.solverModel.setSolution(solution)
         lp.solverModel.run()
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence file descriptor 1 (C and C++ writes included) for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _solve_mip(problem: _Problem, pairs: list[tuple[int, int]], start: list[int], alignment: int,

@@ -52,6 +52,8 @@ def test_memory_reports_weights_and_the_eager_order_peak(report):
     logits = 8 * 512 * 50257 * 2
     assert memory["peak_live_bytes"] >= logits and memory["peak_step"] == len(report.rows) - 1
     assert memory["no_reuse_bytes"] > memory["peak_live_bytes"]
+    assert memory["lower_bound_bytes"] <= memory["planned_bytes"] <= memory["greedy_bytes"] < memory["no_reuse_bytes"]
+    assert memory["planned_bytes"] <= 1.02 * memory["lower_bound_bytes"] and memory["plan_status"] in ("optimal", "feasible")
 
 
 def test_json_has_rows_and_totals_with_the_documented_keys(report):
@@ -74,7 +76,7 @@ def test_roofline_and_graph_files_are_written(report, tmp_path):
 
 def test_text_rendering_names_the_parts(report):
     text = str(report)
-    for expected in ("GPT2LMHeadModel on h100", "time by op kind", "the 10 costliest nodes", "activations peak"):
+    for expected in ("GPT2LMHeadModel on h100", "time by op kind", "the 10 costliest nodes", "activations peak", "arena plan"):
         assert expected in text
 
 
