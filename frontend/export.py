@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,8 +103,3 @@ def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:
     args, kwargs = normalize_inputs(example_inputs)
     return Captured(graph, exported.call_spec.in_spec, exported.call_spec.out_spec, len(args), tuple(kwargs),
                     constant_inputs, tuple(mutated), seconds)
-
-
-def flatten_call(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], pytree.TreeSpec]:
-    """A call's arguments as a flat list plus their structure, as export saw them."""
-    return pytree.tree_flatten((tuple(args), dict(kwargs)))

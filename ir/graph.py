@@ -63,10 +63,6 @@ class Graph:
             table.update((value.name, value.type) for value in node.outputs)
         return table
 
-    def producers(self) -> dict[str, Node]:
-        """The node that defines each node-produced value."""
-        return {value.name: node for node in self.nodes for value in node.outputs}
-
     def verify(self) -> None:
         """Raise ember.ir.VerifyError unless the graph is well formed (see ir/verify.py)."""
         from .verify import verify

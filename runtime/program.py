@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,9 +22,6 @@ class CompileReport:
     extern_ops: Mapping[str, int]
     stage_seconds: Mapping[str, float]
     native_ops: Mapping[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {key: dict(value) if isinstance(value, Mapping) else value for key, value in asdict(self).items()}
 
 
 def coverage_report(graph: Graph, stage_seconds: Mapping[str, float]) -> CompileReport:
