@@ -12,7 +12,7 @@ import torch
 from .errors import CompileError
 from .frontend import from_module
 from .ir import Graph, VerifyError
-from .optimizer import PIPELINE
+from .optimizer import PIPELINE, REORDER
 from .optimizer.cost import DeviceProfile, load_profile
 from .optimizer.inspect import Report, build_report
 from .options import Options
@@ -53,7 +53,7 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
 
 def optimize(graph: Graph, options: Options, seconds: dict[str, float]) -> Graph:
     """Every pass of the pipeline in order, timed into `seconds`, with a checkpoint after each."""
-    for index, transform in enumerate(PIPELINE, start=1):
+    for index, transform in enumerate(PIPELINE + (REORDER if options.reorder else ()), start=1):
         started = time.perf_counter()
         graph = transform(graph)
         seconds[transform.__name__] = time.perf_counter() - started

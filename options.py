@@ -20,6 +20,7 @@ class Options:
     debug: extra checks and debug logging; verifiers of every plan run too.
     debug_dir: dump the IR after each stage here; defaults to $EMBER_DEBUG_DIR.
     check_inputs: check the shape, dtype and device of every call's inputs against the compiled ones.
+    reorder: reorder operators to lower the peak of live memory (results unchanged; off by default).
     mode: torch.compile's mode, accepted for compatibility and recorded in the report.
     """
 
@@ -27,6 +28,7 @@ class Options:
     debug: bool = False
     debug_dir: str | None = field(default_factory=lambda: os.environ.get("EMBER_DEBUG_DIR") or None)
     check_inputs: bool = True
+    reorder: bool = False
     mode: str = "default"
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
 """ember's optimizer: passes over the IR, ordered by the pipeline."""
-from .pipeline import PIPELINE
+from .pipeline import PIPELINE, REORDER
 
-__all__ = ["PIPELINE"]
+__all__ = ["PIPELINE", "REORDER"]

@@ -5,7 +5,10 @@ from collections.abc import Callable
 
 from ..ir import Graph
 from .canonicalize import eliminate_dead_code
+from .reorder import reorder_for_memory
 
 Pass = Callable[[Graph], Graph]
 
 PIPELINE: tuple[Pass, ...] = (eliminate_dead_code,)
+REORDER: tuple[Pass, ...] = (reorder_for_memory,)
+"""Run after the pipeline when Options(reorder=True)."""
