@@ -110,6 +110,36 @@ def cnn(size: str = "tiny") -> ModelAndInputs:
     return SmallCNN().eval(), (torch.randn(3, 3, 21, 21),)
 
 
+class SmallUNet(nn.Module):
+    """Two down and two up stages with skip connections: encoder activations live until the decoder."""
+
+    def __init__(self, channels: int = 3, width: int = 16):
+        super().__init__()
+
+        def block(inputs: int, outputs: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU())
+
+        self.down1, self.down2 = block(channels, width), block(width, 2 * width)
+        self.middle = block(2 * width, 4 * width)
+        self.up2, self.up1 = block(6 * width, 2 * width), block(3 * width, width)
+        self.head = nn.Conv2d(width, channels, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        first = self.down1(images)
+        second = self.down2(F.max_pool2d(first, 2))
+        middle = self.middle(F.max_pool2d(second, 2))
+        up = self.up2(torch.cat([F.interpolate(middle, scale_factor=2.0), second], dim=1))
+        up = self.up1(torch.cat([F.interpolate(up, scale_factor=2.0), first], dim=1))
+        return self.head(up)
+
+
+def unet(size: str = "tiny") -> ModelAndInputs:
+    """A small UNet-style CNN: 2 images of 20x20 (tiny); 16 of 128x128, width 32, bf16 (suite)."""
+    if size == "tiny":
+        return SmallUNet().eval(), (torch.randn(2, 3, 20, 20),)
+    return _sized(SmallUNet(width=32), (torch.randn(16, 3, 128, 128),), size)
+
+
 def _transformers() -> Any:
     try:
         return importlib.import_module("transformers")
@@ -194,7 +224,7 @@ def bert(size: str = "tiny") -> ModelAndInputs:
 
 
 BUILTIN: dict[str, Callable[[str], ModelAndInputs]] = {
-    "demo": demo, "mlp": mlp, "cnn": cnn, "gpt2": gpt2, "llama": llama, "llama_b1": llama_b1, "mixtral": mixtral,
+    "demo": demo, "mlp": mlp, "cnn": cnn, "unet": unet, "gpt2": gpt2, "llama": llama, "llama_b1": llama_b1, "mixtral": mixtral,
     "bert": bert,
 }
 

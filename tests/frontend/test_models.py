@@ -11,7 +11,7 @@ import ember
 from ember import models
 from ember.tolerance import assert_close, tolerance_for
 
-MODELS = ["mlp", "cnn", "demo", "gpt2", "llama", "mixtral", "bert"]
+MODELS = ["mlp", "cnn", "unet", "demo", "gpt2", "llama", "mixtral", "bert"]
 
 
 def _limit(expected) -> float:
