@@ -138,12 +138,17 @@ class _Lowering:
         if value is None:
             raise CompileError(f"node {fx_node.name} ({fx_node.target}) has no recorded output type{_where(fx_node)}")
         results = value if isinstance(value, (tuple, list)) else (value,)
-        if not all(isinstance(result, torch.Tensor) for result in results):
+        if not all(result is None or isinstance(result, torch.Tensor) for result in results):
             raise CompileError(f"node {fx_node.name} ({fx_node.target}) returns non-tensor values{_where(fx_node)}")
         names = self._output_names(fx_node, len(results)) if isinstance(value, (tuple, list)) else [fx_node.name]
-        outputs = tuple(Value(out_name, _tensor_type(fx_node, result)) for out_name, result in zip(names, results))
-        self.nodes.append(Node(fx_node.name, op, tuple(inputs), attrs, outputs, target, _source_line(fx_node)))
-        self.env[fx_node] = names if isinstance(value, (tuple, list)) else fx_node.name
+        present = tuple(i for i, result in enumerate(results) if result is not None)
+        outputs = tuple(Value(names[i], _tensor_type(fx_node, results[i])) for i in present)
+        positions = None if present == tuple(range(len(results))) else present
+        self.nodes.append(Node(fx_node.name, op, tuple(inputs), attrs, outputs, target, _source_line(fx_node), positions))
+        if isinstance(value, (tuple, list)):
+            self.env[fx_node] = [names[i] if results[i] is not None else None for i in range(len(results))]
+        else:
+            self.env[fx_node] = fx_node.name
 
     def _output_names(self, fx_node: fx.Node, count: int) -> list[str]:
         """Name output i after the getitem that reads it, so the IR reads like the FX graph."""

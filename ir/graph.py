@@ -35,6 +35,13 @@ class Node:
     outputs: tuple[Value, ...]
     target: str | None = None
     source: str | None = None
+    positions: tuple[int, ...] | None = None
+    """Where each output sits in the op's result; None means 0, 1, … Results the op leaves empty (None,
+    e.g. convolution_backward's unrequested gradients) have no output."""
+
+    @property
+    def result_positions(self) -> tuple[int, ...]:
+        return self.positions if self.positions is not None else tuple(range(len(self.outputs)))
 
     @property
     def definition(self) -> OpDef:
@@ -98,7 +105,9 @@ def format_graph(graph: Graph) -> str:
     )
     lines = [f"graph({header}) {{"]
     for node in graph.nodes:
-        results = ", ".join(f"%{value.name}: {value.type}" for value in node.outputs)
+        named = dict(zip(node.result_positions, node.outputs))
+        results = ", ".join(f"%{named[i].name}: {named[i].type}" if i in named else "_"
+                            for i in range(max(named, default=-1) + 1))
         op = f"extern[{node.target}]" if node.is_extern else node.op
         operands = ", ".join(f"%{name}" for name in node.inputs)
         attrs = format_attrs(node)

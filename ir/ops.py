@@ -19,7 +19,8 @@ from .schema import bind_arguments
 from .types import TensorType, contiguous_strides, type_of
 
 Reference = Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]]
-Infer = Callable[["OpDef", Sequence[TensorType], Mapping[str, Any]], tuple[TensorType, ...]]
+Infer = Callable[["OpDef", Sequence[TensorType], Mapping[str, Any]], tuple[TensorType | None, ...]]
+"""Types of an op's results in order; None where the op returns no tensor (an unrequested gradient)."""
 Flops = Callable[[Sequence[TensorType], Sequence[TensorType], Mapping[str, Any]], int]
 
 KINDS = (
@@ -104,7 +105,7 @@ def infer_by_tracing(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str
     with FakeTensorMode():
         fakes = [torch.empty_strided(t.shape, t.strides or contiguous_strides(t.shape), dtype=t.dtype, device=t.device)
                  for t in inputs]
-        return tuple(type_of(out) for out in op.bind(attrs)(fakes))
+        return tuple(None if out is None else type_of(out) for out in op.bind(attrs)(fakes))
 
 
 def infer_pointwise(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:

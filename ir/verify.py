@@ -41,9 +41,11 @@ def verify(graph: Graph) -> None:
         except Exception as error:  # the rule itself rejecting the inputs is the finding
             raise VerifyError(f"node %{node.name} ({node.op}): shape rule failed: {error}") from None
         actual = tuple(value.type for value in node.outputs)
+        positions = node.result_positions
+        present = tuple(i for i, t in enumerate(expected) if t is not None)
         typed = len(expected) if definition.typed_outputs is None else definition.typed_outputs
-        if len(expected) != len(actual) or not all(e.same_as(a) for e, a in zip(expected[:typed], actual[:typed])):
-            shown = ", ".join(map(str, expected))
+        if positions != present or not all(expected[p].same_as(a) for p, a in zip(positions, actual) if p < typed):
+            shown = ", ".join("_" if t is None else str(t) for t in expected)
             raise VerifyError(f"node %{node.name} ({node.op}): outputs {', '.join(map(str, actual))}, rule gives {shown}")
         for value in node.outputs:
             _define(defined, value.name, value.type, f"node %{node.name}")

@@ -22,6 +22,7 @@ class Step:
     run: Reference
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    positions: tuple[int, ...]
     frees: tuple[str, ...]
 
 
@@ -42,7 +43,7 @@ def plan_steps(graph: Graph) -> tuple[Step, ...]:
                 dies_at.setdefault(index, []).append(value.name)
     return tuple(
         Step(node.name, node.definition.bind(node.attrs), node.inputs, tuple(v.name for v in node.outputs),
-             tuple(dies_at.get(index, ())))
+             node.result_positions, tuple(dies_at.get(index, ())))
         for index, node in enumerate(graph.nodes)
     )
 
@@ -60,7 +61,7 @@ class Executor:
         env.update(zip(self.input_names, inputs))
         for step in self.steps:
             results = step.run([env[name] for name in step.inputs])
-            env.update(zip(step.outputs, results))
+            env.update(zip(step.outputs, (results[position] for position in step.positions)))
             for name in step.frees:
                 del env[name]
         return [env[name] for name in self.graph.outputs]

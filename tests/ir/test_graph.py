@@ -160,3 +160,26 @@ def test_shape_rules_run_on_the_values_device():
     assert out == TensorType((4,), torch.int32, (1,), "cuda")
     with pytest.raises(RuntimeError, match="not implemented"):
         histc.infer(histc, [TensorType((13,), torch.int32, device="cpu")], attrs)
+
+
+def test_ops_that_leave_results_empty_keep_the_others_in_place():
+    """convolution_backward without the input gradient returns (None, grad_weight, grad_bias)."""
+
+    class WeightGradient(torch.nn.Module):
+        def forward(self, grad_out, x, weight):
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, [5], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, True])
+            return grad_weight * 2, grad_bias
+
+    args = (torch.randn(2, 5, 7, 7), torch.randn(2, 3, 9, 9), torch.randn(5, 3, 3, 3))
+    program = ember.compile(WeightGradient(), args)
+    (node,) = [n for n in program.graph.nodes if n.is_extern or n.op == "convolution_backward"]
+    assert node.positions == (1, 2) and len(node.outputs) == 2
+    assert " = " in str(program.graph) and "_, %" in str(program.graph)
+    program.graph.verify()
+    for got, want in zip(program(*args), WeightGradient()(*args)):
+        torch.testing.assert_close(got, want)
+    wrong = dataclasses.replace(node, positions=(0, 1))
+    index = program.graph.nodes.index(node)
+    with pytest.raises(VerifyError, match="rule gives _"):
+        _replace_node(program.graph, index, outputs=wrong.outputs, positions=(0, 1)).verify()
