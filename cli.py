@@ -20,7 +20,7 @@ from .errors import EmberError
 from .optimizer.cost import load_profile, save_profile
 from .optimizer.cost.calibrate import calibrate
 from .optimizer.inspect import plot_roofline, render, write_graph
-from .tolerance import tolerance_for
+from .tolerance import result_tolerance
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,8 +108,7 @@ def run_demo(spec: str, device: str | None, size: str = "tiny", *, as_json: bool
         backend_error = models.max_error(expected, torch.compile(model, backend="ember")(*inputs))
         backend_seconds = time.perf_counter() - started
     report = program.report
-    dtype = next((t.dtype for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)), torch.float32)
-    limit = tolerance_for(dtype, scale=_magnitude(expected))
+    limit = result_tolerance(expected)
     passed = compiled_error <= limit and backend_error <= limit
     result = {
         "model": spec, "device": str(device), "nodes": report.node_count, "op_coverage": report.op_coverage,
@@ -122,11 +121,6 @@ def run_demo(spec: str, device: str | None, size: str = "tiny", *, as_json: bool
     else:
         _print_demo(result)
     return 0 if passed else 1
-
-
-def _magnitude(result: object) -> float:
-    leaves = [t for t in torch.utils._pytree.tree_leaves(result) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return max((t.abs().max().item() for t in leaves if t.numel()), default=1.0)
 
 
 def _print_demo(result: dict) -> None:

@@ -14,7 +14,7 @@ import torch
 import ember
 import ember.api
 from ember import models
-from ember.tolerance import tolerance_for
+from ember.tolerance import result_tolerance
 
 from common import environment, write_results
 
@@ -39,8 +39,7 @@ def check(name: str, dtype: torch.dtype, device: torch.device) -> dict:
             backend_error = models.max_error(expected, torch.compile(model, backend="ember")(*inputs))
     finally:
         ember.api.compile_graph = original
-    leaves = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    limit = tolerance_for(dtype, scale=max(t.abs().max().item() for t in leaves))
+    limit = result_tolerance(expected)
     return {
         "model": name, "dtype": str(dtype).removeprefix("torch."), "nodes": program.report.node_count,
         "op_coverage": program.report.op_coverage, "extern_ops": dict(program.report.extern_ops),

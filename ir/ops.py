@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .schema import bind_arguments
@@ -96,7 +95,7 @@ def resolve_overload(name: str) -> torch._ops.OpOverload:
 # ---------------------------------------------------------------------------------------------
 # Shape and dtype rules
 
-def infer_by_tracing(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
+def infer_by_tracing(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType | None, ...]:
     """Types by running the reference on fake tensors: torch's own rule, exactly as tracing applies it.
 
     Fake tensors on the inputs' device rather than the meta device: some meta kernels disagree with

@@ -20,6 +20,7 @@ import pulp
 
 from ..errors import PlanError
 from .memory_search import fits
+from .memory_verify import overlapping_pair
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +272,6 @@ def _proven_bound(solver: pulp.LpSolver, model: pulp.LpProblem, alignment: int) 
 
 
 def _disjoint(offsets: Sequence[int], problem: _Problem) -> bool:
-    from .memory_verify import overlapping_pair
-
     return overlapping_pair(problem.sizes, problem.starts, problem.ends, offsets) is None
 
 

@@ -9,14 +9,10 @@ import torch
 
 import ember
 from ember import models
-from ember.tolerance import assert_close, tolerance_for
+from ember.tolerance import assert_close, result_tolerance
 
 MODELS = ["mlp", "cnn", "unet", "demo", "gpt2", "llama", "mixtral", "bert"]
 
-
-def _limit(expected) -> float:
-    leaves = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return tolerance_for(leaves[0].dtype, scale=max(t.abs().max().item() for t in leaves))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -26,8 +22,8 @@ def test_ember_compile_matches_eager(name):
         expected = model(*inputs)
         program = ember.compile(model, inputs)
         fresh = tuple(torch.randint_like(t, 0, 200) if not t.is_floating_point() else torch.randn_like(t) for t in inputs)
-        assert models.max_error(expected, program(*inputs)) <= _limit(expected)
-        assert models.max_error(model(*fresh), program(*fresh)) <= _limit(expected)
+        assert models.max_error(expected, program(*inputs)) <= result_tolerance(expected)
+        assert models.max_error(model(*fresh), program(*fresh)) <= result_tolerance(expected)
     program.graph.verify()
     assert program.report.op_coverage >= 0.95, program.report.extern_ops
     assert program.report.node_count == len(program.graph.nodes) > 0
@@ -39,7 +35,7 @@ def test_torch_compile_backend_matches_eager(name, compiled_programs):
     with torch.no_grad():
         expected = model(*inputs)
         actual = torch.compile(model, backend="ember")(*inputs)
-    assert models.max_error(expected, actual) <= _limit(expected)
+    assert models.max_error(expected, actual) <= result_tolerance(expected)
     assert compiled_programs, "ember compiled nothing: the backend fell back to eager"
     for program in compiled_programs:
         assert program.report.op_coverage >= 0.95, program.report.extern_ops
