@@ -13,6 +13,7 @@ from .errors import CompileError
 from .frontend import from_module
 from .ir import Graph, VerifyError
 from .optimizer import PIPELINE, REORDER
+from .optimizer.arena import plan_arena
 from .optimizer.cost import DeviceProfile, load_profile
 from .optimizer.inspect import Report, build_report
 from .options import Options
@@ -44,8 +45,13 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     """Run the pipeline on a lowered graph and build its Program; shared by ember.compile and the backend."""
     seconds = dict(stage_seconds or {})
     graph = optimize(graph, options, seconds)
+    arena = None
+    if options.arena:
+        arena = plan_arena(graph, time_limit=options.plan_time_limit, verify=options.debug)
+        seconds["plan_arena"] = arena.seconds
     started = time.perf_counter()
-    program = Program(graph, coverage_report(graph, seconds), check_inputs=options.check_inputs, **program_args)
+    report = coverage_report(graph, seconds, arena)
+    program = Program(graph, report, arena=arena, check_inputs=options.check_inputs, **program_args)
     program.report.stage_seconds["build"] = time.perf_counter() - started
     log.info("compiled %d nodes, op coverage %.1f%%", program.report.node_count, 100 * program.report.op_coverage)
     return program

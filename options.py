@@ -21,6 +21,8 @@ class Options:
     debug_dir: dump the IR after each stage here; defaults to $EMBER_DEBUG_DIR.
     check_inputs: check the shape, dtype and device of every call's inputs against the compiled ones.
     reorder: reorder operators to lower the peak of live memory (results unchanged; off by default).
+    arena: place every intermediate in one planned arena per device, allocated once (off: the allocator's).
+    plan_time_limit: seconds the memory planner may spend on its search and MIP before keeping its best plan.
     mode: torch.compile's mode, accepted for compatibility and recorded in the report.
     """
 
@@ -29,6 +31,8 @@ class Options:
     debug_dir: str | None = field(default_factory=lambda: os.environ.get("EMBER_DEBUG_DIR") or None)
     check_inputs: bool = True
     reorder: bool = False
+    arena: bool = True
+    plan_time_limit: float = 10.0
     mode: str = "default"
 
     def __post_init__(self) -> None:

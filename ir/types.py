@@ -44,6 +44,13 @@ class TensorType:
         return self.numel * self.dtype.itemsize
 
     @property
+    def storage_bytes(self) -> int:
+        """Bytes from the first element to the last at these strides: what a buffer of this type must hold."""
+        if self.strides is None or self.numel == 0:
+            return self.nbytes
+        return (1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.strides))) * self.dtype.itemsize
+
+    @property
     def is_contiguous(self) -> bool:
         return self.strides is None or self.strides == contiguous_strides(self.shape)
 

@@ -20,30 +20,38 @@ class Buffer:
     end: int
 
 
+def base_of(graph: Graph) -> dict[str, str]:
+    """Intermediate value -> the owning intermediate whose memory it uses (itself, unless it is a view)."""
+    bases: dict[str, str] = {}
+    for node in graph.nodes:
+        is_view = node.definition.kind == "view"
+        for value in node.outputs:
+            if not is_view:
+                bases[value.name] = value.name
+            elif node.inputs and node.inputs[0] in bases:
+                bases[value.name] = bases[node.inputs[0]]
+            # else: a view of an input or weight owns nothing of the program's
+    return bases
+
+
 def buffers(graph: Graph) -> tuple[Buffer, ...]:
     """Every owning intermediate of the graph, with its lifetime; graph outputs live to the last step."""
-    base_of: dict[str, str] = {}
+    bases = base_of(graph)
     start: dict[str, int] = {}
     end: dict[str, int] = {}
     size: dict[str, int] = {}
     for step, node in enumerate(graph.nodes):
         for name in node.inputs:
-            if name in base_of:
-                end[base_of[name]] = step
-        is_view = node.definition.kind == "view"
+            if name in bases:
+                end[bases[name]] = step
         for value in node.outputs:
-            if is_view and node.inputs and node.inputs[0] in base_of:
-                base_of[value.name] = base_of[node.inputs[0]]
-            elif is_view:
-                continue  # a view of an input or weight owns nothing of the program's
-            else:
-                base_of[value.name] = value.name
+            if bases.get(value.name) == value.name:
                 start[value.name] = end[value.name] = step
-                size[value.name] = value.type.nbytes
+                size[value.name] = value.type.storage_bytes
     last = len(graph.nodes) - 1
     for name in graph.outputs:
-        if name in base_of:
-            end[base_of[name]] = last
+        if name in bases:
+            end[bases[name]] = last
     return tuple(Buffer(name, size[name], start[name], end[name]) for name in start)
 
 

@@ -10,6 +10,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import InputError
 from ..ir import Graph, TensorType
+from ..optimizer.arena import ArenaPlan
 from .executor import Executor
 
 
@@ -22,9 +23,11 @@ class CompileReport:
     extern_ops: Mapping[str, int]
     stage_seconds: Mapping[str, float]
     native_ops: Mapping[str, int] = field(default_factory=dict)
+    arena: ArenaPlan | None = None
+    """Where intermediates live (None when compiled without an arena)."""
 
 
-def coverage_report(graph: Graph, stage_seconds: Mapping[str, float]) -> CompileReport:
+def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], arena: ArenaPlan | None = None) -> CompileReport:
     """Count native and extern nodes of the final graph."""
     native: dict[str, int] = {}
     extern: dict[str, int] = {}
@@ -33,7 +36,7 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float]) -> Compile
         counts[key] = counts.get(key, 0) + 1
     total = len(graph.nodes)
     coverage = 1.0 if total == 0 else sum(native.values()) / total
-    return CompileReport(total, coverage, extern, dict(stage_seconds), native)
+    return CompileReport(total, coverage, extern, dict(stage_seconds), native, arena)
 
 
 class Program:
@@ -51,6 +54,7 @@ class Program:
         constant_inputs: Mapping[int, Any] | None = None,
         mutated_buffers: tuple[torch.Tensor, ...] = (),
         check_inputs: bool = True,
+        arena: ArenaPlan | None = None,
     ):
         self.graph = graph
         self.report = report
@@ -61,7 +65,7 @@ class Program:
         self.constant_inputs = dict(constant_inputs or {})
         self.mutated_buffers = mutated_buffers
         self.check_inputs = check_inputs
-        self.executor = Executor(graph)
+        self.executor = Executor(graph, arena)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.arg_count is not None and (len(args) != self.arg_count or set(kwargs) != set(self.kwarg_names)):

@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ember.ir import OP_TABLE
+from ember.ir import OP_TABLE, Node, Value
 from ember.ir.ops import as_tuple
 from ember.ir.schema import split_arguments
 from ember.ir.types import TensorType, type_of
+from ember.runtime.arena import bind_into, out_overload, slot_view
 from ember.tolerance import assert_close
 
 
@@ -471,6 +472,32 @@ def test_reference_matches_direct_call(name, index, dtype):
             assert type_of(got) == type_of(want)
         else:
             assert_close(got, want)
+
+
+@pytest.mark.parametrize("name, index, dtype", CASES)
+def test_writing_into_arena_views_matches_direct_call(name, index, dtype):
+    """Each op run as the arena runs it: results land in views at an odd planned offset of a dirty arena."""
+    op, inputs, attrs, direct = run_sample(name, index, dtype)
+    if op.kind == "view":
+        return
+    typed = len(direct) if op.typed_outputs is None else op.typed_outputs
+    values = tuple(Value(f"out{i}", type_of(t)) for i, t in enumerate(direct))
+    node = Node("n", name, tuple(f"in{i}" for i in range(len(inputs))), attrs, values)
+    arena = torch.full((512 + sum(v.type.storage_bytes + 256 for v in values),), 0xFF, dtype=torch.uint8)
+    views, offset = {}, 256
+    for value in values[:typed]:
+        views[value.name] = slot_view(arena, offset, value.type)
+        offset += -(-value.type.storage_bytes // 256) * 256 + 256
+    results = bind_into(node, views)(inputs)
+    for value, got, want in zip(values, results, direct):
+        if value.name in views:
+            assert got.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()
+        if name in UNINITIALISED:
+            assert type_of(got) == type_of(want)
+        else:
+            assert_close(got, want)
+    if out_overload(op.target) is not None and op.typed_outputs is None:
+        assert all(got is views[value.name] for value, got in zip(values, results))
 
 
 @pytest.mark.parametrize("name, index, dtype", CASES)

@@ -147,8 +147,6 @@ def test_search_packings_are_valid_and_never_below_the_lower_bound(problem, extr
     assert fits(sizes, starts, ends, bound - 1, time.perf_counter() + 5) is None
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue 4 note): the search abandons a section whose live neighbour "
-                   "is at the same height instead of deferring it, so it misses packings on plateaus")
 def test_search_is_complete_where_the_mip_proves_the_optimum():
     """Six buffers whose optimum (3, the lower bound) needs section [3, 4) left empty while [4, 5) at the same
     height takes the long buffer first."""
@@ -160,3 +158,26 @@ def test_search_is_complete_where_the_mip_proves_the_optimum():
     packed = fits(sizes, starts, ends, 3, time.perf_counter() + 5)
     assert packed is not None
     verify_plan(MemoryPlan(tuple(packed), 3, 3, "search", "optimal", 0.0, 0.0), sizes, starts, ends, alignment=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 7).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(1, 5), min_size=n, max_size=n),
+    st.lists(st.integers(0, 8), min_size=n, max_size=n),
+    st.lists(st.integers(0, 4), min_size=n, max_size=n))))
+def test_search_finds_a_packing_at_every_optimum_the_mip_proves(problem):
+    """Completeness: wherever the MIP alone proves an optimum, the search packs at exactly that size."""
+    import time
+
+    sizes, starts, lengths = problem
+    ends = [start + length for start, length in zip(starts, lengths)]
+    pairs = [(i, j) for i in range(len(sizes)) for j in range(i + 1, len(sizes))
+             if starts[i] <= ends[j] and starts[j] <= ends[i]]
+    _, optimum, status = memory_plan._solve_mip(memory_plan._Problem(sizes, starts, ends),
+                                                pairs, greedy_by_size(sizes, starts, ends), 1, 5.0)
+    assert status == "optimal"
+    packed = fits(sizes, starts, ends, optimum, time.perf_counter() + 5)
+    assert packed is not None
+    verify_plan(MemoryPlan(tuple(packed), optimum, optimum, "search", "optimal", 0.0, 0.0), sizes, starts, ends,
+                alignment=1)
+    assert fits(sizes, starts, ends, optimum - 1, time.perf_counter() + 5) is None

@@ -1,0 +1,52 @@
+"""Where each intermediate lives: the memory plan of a graph, as offsets of its values in one arena.
+
+Every owning intermediate gets a slot, except those allocated fresh on each call: graph outputs (and
+the buffers they view), which the caller keeps after the next call overwrites the arena, and outputs
+whose shape or dtype the op leaves to the implementation (normalizations' saved statistics).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..ir import Graph, TensorType
+from .liveness import base_of, buffers
+from .memory_plan import MemoryPlan, plan_intervals
+from .memory_verify import verify_plan
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaPlan:
+    """Value name -> (byte offset, type) for every arena-resident intermediate, and the plan behind it."""
+
+    slots: Mapping[str, tuple[int, TensorType]]
+    plan: MemoryPlan
+    fresh: tuple[str, ...]
+    """Owning intermediates allocated on each call instead (graph outputs, implementation-defined results)."""
+    seconds: float
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.plan.arena_bytes
+
+
+def plan_arena(graph: Graph, *, alignment: int = 256, time_limit: float = 10.0, verify: bool = False) -> ArenaPlan:
+    """Plan the arena of `graph` in its current order (greedy, then search and MIP within `time_limit`)."""
+    started = time.perf_counter()
+    bases = base_of(graph)
+    fresh = {bases[name] for name in graph.outputs if name in bases}
+    for node in graph.nodes:
+        typed = node.definition.typed_outputs
+        if typed is not None:
+            fresh.update(value.name for value, position in zip(node.outputs, node.result_positions) if position >= typed)
+    resident = [buffer for buffer in buffers(graph) if buffer.name not in fresh]
+    sizes = [buffer.size_bytes for buffer in resident]
+    starts = [buffer.start for buffer in resident]
+    ends = [buffer.end for buffer in resident]
+    plan = plan_intervals(sizes, starts, ends, alignment=alignment, time_limit=time_limit, method="mip")
+    if verify:
+        verify_plan(plan, sizes, starts, ends, alignment=alignment)
+    types = {value.name: value.type for node in graph.nodes for value in node.outputs}
+    slots = {buffer.name: (offset, types[buffer.name]) for buffer, offset in zip(resident, plan.offsets)}
+    return ArenaPlan(slots, plan, tuple(sorted(fresh)), time.perf_counter() - started)
