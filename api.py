@@ -45,13 +45,13 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     """Run the pipeline on a lowered graph and build its Program; shared by ember.compile and the backend."""
     seconds = dict(stage_seconds or {})
     graph = optimize(graph, options, seconds)
-    arena = None
-    if options.arena:
-        arena = plan_arena(graph, time_limit=options.plan_time_limit, verify=options.debug)
+    arena = plan_arena(graph, time_limit=options.plan_time_limit, verify=options.debug) if options.arena else None
+    if arena is not None:
         seconds["plan_arena"] = arena.seconds
     started = time.perf_counter()
-    report = coverage_report(graph, seconds, arena)
-    program = Program(graph, report, arena=arena, check_inputs=options.check_inputs, **program_args)
+    report = coverage_report(graph, seconds, arena.summary() if arena else None)
+    program = Program(graph, report, layout=arena.layout if arena else None, check_inputs=options.check_inputs,
+                      **program_args)
     program.report.stage_seconds["build"] = time.perf_counter() - started
     log.info("compiled %d nodes, op coverage %.1f%%", program.report.node_count, 100 * program.report.op_coverage)
     return program

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -16,10 +17,14 @@ from rich.table import Table
 from . import __version__, models
 from .api import compile as ember_compile
 from .api import inspect as ember_inspect
+from .api import optimize as optimize_graph
+from .frontend import from_module
 from .errors import EmberError
 from .optimizer.cost import load_profile, save_profile
 from .optimizer.cost.calibrate import calibrate
-from .optimizer.inspect import plot_roofline, render, write_graph
+from .optimizer.inspect import memory_summary, plot_memory, plot_roofline, render, write_graph
+from .optimizer.liveness import buffers, peak_live_bytes
+from .options import Options
 from .tolerance import result_tolerance
 
 
@@ -42,6 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect.add_argument("--all", action="store_true", help="list every node, not only the ten costliest")
     inspect.add_argument("--plot", metavar="PNG", help="write a roofline plot")
     inspect.add_argument("--graph", metavar="HTML|SVG", help="write the graph coloured by predicted time")
+    inspect.add_argument("--plot-memory", metavar="PNG", help="write live memory over time and the arena plan")
+    optimize = commands.add_parser("optimize", help="run the passes and plan the arena; show and export the result")
+    optimize.add_argument("model", help=f"model spec: {', '.join(models.BUILTIN)} or package.module:function")
+    optimize.add_argument("--size", choices=models.SIZES, default="suite", help="built-in model size (default: suite)")
+    optimize.add_argument("--reorder", action="store_true", help="reorder operators to lower the peak")
+    optimize.add_argument("--time-limit", type=float, default=10.0, help="seconds for the memory planner (default: 10)")
+    optimize.add_argument("--json", action="store_true", help="print the memory summary as JSON")
+    optimize.add_argument("--plot-memory", metavar="PNG", help="write live memory over time and the arena plan")
+    optimize.add_argument("--out", metavar="DIR", help="write the optimized IR (graph.ir.txt) and the plan (memory_plan.json)")
     calibrate = commands.add_parser("calibrate", help="measure this device's ceilings and save them as a profile")
     calibrate.add_argument("--out", help="where to write the profile JSON (default: the user cache directory)")
     calibrate.add_argument("--name", help="profile name (default: from the device name)")
@@ -54,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return run_inspect(args)
+        if args.command == "optimize":
+            return run_optimize(args)
         if args.command == "calibrate":
             return run_calibrate(args)
         return run_demo(args.model, args.device, args.size, as_json=args.json)
@@ -75,7 +91,52 @@ def run_inspect(args: argparse.Namespace) -> int:
         Console(stderr=True).print(f"roofline: {plot_roofline(report, profile, args.plot)}")
     if args.graph:
         Console(stderr=True).print(f"graph: {write_graph(report, args.graph)}")
+    if args.plot_memory:
+        path = plot_memory(report.graph, report.memory, report.plan, args.plot_memory, report.model)
+        Console(stderr=True).print(f"memory plot: {path}")
     return 0
+
+
+def run_optimize(args: argparse.Namespace) -> int:
+    """Capture and optimize the model (built-ins on the meta device), plan its arena, show and export the plan."""
+    model, inputs = models.load(args.model, args.size, device="meta" if args.model in models.BUILTIN else None)
+    options = Options(reorder=args.reorder, plan_time_limit=args.time_limit)
+    captured = from_module(model, inputs)
+    graph = optimize_graph(captured.graph, options, dict(captured.stage_seconds))
+    memory, plan = memory_summary(graph, args.time_limit)
+    memory["eager_order_peak_bytes"] = peak_live_bytes(captured.graph)[0]
+    memory["nodes"] = len(graph.nodes)
+    if args.json:
+        print(json.dumps(memory, indent=2))
+    else:
+        _print_memory(type(model).__name__, memory)
+    if args.plot_memory:
+        path = plot_memory(graph, memory, plan, args.plot_memory, type(model).__name__)
+        Console(stderr=True).print(f"memory plot: {path}")
+    if args.out:
+        directory = Path(args.out)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "graph.ir.txt").write_text(str(graph) + "\n")
+        rows = [{"name": b.name, "bytes": b.size_bytes, "start": b.start, "end": b.end, "offset": offset}
+                for b, offset in zip(buffers(graph), plan.offsets)]
+        (directory / "memory_plan.json").write_text(json.dumps({**memory, "buffers": rows}, indent=2) + "\n")
+        Console(stderr=True).print(f"wrote {directory / 'graph.ir.txt'} and {directory / 'memory_plan.json'}")
+    return 0
+
+
+def _print_memory(model: str, memory: dict) -> None:
+    table = Table(title=f"{model}: activation memory ({memory['nodes']} nodes)")
+    table.add_column("")
+    table.add_column("MiB", justify="right")
+    table.add_column("× lower bound", justify="right")
+    bound = max(memory["lower_bound_bytes"], 1)
+    for key, label in (("eager_order_peak_bytes", "peak live, eager order"), ("lower_bound_bytes", "lower bound (this order)"),
+                       ("no_reuse_bytes", "no reuse"), ("greedy_bytes", "greedy by size / first fit"),
+                       ("planned_bytes", "planned (search + MIP)")):
+        table.add_row(label, f"{memory[key] / 2**20:,.2f}", f"{memory[key] / bound:.3f}")
+    Console().print(table)
+    Console().print(f"plan: {memory['plan_status']}, gap {memory['plan_gap']:.2%}, solved in {memory['plan_seconds']:.2f} s; "
+                    f"weights {memory['weights_bytes'] / 2**20:,.1f} MiB")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -114,7 +175,7 @@ def run_demo(spec: str, device: str | None, size: str = "tiny", *, as_json: bool
         "model": spec, "device": str(device), "nodes": report.node_count, "op_coverage": report.op_coverage,
         "extern_ops": dict(report.extern_ops), "stage_seconds": dict(report.stage_seconds),
         "max_error": compiled_error, "backend_max_error": backend_error, "backend_seconds": backend_seconds,
-        "tolerance": limit, "passed": passed,
+        "tolerance": limit, "passed": passed, "memory": dict(report.memory),
     }
     if as_json:
         print(json.dumps(result, indent=2))
@@ -134,6 +195,10 @@ def _print_demo(result: dict) -> None:
     summary.add_row("max |error| vs eager", f"{result['max_error']:.3g} (ember.compile)")
     summary.add_row("", f"{result['backend_max_error']:.3g} (torch.compile backend=\"ember\", {result['backend_seconds']:.2f} s)")
     summary.add_row("tolerance", f"{result['tolerance']:.3g}")
+    memory = result["memory"]
+    if memory:
+        summary.add_row("activation arena", f"{memory['arena_bytes'] / 2**10:,.1f} KiB for {memory['resident_values']} values "
+                        f"(lower bound {memory['lower_bound_bytes'] / 2**10:,.1f} KiB, {memory['status']})")
     console.print(summary)
     stages = Table(title="time per stage")
     stages.add_column("stage")

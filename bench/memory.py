@@ -2,8 +2,10 @@
 
 For every suite model (bf16, inference): the lower bound (max live bytes in execution order), the
 greedy and planned arenas (graph outputs included), and torch.cuda.max_memory_allocated above the
-weights and inputs for eager and for torch.compile (default mode, after warm-up). ember's own measured
-peak needs the runtime arena, which is not built yet.
+weights and inputs for eager, for torch.compile (default mode, after warm-up) and for ember's Program,
+which runs from its arena (allocated on the first call; its peak is the arena plus whatever a call
+allocates beyond it: outputs, and results of ops without an out= overload before they are copied in).
+Each Program is also captured into a CUDA graph and replayed, to check the arena works under replay.
 Usage: python bench/memory.py [--out bench/results] [--models mlp gpt2 ...]
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ember.frontend import from_module
 from ember.optimizer.liveness import buffers
 from ember.optimizer.memory_plan import plan_intervals
 from ember.optimizer.memory_verify import verify_plan
+from ember.tolerance import result_tolerance
 
 from common import environment, write_results
 
@@ -52,10 +55,96 @@ def measure(name: str) -> dict:
         compiled(*inputs)
     compile_s = time.perf_counter() - started
     inductor = peak_above_baseline(lambda: compiled(*inputs))
+    with torch.no_grad():
+        inductor_error = models.max_error(model(*inputs), compiled(*inputs))
     torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(*inputs)
+        program = ember.compile(model, inputs)
+        program(*inputs)  # allocates the arena
+        arena = program.report.memory["arena_bytes"]
+        ember_peak = arena + peak_above_baseline(lambda: program(*inputs))
+        error = models.max_error(expected, program(*inputs))
+        replay = cuda_graph_replay(program, inputs, expected)
+        outputs = sum(
+            t.nbytes for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor))
+        eager_rerun = models.max_error(expected, model(*inputs))
+        without = ember.compile(model, inputs, ember.Options(arena=False))
+        error_without = models.max_error(expected, without(*inputs))
+        divergence = first_divergence(program, inputs)
+        transients = largest_transients(program, inputs)
     return {"model": name, "buffers": len(all_buffers), "lower_bound": planned.lower_bound, "greedy": greedy.arena_bytes,
             "planned": planned.arena_bytes, "plan_status": planned.status, "plan_s": planned.solve_seconds,
-            "eager_peak": eager, "inductor_peak": inductor, "inductor_compile_s": compile_s}
+            "eager_peak": eager, "inductor_peak": inductor, "inductor_compile_s": compile_s,
+            "ember_arena": arena, "ember_peak": ember_peak, "outputs_bytes": outputs, "ember_max_err": error,
+            "ember_no_arena_max_err": error_without, "eager_rerun_max_err": eager_rerun, "tolerance": result_tolerance(expected),
+            "cuda_graph_replay": replay, "first_divergence": divergence, "inductor_max_err": inductor_error,
+            "largest_transients": transients}
+
+
+def largest_transients(program, inputs, count: int = 3) -> list[str]:
+    """The steps that allocate most beyond the arena while they run (fresh results, workspaces)."""
+    executor = program.executor
+    tensors = program._tensor_inputs(torch.utils._pytree.tree_leaves((inputs, {})))
+    env = dict(program.graph.weights)
+    env.update(zip(executor.input_names, tensors))
+    nodes = {node.name: node for node in program.graph.nodes}
+    found = []
+    for step in executor.steps_on(tensors[0].device):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        results = step.run([env[name] for name in step.inputs])
+        torch.cuda.synchronize()
+        node = nodes[step.node]
+        found.append((torch.cuda.max_memory_allocated() - before, f"{node.op} -> {', '.join(str(v.type) for v in node.outputs)}"))
+        env.update(zip(step.outputs, (results[position] for position in step.positions)))
+        del results
+        for name in step.frees:
+            del env[name]
+    return [f"{size / 2**20:.1f} MiB {what}" for size, what in sorted(found, reverse=True)[:count]]
+
+
+def first_divergence(program, inputs) -> str:
+    """The first node whose result from the arena differs (bitwise) from the allocator's, on the same inputs."""
+    executor = program.executor
+    tensors = program._tensor_inputs(torch.utils._pytree.tree_leaves((inputs, {})))
+    plain, arena = dict(program.graph.weights), dict(program.graph.weights)
+    plain.update(zip(executor.input_names, tensors))
+    arena.update(zip(executor.input_names, tensors))
+    nodes = {node.name: node for node in program.graph.nodes}
+    for reference, planned in zip(executor.steps, executor.steps_on(tensors[0].device)):
+        got = planned.run([arena[name] for name in planned.inputs])
+        want = reference.run([plain[name] for name in reference.inputs])
+        for name, position in zip(planned.outputs, planned.positions):
+            arena[name], plain[name] = got[position], want[position]
+            if not torch.equal(got[position], want[position]):
+                node = nodes[planned.node]
+                difference = (got[position].double() - want[position].double()).abs().max().item()
+                return f"{node.name} {node.op} {[str(v.type) for v in node.outputs]} differs by {difference:.3g}"
+    return "none"
+
+
+def cuda_graph_replay(program, inputs, expected) -> str:
+    """Capture one call of the Program into a CUDA graph, replay it on new inputs copied into the captured ones."""
+    static = [t.clone() for t in inputs]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        program(*static)  # warm-up on a side stream, as capture requires
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            captured = program(*static)
+    except Exception as error:  # the reason is the benchmark's finding
+        return f"not capturable: {str(error).splitlines()[0][:80]}"
+    for target, source in zip(static, inputs):
+        target.copy_(source)
+    graph.replay()
+    torch.cuda.synchronize()
+    error = models.max_error(expected, captured)
+    return "ok" if error <= result_tolerance(expected) else f"wrong: max error {error:.3g}"
 
 
 def main() -> None:
@@ -66,14 +155,26 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows.append(measure(name))
-        print(f"{name}: planned {rows[-1]['planned'] / 2**20:.1f} MiB, torch.compile {rows[-1]['inductor_peak'] / 2**20:.1f} MiB", flush=True)
+        print(f"{name}: planned {rows[-1]['planned'] / 2**20:.1f} MiB, ember {rows[-1]['ember_peak'] / 2**20:.1f} MiB, "
+              f"torch.compile {rows[-1]['inductor_peak'] / 2**20:.1f} MiB", flush=True)
     mib = 2**20
-    lines = ["Activation memory (MiB): ember's plan against measured peaks above weights and inputs",
-             f"{'model':9} {'lower':>8} {'greedy':>8} {'planned':>8} {'status':>8} {'eager':>8} {'compile':>8} {'plan/compile':>12}"]
+    lines = ["Activation memory (MiB): ember's plan and measured peak against measured peaks above weights and inputs",
+             f"{'model':9} {'lower':>8} {'greedy':>8} {'planned':>8} {'status':>8} {'eager':>8} {'compile':>8} "
+             f"{'ember':>8} {'arena':>8} {'outputs':>8} {'ember/compile':>13} {'max err':>8} {'no arena':>8} {'eager':>8} "
+             f"{'tol':>6}  cuda graph"]
     for r in rows:
         lines.append(f"{r['model']:9} {r['lower_bound'] / mib:8.1f} {r['greedy'] / mib:8.1f} {r['planned'] / mib:8.1f} "
                      f"{r['plan_status']:>8} {r['eager_peak'] / mib:8.1f} {r['inductor_peak'] / mib:8.1f} "
-                     f"{r['planned'] / max(r['inductor_peak'], 1):12.3f}")
+                     f"{r['ember_peak'] / mib:8.1f} {r['ember_arena'] / mib:8.1f} {r['outputs_bytes'] / mib:8.1f} "
+                     f"{r['ember_peak'] / max(r['inductor_peak'], 1):13.3f} {r['ember_max_err']:8.2g} "
+                     f"{r['ember_no_arena_max_err']:8.2g} {r['eager_rerun_max_err']:8.2g} {r['tolerance']:6.3f}  "
+                     f"{r['cuda_graph_replay']}")
+    lines += ["", "first node where the arena run differs bitwise from the allocator's:"]
+    lines += [f"{r['model']:9} {r['first_divergence']}" for r in rows]
+    lines += ["", "max error against eager: ember (no arena) and torch.compile, same inputs"]
+    lines += [f"{r['model']:9} ember {r['ember_no_arena_max_err']:.3g}  torch.compile {r['inductor_max_err']:.3g}" for r in rows]
+    lines += ["", "steps allocating most beyond the arena while they run:"]
+    lines += [f"{r['model']:9} {'; '.join(r['largest_transients'])}" for r in rows]
     write_results(args.out, "memory", {**environment(torch.device("cuda")), "rows": rows}, "\n".join(lines))
 
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..ir import Graph, TensorType
+from ..ir import ArenaLayout, Graph, TensorType
 from .liveness import base_of, buffers
 from .memory_plan import MemoryPlan, plan_intervals
 from .memory_verify import verify_plan
@@ -18,17 +18,27 @@ from .memory_verify import verify_plan
 
 @dataclass(frozen=True, slots=True)
 class ArenaPlan:
-    """Value name -> (byte offset, type) for every arena-resident intermediate, and the plan behind it."""
+    """Where every arena-resident intermediate lives (the runtime's layout), and the plan behind it."""
 
-    slots: Mapping[str, tuple[int, TensorType]]
+    layout: ArenaLayout
     plan: MemoryPlan
     fresh: tuple[str, ...]
     """Owning intermediates allocated on each call instead (graph outputs, implementation-defined results)."""
     seconds: float
 
     @property
+    def slots(self) -> Mapping[str, tuple[int, TensorType]]:
+        return self.layout.slots
+
+    @property
     def arena_bytes(self) -> int:
-        return self.plan.arena_bytes
+        return self.layout.arena_bytes
+
+    def summary(self) -> dict[str, float | int | str]:
+        """Plain numbers for reports: arena size, lower bound, status, gap, planning time, values in and out of it."""
+        return {"arena_bytes": self.arena_bytes, "lower_bound_bytes": self.plan.lower_bound, "status": self.plan.status,
+                "gap": self.plan.gap, "plan_seconds": self.seconds, "resident_values": len(self.slots),
+                "fresh_values": len(self.fresh)}
 
 
 def plan_arena(graph: Graph, *, alignment: int = 256, time_limit: float = 10.0, verify: bool = False) -> ArenaPlan:
@@ -49,4 +59,4 @@ def plan_arena(graph: Graph, *, alignment: int = 256, time_limit: float = 10.0, 
         verify_plan(plan, sizes, starts, ends, alignment=alignment)
     types = {value.name: value.type for node in graph.nodes for value in node.outputs}
     slots = {buffer.name: (offset, types[buffer.name]) for buffer, offset in zip(resident, plan.offsets)}
-    return ArenaPlan(slots, plan, tuple(sorted(fresh)), time.perf_counter() - started)
+    return ArenaPlan(ArenaLayout(slots, plan.arena_bytes), plan, tuple(sorted(fresh)), time.perf_counter() - started)

@@ -21,7 +21,7 @@ from rich.table import Table
 from ..ir import Graph
 from .cost import CostModel, DeviceProfile
 from .liveness import buffers, live_bytes
-from .memory_plan import plan_intervals
+from .memory_plan import MemoryPlan, plan_intervals
 
 COSTLIEST = 10
 PLAN_SECONDS = 2.0
@@ -61,13 +61,16 @@ class Report:
     by_kind: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     graph: Graph | None = field(default=None, repr=False, compare=False)
     """The graph that was priced (not part of the JSON), for drawing."""
+    plan: MemoryPlan | None = field(default=None, repr=False, compare=False)
+    """The arena plan of its buffers (not part of the JSON), for drawing."""
 
     def costliest(self, count: int = COSTLIEST) -> list[Row]:
         """The `count` rows with the largest predicted time."""
         return sorted(self.rows, key=lambda row: row.predicted_us, reverse=True)[:count]
 
     def to_dict(self) -> dict[str, Any]:
-        data = {key: value for key, value in asdict(dataclasses.replace(self, graph=None)).items() if key != "graph"}
+        data = {key: value for key, value in asdict(dataclasses.replace(self, graph=None, plan=None)).items()
+                if key not in ("graph", "plan")}
         data["costliest"] = [row.name for row in self.costliest()]
         return data
 
@@ -101,12 +104,23 @@ def build_report(graph: Graph, profile: DeviceProfile, model: str = "model") -> 
         entry["flops"] += row.flops
         entry["bytes"] += row.bytes
         entry["predicted_us"] += row.predicted_us
+    memory, plan = memory_summary(graph)
+    totals = {
+        "flops": sum(row.flops for row in rows), "bytes": sum(row.bytes for row in rows),
+        "predicted_us": sum(row.predicted_us for row in rows), "nodes": len(rows),
+        "extern_nodes": sum(row.extern for row in rows),
+    }
+    return Report(model, profile.name, tuple(rows), totals, memory, by_kind, graph, plan)
+
+
+def memory_summary(graph: Graph, time_limit: float = PLAN_SECONDS) -> tuple[dict[str, Any], MemoryPlan]:
+    """Live memory of `graph` in its order and the arena plans of its buffers: lower bound, no reuse, greedy, planned."""
     all_buffers = buffers(graph)
     per_step = live_bytes(all_buffers, len(graph.nodes))
     peak = max(per_step, default=0)
     intervals = ([b.size_bytes for b in all_buffers], [b.start for b in all_buffers], [b.end for b in all_buffers])
     greedy = plan_intervals(*intervals, method="greedy")
-    planned = plan_intervals(*intervals, method="mip", time_limit=PLAN_SECONDS)
+    planned = plan_intervals(*intervals, method="mip", time_limit=time_limit)
     memory = {
         "weights_bytes": sum(tensor.nbytes for tensor in graph.weights.values()),
         "inputs_bytes": sum(value.type.nbytes for value in graph.inputs),
@@ -120,12 +134,7 @@ def build_report(graph: Graph, profile: DeviceProfile, model: str = "model") -> 
         "plan_gap": planned.gap,
         "plan_seconds": planned.solve_seconds,
     }
-    totals = {
-        "flops": sum(row.flops for row in rows), "bytes": sum(row.bytes for row in rows),
-        "predicted_us": sum(row.predicted_us for row in rows), "nodes": len(rows),
-        "extern_nodes": sum(row.extern for row in rows),
-    }
-    return Report(model, profile.name, tuple(rows), totals, memory, by_kind, graph)
+    return memory, planned
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +204,39 @@ def plot_roofline(report: Report, profile: DeviceProfile, path: str | Path) -> P
     axes.set_title(f"{report.model} on {report.device}: roofline (marker area ∝ share of time)")
     axes.legend(fontsize=7, loc="lower right")
     axes.grid(True, which="both", alpha=0.3)
+    target = Path(path)
+    figure.savefig(target, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return target
+
+
+def plot_memory(graph: Graph, memory: Mapping[str, Any], plan: MemoryPlan, path: str | Path, title: str = "model") -> Path:
+    """A PNG of memory over execution steps: bytes live per step, and the arena plan as one box per buffer
+    (offset by lifetime). `memory` and `plan` are `memory_summary(graph)`'s."""
+    plt = _pyplot()
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    all_buffers = buffers(graph)
+    per_step = live_bytes(all_buffers, len(graph.nodes))
+    mib = 2.0 ** 20
+    figure, (live, boxes) = plt.subplots(2, 1, figsize=(11, 8), sharex=True, height_ratios=(1, 2))
+    live.step(range(len(per_step)), [b / mib for b in per_step], where="post", color="tab:blue", label="live")
+    for key, style, label in (("lower_bound_bytes", ":", "lower bound"), ("greedy_bytes", "--", "greedy arena"),
+                              ("planned_bytes", "-", "planned arena")):
+        live.axhline(memory[key] / mib, linestyle=style, color="0.3", linewidth=1, label=label)
+    live.set_ylabel("MiB")
+    live.set_title(f"{title}: live memory by step, and the arena plan ({plan.status}, gap {plan.gap:.1%})")
+    live.legend(fontsize=7, loc="upper right")
+    sizes = [-(-b.size_bytes // 256) * 256 for b in all_buffers]
+    patches = [Rectangle((b.start, offset / mib), b.end + 1 - b.start, size / mib)
+               for b, offset, size in zip(all_buffers, plan.offsets, sizes)]
+    boxes.add_collection(PatchCollection(patches, facecolor="tab:orange", edgecolor="0.2", linewidth=0.3, alpha=0.8))
+    boxes.axhline(plan.arena_bytes / mib, color="0.3", linewidth=1)
+    boxes.set_xlim(0, max(len(per_step), 1))
+    boxes.set_ylim(0, max(plan.arena_bytes / mib, 1e-6) * 1.05)
+    boxes.set_xlabel("execution step")
+    boxes.set_ylabel("arena offset (MiB)")
     target = Path(path)
     figure.savefig(target, dpi=120, bbox_inches="tight")
     plt.close(figure)

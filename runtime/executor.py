@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir import Graph
+from ..ir import ArenaLayout, Graph
 from ..ir.ops import Reference
-from ..optimizer.arena import ArenaPlan
 from .arena import bind_into, slot_view
 
 
@@ -54,14 +53,14 @@ def plan_steps(graph: Graph, views: Mapping[str, torch.Tensor] | None = None) ->
 class Executor:
     """Runs one Graph; holds the bound steps so each call is a loop of op calls.
 
-    With an arena plan, the steps are bound per device to views of that device's arena. A call that
+    With an arena layout, the steps are bound per device to views of that device's arena. A call that
     autograd records (grad mode on and an input or weight requiring grad) runs without it, since `out=`
     calls are not differentiable and the arena's next call would overwrite what backward saved.
     """
 
-    def __init__(self, graph: Graph, arena: ArenaPlan | None = None):
+    def __init__(self, graph: Graph, layout: ArenaLayout | None = None):
         self.graph = graph
-        self.arena = arena
+        self.layout = layout
         self.steps = plan_steps(graph)
         self.input_names = tuple(value.name for value in graph.inputs)
         self.arenas: dict[torch.device, torch.Tensor] = {}
@@ -70,7 +69,7 @@ class Executor:
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         env = dict(self.graph.weights)
         env.update(zip(self.input_names, inputs))
-        steps = self.steps if self.arena is None or _records_grad(inputs, env) else self.steps_on(_device_of(inputs, self.graph))
+        steps = self.steps if self.layout is None or _records_grad(inputs, env) else self.steps_on(_device_of(inputs, self.graph))
         for step in steps:
             results = step.run([env[name] for name in step.inputs])
             env.update(zip(step.outputs, (results[position] for position in step.positions)))
@@ -82,9 +81,9 @@ class Executor:
         """The steps bound to this device's arena, allocating it on first use."""
         if device not in self._steps_on:
             with torch.inference_mode(False):  # a normal tensor, writable inside and outside inference mode
-                arena = torch.empty(self.arena.arena_bytes, dtype=torch.uint8, device=device)
+                arena = torch.empty(self.layout.arena_bytes, dtype=torch.uint8, device=device)
                 views = {name: slot_view(arena, offset, value_type)
-                         for name, (offset, value_type) in self.arena.slots.items()
+                         for name, (offset, value_type) in self.layout.slots.items()
                          if value_type.device == device.type}  # a value made on another device is allocated there
             self.arenas[device] = arena
             self._steps_on[device] = plan_steps(self.graph, views)

@@ -9,8 +9,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import InputError
-from ..ir import Graph, TensorType
-from ..optimizer.arena import ArenaPlan
+from ..ir import ArenaLayout, Graph, TensorType
 from .executor import Executor
 
 
@@ -23,11 +22,11 @@ class CompileReport:
     extern_ops: Mapping[str, int]
     stage_seconds: Mapping[str, float]
     native_ops: Mapping[str, int] = field(default_factory=dict)
-    arena: ArenaPlan | None = None
-    """Where intermediates live (None when compiled without an arena)."""
+    memory: Mapping[str, Any] = field(default_factory=dict)
+    """The arena: size, lower bound, plan status and gap, planning time (empty when compiled without one)."""
 
 
-def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], arena: ArenaPlan | None = None) -> CompileReport:
+def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Mapping[str, Any] | None = None) -> CompileReport:
     """Count native and extern nodes of the final graph."""
     native: dict[str, int] = {}
     extern: dict[str, int] = {}
@@ -36,7 +35,7 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], arena: Are
         counts[key] = counts.get(key, 0) + 1
     total = len(graph.nodes)
     coverage = 1.0 if total == 0 else sum(native.values()) / total
-    return CompileReport(total, coverage, extern, dict(stage_seconds), native, arena)
+    return CompileReport(total, coverage, extern, dict(stage_seconds), native, dict(memory or {}))
 
 
 class Program:
@@ -54,7 +53,7 @@ class Program:
         constant_inputs: Mapping[int, Any] | None = None,
         mutated_buffers: tuple[torch.Tensor, ...] = (),
         check_inputs: bool = True,
-        arena: ArenaPlan | None = None,
+        layout: ArenaLayout | None = None,
     ):
         self.graph = graph
         self.report = report
@@ -65,7 +64,7 @@ class Program:
         self.constant_inputs = dict(constant_inputs or {})
         self.mutated_buffers = mutated_buffers
         self.check_inputs = check_inputs
-        self.executor = Executor(graph, arena)
+        self.executor = Executor(graph, layout)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.arg_count is not None and (len(args) != self.arg_count or set(kwargs) != set(self.kwarg_names)):

@@ -70,7 +70,10 @@ def test_inspect_prints_the_report_for_a_suite_model(capsys):
 
 def test_inspect_json_and_files(capsys, tmp_path):
     plot, graph = tmp_path / "r.png", tmp_path / "g.html"
-    assert main(["inspect", "bert", "--size", "tiny", "--json", "--plot", str(plot), "--graph", str(graph)]) == 0
+    memory_plot = tmp_path / "memory.png"
+    assert main(["inspect", "bert", "--size", "tiny", "--json", "--plot", str(plot), "--graph", str(graph),
+                 "--plot-memory", str(memory_plot)]) == 0
+    assert memory_plot.read_bytes()[:4] == b"\x89PNG"
     data = json.loads(capsys.readouterr().out)
     assert data["rows"] and data["totals"]["predicted_us"] > 0
     assert plot.stat().st_size > 0 and graph.stat().st_size > 0
@@ -86,3 +89,27 @@ def test_calibrate_writes_a_profile_inspect_can_use(capsys, tmp_path):
     assert main(["calibrate", "--quick", "--out", str(out), "--name", "here"]) == 0
     assert out.exists() and "saved" in capsys.readouterr().out
     assert main(["inspect", "mlp", "--device", str(out)]) == 0
+
+
+def test_optimize_shows_and_exports_the_memory_plan(capsys, tmp_path):
+    plot, out = tmp_path / "mem.png", tmp_path / "export"
+    assert main(["optimize", "gpt2", "--size", "tiny", "--json", "--plot-memory", str(plot), "--out", str(out)]) == 0
+    memory = json.loads(capsys.readouterr().out)
+    assert memory["lower_bound_bytes"] <= memory["planned_bytes"] <= memory["greedy_bytes"] <= memory["no_reuse_bytes"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    exported = json.loads((out / "memory_plan.json").read_text())
+    assert exported["planned_bytes"] == memory["planned_bytes"]
+    assert max(b["offset"] + b["bytes"] for b in exported["buffers"]) <= memory["planned_bytes"]
+    assert (out / "graph.ir.txt").read_text().startswith("graph")
+
+
+def test_optimize_reorder_never_raises_the_peak(capsys):
+    assert main(["optimize", "unet", "--size", "tiny", "--reorder", "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)
+    assert memory["lower_bound_bytes"] <= memory["eager_order_peak_bytes"]
+
+
+def test_optimize_prints_a_table(capsys):
+    assert main(["optimize", "mlp", "--size", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "lower bound" in out and "planned" in out and "greedy" in out
