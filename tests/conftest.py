@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
+
+# Generated Triton kernels run in Triton's interpreter on the CPU (set before anything imports triton),
+# and are cached in a directory of this run's own.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("EMBER_CACHE_DIR", tempfile.mkdtemp(prefix="ember-test-cache-"))
 
 import pytest
 import torch

@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ember.ir import OP_TABLE, Node, Value
+from ember.codegen import PointwiseKernel, emittable, generate
+from ember.ir import OP_TABLE, Graph, Node, Value
+from ember.ir.expressions import EXPRESSIONS
 from ember.ir.ops import as_tuple
 from ember.ir.schema import split_arguments
 from ember.ir.types import TensorType, type_of
@@ -181,7 +183,8 @@ SAMPLES.update({
     "softplus": unary("normal", ((), {}), ((2.0, 1.5), {})),
     "gelu": unary("normal", ((), {}), ((), {"approximate": "tanh"})),
     "clone": unary("normal", ((), {}), ((), {"memory_format": torch.contiguous_format})),
-    "_to_copy": unary("normal", ((), {"dtype": torch.float64}), ((), {"dtype": torch.int32, "device": _CPU})),
+    "_to_copy": unary("normal", ((), {"dtype": torch.float64}), ((), {"dtype": torch.int32, "device": _CPU}),
+                      ((), {"dtype": torch.bfloat16}), ((), {"dtype": torch.float32})),
     "pow.Tensor_Scalar": unary("positive", ((2.5,), {}), ((3,), {})),
     "pow.Scalar": calls(lambda m: ((2.0, m.strided(5, 13)), {})),
     "add.Scalar": unary("normal", ((2.5,), {}), ((2.5, 0.5), {})),
@@ -498,6 +501,38 @@ def test_writing_into_arena_views_matches_direct_call(name, index, dtype):
             assert_close(got, want)
     if out_overload(op.target) is not None and op.typed_outputs is None:
         assert all(got is views[value.name] for value, got in zip(values, results))
+
+
+POINTWISE_CASES = [case for case in CASES if case.values[0] in EXPRESSIONS]
+
+
+@pytest.mark.parametrize("name, index, dtype", POINTWISE_CASES)
+def test_generated_pointwise_kernel_matches_direct_call(name, index, dtype):
+    """Each fusible op as a one-node Triton kernel (the interpreter on the CPU), reading its inputs at their
+    strides (the samples include non-contiguous and broadcast ones)."""
+    op, inputs, attrs, direct = run_sample(name, index, dtype)
+    values = tuple(Value(f"in{i}", type_of(t)) for i, t in enumerate(inputs))
+    result = Value("out", type_of(direct[0]))
+    node = Node("n", name, tuple(v.name for v in values), attrs, (result,))
+    if not emittable(node, {v.name: v.type for v in values}):
+        pytest.skip(f"{name} with {attrs} on {dtype} stays a reference step (not fusible)")
+    graph = Graph(values, (), (node,), ("out",))
+    out = torch.full_like(direct[0], 7)
+    PointwiseKernel(generate("k", [node], graph, ["out"]))(inputs, [out])
+    assert_close(out, direct[0])
+
+
+@pytest.mark.parametrize("name", sorted(EXPRESSIONS))
+def test_every_fusible_op_has_a_sample_codegen_takes(name):
+    torch.manual_seed(0)
+    op = OP_TABLE[name]
+    taken = 0
+    for args, kwargs in SAMPLES[name](torch.float32):
+        inputs, attrs = split_arguments(op.schema, args, kwargs, is_tensor)
+        direct = as_tuple(op.target(*args, **kwargs))
+        node = Node("n", name, tuple(f"in{i}" for i in range(len(inputs))), attrs, (Value("out", type_of(direct[0])),))
+        taken += emittable(node, {f"in{i}": type_of(t) for i, t in enumerate(inputs)})
+    assert taken
 
 
 @pytest.mark.parametrize("name, index, dtype", CASES)

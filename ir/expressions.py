@@ -1,0 +1,175 @@
+"""Pointwise ops as Triton expressions: what a fused pointwise kernel computes for each node.
+
+Part of the op table's definition of an op (the fusion pass asks which ops can be fused, codegen
+asks how to write them). Expressions take and give float32 for floating values (ATen's "opmath":
+half and bfloat16 ops compute in float32), and 0/1 booleans for comparisons; the kernel casts at the
+loads and stores. An op missing here, or an attribute these forms do not cover, is not fused.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .schema import _tensor_kind
+
+Operand = str | float | int | bool
+"""A variable name of the kernel (a tensor operand) or a Python number (a scalar one)."""
+Emit = Callable[[Mapping[str, Any]], str | None]
+"""Named operands (schema argument name -> operand or attribute value) -> expression, or None if unsupported."""
+
+
+def operands(schema: Any, attrs: Mapping[str, Any], variables: Sequence[str]) -> dict[str, Any]:
+    """Each schema argument of a node: its tensor inputs as the kernel's variables, in order; numbers and
+    attributes as given, or their schema default."""
+    named: dict[str, Any] = {}
+    next_input = 0
+    for argument in schema.arguments:
+        kind = _tensor_kind(argument.type)
+        if kind in ("one", "optional") and argument.name not in attrs:
+            named[argument.name] = variables[next_input]
+            next_input += 1
+        elif argument.name in attrs:
+            named[argument.name] = attrs[argument.name]
+        elif argument.has_default_value():
+            named[argument.name] = argument.default_value
+    return named
+
+
+def _literal(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "1.0" if value else "0.0"
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return repr(float(value))
+    return None
+
+
+def _operand(value: Any) -> str | None:
+    """A variable stays a name; a number becomes a float literal; anything else is unsupported."""
+    return value if isinstance(value, str) else _literal(value)
+
+
+def _unary(form: str) -> Emit:
+    def emit(args: Mapping[str, Any]) -> str | None:
+        return form.format(x=args["self"])
+    return emit
+
+
+def _binary(form: str, scaled: bool = False) -> Emit:
+    """`form` over self (x) and other (y); with `scaled`, other is multiplied by alpha first."""
+    def emit(args: Mapping[str, Any]) -> str | None:
+        x, y = _operand(args["self"]), _operand(args["other"])
+        if x is None or y is None:
+            return None
+        if scaled and args.get("alpha", 1) != 1:
+            alpha = _literal(args["alpha"])
+            if alpha is None:
+                return None
+            y = f"({y} * {alpha})"
+        return form.format(x=x, y=y)
+    return emit
+
+
+def _compare(symbol: str) -> Emit:
+    return _binary(f"({{x}} {symbol} {{y}})")
+
+
+def _rsub(args: Mapping[str, Any]) -> str | None:
+    other, alpha = _literal(args["other"]), _literal(args.get("alpha", 1))
+    return None if other is None or alpha is None else f"({other} - {args['self']} * {alpha})"
+
+
+def _pow(args: Mapping[str, Any]) -> str | None:
+    x, exponent = args["self"], args["exponent"]
+    forms = {2: f"({x} * {x})", 3: f"({x} * {x} * {x})", 1: x, 0.5: f"tl.sqrt({x})", -0.5: f"tl.rsqrt({x})",
+             -1: f"(1.0 / {x})"}
+    return forms.get(exponent) if isinstance(exponent, (int, float)) and not isinstance(exponent, bool) else None
+
+
+def _clamp(low_key: str | None, high_key: str | None) -> Emit:
+    """Clamp that keeps NaN (comparisons with NaN are false, so it passes through)."""
+    def emit(args: Mapping[str, Any]) -> str | None:
+        expression = args["self"]
+        for key, symbol in ((low_key, "<"), (high_key, ">")):
+            if key is None or args.get(key) is None:
+                continue
+            bound = _operand(args[key])
+            if bound is None:
+                return None
+            expression = f"tl.where({expression} {symbol} {bound}, {bound}, {expression})"
+        return expression
+    return emit
+
+
+def _gelu(args: Mapping[str, Any]) -> str | None:
+    x = args["self"]
+    if args.get("approximate", "none") == "tanh":
+        inner = f"0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x})"
+        return f"(0.5 * {x} * (1.0 + (2.0 * tl.sigmoid(2.0 * ({inner})) - 1.0)))"
+    return f"(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))"
+
+
+def _where(args: Mapping[str, Any]) -> str | None:
+    x, y = _operand(args["self"]), _operand(args["other"])
+    return None if x is None or y is None else f"tl.where({args['condition']} != 0, {x}, {y})"
+
+
+def _masked_fill(args: Mapping[str, Any]) -> str | None:
+    value = _operand(args["value"])
+    return None if value is None else f"tl.where({args['mask']} != 0, {value}, {args['self']})"
+
+
+def _leaky_relu(args: Mapping[str, Any]) -> str | None:
+    slope = _literal(args.get("negative_slope", 0.01))
+    return None if slope is None else f"tl.where({args['self']} < 0.0, {args['self']} * {slope}, {args['self']})"
+
+
+def _to_copy(args: Mapping[str, Any]) -> str | None:
+    changed = {key for key in ("layout", "device", "pin_memory", "memory_format") if args.get(key) is not None}
+    return None if changed else args["self"]
+
+
+EXPRESSIONS: dict[str, Emit] = {
+    "add.Tensor": _binary("({x} + {y})", scaled=True),
+    "add.Scalar": _binary("({x} + {y})", scaled=True),
+    "sub.Tensor": _binary("({x} - {y})", scaled=True),
+    "sub.Scalar": _binary("({x} - {y})", scaled=True),
+    "rsub.Scalar": _rsub,
+    "mul.Tensor": _binary("({x} * {y})"),
+    "mul.Scalar": _binary("({x} * {y})"),
+    "div.Tensor": _binary("({x} / {y})"),
+    "div.Scalar": _binary("({x} / {y})"),
+    "maximum": _binary("tl.where(({x} > {y}) | ({x} != {x}), {x}, {y})"),
+    "minimum": _binary("tl.where(({x} < {y}) | ({x} != {x}), {x}, {y})"),
+    "eq.Tensor": _compare("=="), "eq.Scalar": _compare("=="),
+    "ne.Tensor": _compare("!="), "ne.Scalar": _compare("!="),
+    "lt.Tensor": _compare("<"), "lt.Scalar": _compare("<"),
+    "le.Tensor": _compare("<="), "le.Scalar": _compare("<="),
+    "gt.Tensor": _compare(">"), "gt.Scalar": _compare(">"),
+    "ge.Tensor": _compare(">="), "ge.Scalar": _compare(">="),
+    "neg": _unary("(-{x})"),
+    "abs": _unary("tl.abs({x})"),
+    "exp": _unary("tl.exp({x})"),
+    "log": _unary("tl.log({x})"),
+    "sqrt": _unary("tl.sqrt({x})"),
+    "rsqrt": _unary("tl.rsqrt({x})"),
+    "reciprocal": _unary("(1.0 / {x})"),
+    "sin": _unary("tl.sin({x})"),
+    "cos": _unary("tl.cos({x})"),
+    "erf": _unary("tl.erf({x})"),
+    "sigmoid": _unary("tl.sigmoid({x})"),
+    "tanh": _unary("(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)"),
+    "silu": _unary("({x} * tl.sigmoid({x}))"),
+    "relu": _unary("tl.where({x} < 0.0, 0.0, {x})"),
+    "gelu": _gelu,
+    "leaky_relu": _leaky_relu,
+    "pow.Tensor_Scalar": _pow,
+    "clamp": _clamp("min", "max"),
+    "clamp_min": _clamp("min", None),
+    "clamp_max": _clamp(None, "max"),
+    "hardtanh": _clamp("min_val", "max_val"),
+    "where.self": _where,
+    "masked_fill.Scalar": _masked_fill,
+    "_to_copy": _to_copy,
+    "clone": _unary("{x}"),
+}
