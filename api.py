@@ -1,7 +1,9 @@
 """ember.compile: capture a model, run the pass pipeline with the verifier between stages, build a Program."""
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,14 +15,19 @@ from .errors import CompileError
 from .frontend import from_module
 from .ir import Graph, VerifyError
 from .optimizer import PIPELINE, REORDER
+from .codegen import lower_schedule
 from .optimizer.arena import plan_arena
-from .optimizer.cost import DeviceProfile, load_profile
+from .optimizer.fusion import fusion_summary, plan_fusion, verify_fusion
+from .optimizer.cost import CostModel, DeviceProfile, load_profile
 from .optimizer.inspect import Report, build_report
 from .options import Options
 from .runtime import Program
 from .runtime.program import coverage_report
 
 log = logging.getLogger(__name__)
+
+FUSION_PROFILE = "h100"
+"""The device profile whose cost model decides fusion (the decision rarely depends on which GPU)."""
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, options: Options | Mapping[str, Any] | None = None) -> Program:
@@ -45,16 +52,44 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     """Run the pipeline on a lowered graph and build its Program; shared by ember.compile and the backend."""
     seconds = dict(stage_seconds or {})
     graph = optimize(graph, options, seconds)
-    arena = plan_arena(graph, time_limit=options.plan_time_limit, verify=options.debug) if options.arena else None
-    if arena is not None:
+    fusion, work = None, None
+    if _fuses(graph, options):
+        started = time.perf_counter()
+        fusion = plan_fusion(graph, CostModel(load_profile(FUSION_PROFILE)))
+        if options.verify or options.debug:
+            verify_fusion(fusion, graph)
+        work = lower_schedule(graph, fusion, options.debug_dir)
+        seconds["fusion"] = time.perf_counter() - started
+    arena = None
+    if options.arena:
+        arena = plan_arena(graph, fusion=fusion, time_limit=options.plan_time_limit, verify=options.debug)
         seconds["plan_arena"] = arena.seconds
     started = time.perf_counter()
-    report = coverage_report(graph, seconds, arena.summary() if arena else None)
-    program = Program(graph, report, layout=arena.layout if arena else None, check_inputs=options.check_inputs,
-                      **program_args)
+    report = coverage_report(graph, seconds, arena.summary() if arena else None, fusion_summary(fusion))
+    program = Program(graph, report, layout=arena.layout if arena else None, work=work,
+                      check_inputs=options.check_inputs, **program_args)
     program.report.stage_seconds["build"] = time.perf_counter() - started
     log.info("compiled %d nodes, op coverage %.1f%%", program.report.node_count, 100 * program.report.op_coverage)
     return program
+
+
+def _fuses(graph: Graph, options: Options) -> bool:
+    """Whether to run generated kernels: asked for, or (by default) when the model is on a GPU and Triton loads."""
+    on_gpu = any(value.type.device == "cuda" for value in graph.inputs) or any(
+        tensor.is_cuda for tensor in graph.weights.values())
+    if options.fusion is False or (options.fusion is None and not on_gpu):
+        return False
+    try:
+        importlib.import_module("triton")
+    except ImportError as error:
+        if options.fusion:
+            raise CompileError(f"fusion=True needs Triton, which does not import: {error}") from error
+        log.warning("Triton does not import (%s): running without generated kernels", error)
+        return False
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CompileError("fusion=True on the CPU runs generated kernels in Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 before importing torch, or leave fusion to its default")
+    return True
 
 
 def optimize(graph: Graph, options: Options, seconds: dict[str, float]) -> Graph:

@@ -23,6 +23,8 @@ class Options:
     reorder: reorder operators to lower the peak of live memory (results unchanged; off by default).
     arena: place every intermediate in one planned arena per device, allocated once (off: the allocator's).
     plan_time_limit: seconds the memory planner may spend on its search and MIP before keeping its best plan.
+    fusion: run fused groups as generated Triton kernels. None (default): on when the model is on a GPU.
+        True on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter; for tests, slow).
     mode: torch.compile's mode, accepted for compatibility and recorded in the report.
     """
 
@@ -33,6 +35,7 @@ class Options:
     reorder: bool = False
     arena: bool = True
     plan_time_limit: float = 10.0
+    fusion: bool | None = None
     mode: str = "default"
 
     def __post_init__(self) -> None:

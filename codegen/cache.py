@@ -2,15 +2,13 @@
 
 Triton needs a kernel's source in a real file (it reads it back through `inspect`), and it caches the
 compiled binary per device itself, so a source written once serves every later process. The cache
-lives in $EMBER_CACHE_DIR/kernels (default ~/.cache/ember/kernels); a debug directory, when given,
-gets a readable copy of each kernel under its group's name.
+lives in $EMBER_CACHE_DIR/kernels (default ~/.cache/ember/kernels).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def load_kernel(name: str, source: str, debug_dir: str | None = None) -> Callable[..., Any]:
+def load_kernel(name: str, source: str) -> Callable[..., Any]:
     """The `@triton.jit` function `name` defined by `source`, written to the cache on first use."""
     import triton
 
@@ -40,7 +38,4 @@ def load_kernel(name: str, source: str, debug_dir: str | None = None) -> Callabl
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         _LOADED[path] = module
-    if debug_dir:
-        Path(debug_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, Path(debug_dir) / f"{name}.py")
     return getattr(_LOADED[path], name)

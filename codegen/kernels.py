@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..ir import Graph, Node, Value
+from ..optimizer.fusion import FusionPlan
 from .cache import load_kernel
-from .pointwise import PointwiseSource
+from .pointwise import PointwiseSource, generate
 
 
 @dataclass(slots=True)
@@ -16,13 +19,43 @@ class PointwiseKernel:
     """A generated pointwise kernel: call it with its input tensors and the output tensors to fill."""
 
     source: PointwiseSource
-    debug_dir: str | None = None
     _function: Any = field(default=None, repr=False)
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         if self._function is None:
-            self._function = load_kernel(self.source.name, self.source.source, self.debug_dir)
+            self._function = load_kernel(self.source.name, self.source.source)
         if self.source.numel == 0:
             return
         grid = (-(-self.source.numel // self.source.block),)
         self._function[grid](*inputs, *outputs, self.source.numel, BLOCK=self.source.block)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupKernel:
+    """One fused group as a runtime step: reads `inputs`, writes `outputs` (its values read after it)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[Value, ...]
+    kernel: PointwiseKernel
+
+
+def lower_schedule(graph: Graph, fusion: FusionPlan, debug_dir: str | None = None) -> tuple[Node | GroupKernel, ...]:
+    """The fusion plan's schedule as runtime work: each kept group a generated kernel, every other node as is.
+    With `debug_dir`, each kernel's source (its IR on top) is written there as <group>.py."""
+    nodes = {node.name: node for node in graph.nodes}
+    groups = {group.name: group for group in fusion.groups}
+    types = graph.types()
+    work: list[Node | GroupKernel] = []
+    for name in fusion.schedule:
+        if name not in groups:
+            work.append(nodes[name])
+            continue
+        group = groups[name]
+        source = generate(name, [nodes[n] for n in group.nodes], graph, group.outputs)
+        if debug_dir:
+            Path(debug_dir).mkdir(parents=True, exist_ok=True)
+            (Path(debug_dir) / f"{name}.py").write_text(source.source)
+        work.append(GroupKernel(name, source.inputs, tuple(Value(v, types[v]) for v in group.outputs),
+                                PointwiseKernel(source)))
+    return tuple(work)

@@ -7,19 +7,14 @@ when stored. The group's IR is a comment at the top of the source, so a dumped k
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from ..ir import Graph, Node, TensorType
-from ..ir.expressions import EXPRESSIONS, operands
+from ..ir.expressions import EXPRESSIONS, FLOATS, TRITON_TYPES, operands
 from ..ir.types import contiguous_strides
 
 BLOCK = 1024
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_TYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
-                 torch.bool: "tl.int1"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,18 +29,6 @@ class PointwiseSource:
     block: int = BLOCK
 
 
-def emittable(node: Node, types: Mapping[str, TensorType]) -> bool:
-    """Whether codegen can write this node into a pointwise kernel: an expression for its op and attrs, and
-    float32, float16, bfloat16 or bool for every value it reads and writes (integers stay reference steps)."""
-    emit = EXPRESSIONS.get(node.op)
-    if emit is None or len(node.outputs) != 1:
-        return False
-    if any(t.dtype not in _TRITON_TYPES for t in (*(types[n] for n in node.inputs), node.outputs[0].type)):
-        return False
-    variables = [f"v{i}" for i in range(len(node.inputs))]
-    return emit(operands(node.definition.schema, node.attrs, variables)) is not None
-
-
 def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[str]) -> PointwiseSource:
     """The kernel computing `nodes` (in order) and storing the values named in `outputs`."""
     types = graph.types()
@@ -53,8 +36,8 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
     inside = {value.name for node in nodes for value in node.outputs}
     inputs = tuple(dict.fromkeys(n for node in nodes for n in node.inputs if n not in inside))
     for value in (*inputs, *outputs):
-        if types[value].dtype not in _TRITON_TYPES:
-            raise ValueError(f"pointwise codegen handles {', '.join(map(str, _TRITON_TYPES))}, not {types[value]}")
+        if types[value].dtype not in TRITON_TYPES:
+            raise ValueError(f"pointwise codegen handles {', '.join(map(str, TRITON_TYPES))}, not {types[value]}")
     variable = {value: f"in{i}" for i, value in enumerate(inputs)}
     lines = [f"# {str(node_line)}" for node_line in _ir_lines(nodes, graph)]
     lines += [
@@ -81,7 +64,7 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
     for position, value in enumerate(outputs):
         result = variable[value]
         lines.append(f"    tl.store(out{position}_ptr + {_offset(types[value], shape)}, "
-                     f"{result}.to({_TRITON_TYPES[types[value].dtype]}), mask=mask)")
+                     f"{result}.to({TRITON_TYPES[types[value].dtype]}), mask=mask)")
     return PointwiseSource(name, "\n".join(lines) + "\n", inputs, tuple(outputs), math.prod(shape))
 
 

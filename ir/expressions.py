@@ -9,9 +9,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 from typing import Any
 
+if TYPE_CHECKING:
+    from .graph import Node
+
+import torch
+
 from .schema import _tensor_kind
+from .types import TensorType
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_TYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
+                torch.bool: "tl.int1"}
+"""The dtypes a fused pointwise kernel reads and writes (integers stay reference steps)."""
 
 Operand = str | float | int | bool
 """A variable name of the kernel (a tensor operand) or a Python number (a scalar one)."""
@@ -173,3 +185,15 @@ EXPRESSIONS: dict[str, Emit] = {
     "_to_copy": _to_copy,
     "clone": _unary("{x}"),
 }
+
+
+def fusible(node: "Node", types: Mapping[str, TensorType]) -> bool:
+    """Whether a pointwise kernel can compute this node: an expression for its op and attrs, one result, and
+    float32, float16, bfloat16 or bool for every value it reads and writes."""
+    emit = EXPRESSIONS.get(node.op)
+    if emit is None or len(node.outputs) != 1:
+        return False
+    if any(t.dtype not in TRITON_TYPES for t in (*(types[n] for n in node.inputs), node.outputs[0].type)):
+        return False
+    variables = [f"v{i}" for i in range(len(node.inputs))]
+    return emit(operands(node.definition.schema, node.attrs, variables)) is not None

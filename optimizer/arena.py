@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..ir import ArenaLayout, Graph, TensorType
+from .fusion import FusionPlan
 from .liveness import base_of, buffers
 from .memory_plan import MemoryPlan, plan_intervals
 from .memory_verify import verify_plan
@@ -41,22 +42,24 @@ class ArenaPlan:
                 "fresh_values": len(self.fresh)}
 
 
-def plan_arena(graph: Graph, *, alignment: int = 256, time_limit: float = 10.0, verify: bool = False) -> ArenaPlan:
-    """Plan the arena of `graph` in its current order (greedy, then search and MIP within `time_limit`)."""
+def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, alignment: int = 256, time_limit: float = 10.0,
+               verify: bool = False) -> ArenaPlan:
+    """Plan the arena of `graph` in its current order, or in the fusion plan's schedule (greedy, then search
+    and MIP within `time_limit`)."""
     started = time.perf_counter()
-    bases = base_of(graph)
+    bases = base_of(graph, fusion)
     fresh = {bases[name] for name in graph.outputs if name in bases}
     for node in graph.nodes:
         typed = node.definition.typed_outputs
         if typed is not None:
             fresh.update(value.name for value, position in zip(node.outputs, node.result_positions) if position >= typed)
-    resident = [buffer for buffer in buffers(graph) if buffer.name not in fresh]
+    resident = [buffer for buffer in buffers(graph, fusion) if buffer.name not in fresh]
     sizes = [buffer.size_bytes for buffer in resident]
     starts = [buffer.start for buffer in resident]
     ends = [buffer.end for buffer in resident]
     plan = plan_intervals(sizes, starts, ends, alignment=alignment, time_limit=time_limit, method="mip")
     if verify:
         verify_plan(plan, sizes, starts, ends, alignment=alignment)
-    types = {value.name: value.type for node in graph.nodes for value in node.outputs}
+    types = graph.types()
     slots = {buffer.name: (offset, types[buffer.name]) for buffer, offset in zip(resident, plan.offsets)}
     return ArenaPlan(ArenaLayout(slots, plan.arena_bytes), plan, tuple(sorted(fresh)), time.perf_counter() - started)

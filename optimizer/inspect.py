@@ -21,6 +21,7 @@ from rich.table import Table
 from ..ir import Graph
 from .cost import CostModel, DeviceProfile
 from .liveness import buffers, live_bytes
+from .fusion import fusion_summary, plan_fusion
 from .memory_plan import MemoryPlan, plan_intervals
 
 COSTLIEST = 10
@@ -59,6 +60,8 @@ class Report:
     totals: Mapping[str, float]
     memory: Mapping[str, int]
     by_kind: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    fusion: Mapping[str, Any] = field(default_factory=dict)
+    """Fusion groups the cost model kept and turned down on this device, with predicted times (see fusion.py)."""
     graph: Graph | None = field(default=None, repr=False, compare=False)
     """The graph that was priced (not part of the JSON), for drawing."""
     plan: MemoryPlan | None = field(default=None, repr=False, compare=False)
@@ -110,7 +113,8 @@ def build_report(graph: Graph, profile: DeviceProfile, model: str = "model") -> 
         "predicted_us": sum(row.predicted_us for row in rows), "nodes": len(rows),
         "extern_nodes": sum(row.extern for row in rows),
     }
-    return Report(model, profile.name, tuple(rows), totals, memory, by_kind, graph, plan)
+    fusion = fusion_summary(plan_fusion(graph, CostModel(profile)))
+    return Report(model, profile.name, tuple(rows), totals, memory, by_kind, fusion, graph, plan)
 
 
 def memory_summary(graph: Graph, time_limit: float = PLAN_SECONDS) -> tuple[dict[str, Any], MemoryPlan]:
@@ -165,6 +169,14 @@ def render(report: Report, console: Console, *, all_rows: bool = False) -> None:
         f"{memory['greedy_bytes'] / 2**20:,.1f} MiB, planned {memory['planned_bytes'] / 2**20:,.1f} MiB "
         f"({memory['plan_status']}, gap {memory['plan_gap']:.1%}, {memory['plan_seconds']:.2f} s)"
     )
+    fusion = report.fusion
+    if fusion:
+        kept = [d for d in fusion["decisions"] if d["kept"]]
+        console.print(
+            f"fusion: {fusion['groups']} pointwise groups kept ({fusion['fused_nodes']} nodes), "
+            f"{fusion['rejected']} turned down; kept groups predicted {sum(d['unfused_us'] for d in kept):,.1f} µs "
+            f"unfused → {sum(d['fused_us'] for d in kept):,.1f} µs fused"
+        )
     rows = report.rows if all_rows else report.costliest()
     table = Table(title="every node" if all_rows else f"the {len(rows)} costliest nodes")
     for column in ("#", "node", "op", "shapes", "dtype", "GFLOP", "MB", "FLOP/B", "bound", "µs", "share"):

@@ -6,8 +6,12 @@ Graph inputs and weights are not buffers (they live outside the program's arena)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..ir import Graph
+from ..ir import Graph, Value
+
+if TYPE_CHECKING:
+    from .fusion import FusionPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,35 +24,61 @@ class Buffer:
     end: int
 
 
-def base_of(graph: Graph) -> dict[str, str]:
+StepSpec = tuple[str, tuple[str, ...], tuple[Value, ...], bool]
+"""One step of execution: (name, values read, values written, whether its results view its first input)."""
+
+
+def steps_of(graph: Graph, fusion: FusionPlan | None = None) -> list[StepSpec]:
+    """The graph's steps in execution order: its nodes, or with a fusion plan, its schedule (a group is one
+    step that writes only the values read after it)."""
+    nodes = {node.name: node for node in graph.nodes}
+    if fusion is None:
+        return [(node.name, node.inputs, node.outputs, node.definition.kind == "view") for node in graph.nodes]
+    groups = {group.name: group for group in fusion.groups}
+    types = graph.types()
+    steps: list[StepSpec] = []
+    for name in fusion.schedule:
+        if name in groups:
+            group = groups[name]
+            inside = {value.name for node_name in group.nodes for value in nodes[node_name].outputs}
+            reads = tuple(dict.fromkeys(n for node_name in group.nodes for n in nodes[node_name].inputs if n not in inside))
+            steps.append((name, reads, tuple(Value(v, types[v]) for v in group.outputs), False))
+        else:
+            node = nodes[name]
+            steps.append((name, node.inputs, node.outputs, node.definition.kind == "view"))
+    return steps
+
+
+def base_of(graph: Graph, fusion: FusionPlan | None = None) -> dict[str, str]:
     """Intermediate value -> the owning intermediate whose memory it uses (itself, unless it is a view)."""
     bases: dict[str, str] = {}
-    for node in graph.nodes:
-        is_view = node.definition.kind == "view"
-        for value in node.outputs:
+    for _, reads, writes, is_view in steps_of(graph, fusion):
+        for value in writes:
             if not is_view:
                 bases[value.name] = value.name
-            elif node.inputs and node.inputs[0] in bases:
-                bases[value.name] = bases[node.inputs[0]]
+            elif reads and reads[0] in bases:
+                bases[value.name] = bases[reads[0]]
             # else: a view of an input or weight owns nothing of the program's
     return bases
 
 
-def buffers(graph: Graph) -> tuple[Buffer, ...]:
-    """Every owning intermediate of the graph, with its lifetime; graph outputs live to the last step."""
-    bases = base_of(graph)
+def buffers(graph: Graph, fusion: FusionPlan | None = None) -> tuple[Buffer, ...]:
+    """Every owning intermediate of the graph (values inside a fused group own nothing), with its lifetime in
+    steps; graph outputs live to the last step."""
+    steps = steps_of(graph, fusion)
+    bases = base_of(graph, fusion)
     start: dict[str, int] = {}
     end: dict[str, int] = {}
     size: dict[str, int] = {}
-    for step, node in enumerate(graph.nodes):
-        for name in node.inputs:
+    for index, (_, reads, writes, _) in enumerate(steps):
+        for name in reads:
             if name in bases:
-                end[bases[name]] = step
-        for value in node.outputs:
+                end[bases[name]] = index
+        for value in writes:
             if bases.get(value.name) == value.name:
-                start[value.name] = end[value.name] = step
+                start[value.name] = end[value.name] = index
                 size[value.name] = value.type.storage_bytes
-    last = len(graph.nodes) - 1
+    last = len(steps) - 1
     for name in graph.outputs:
         if name in bases:
             end[bases[name]] = last

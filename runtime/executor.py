@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir import ArenaLayout, Graph
+from ..codegen import GroupKernel
+from ..ir import ArenaLayout, Graph, Node
+from ..ir.types import contiguous_strides
 from ..ir.ops import Reference
 from .arena import bind_into, slot_view
 
@@ -28,40 +30,68 @@ class Step:
     frees: tuple[str, ...]
 
 
-def plan_steps(graph: Graph, views: Mapping[str, torch.Tensor] | None = None) -> tuple[Step, ...]:
-    """Bind every node (writing into `views`, by value name, where given) and work out when each value dies."""
+def plan_steps(graph: Graph, views: Mapping[str, torch.Tensor] | None = None,
+               work: Sequence[Node | GroupKernel] | None = None) -> tuple[Step, ...]:
+    """Bind every node, or every item of `work` (nodes and generated kernels in order), writing into `views`
+    (by value name) where given, and work out when each value dies."""
+    items = tuple(graph.nodes) if work is None else tuple(work)
     last_use: dict[str, int] = {}
-    for index, node in enumerate(graph.nodes):
-        for name in node.inputs:
+    for index, item in enumerate(items):
+        for name in item.inputs:
             last_use[name] = index
     keep = set(graph.outputs) | {value.name for value in (*graph.inputs, *graph.params)}
     dies_at: dict[int, list[str]] = {}
     for name, index in last_use.items():
         if name not in keep:
             dies_at.setdefault(index, []).append(name)
-    for index, node in enumerate(graph.nodes):  # outputs that nothing reads die at once
-        for value in node.outputs:
+    for index, item in enumerate(items):  # outputs that nothing reads die at once
+        for value in item.outputs:
             if value.name not in last_use and value.name not in keep:
                 dies_at.setdefault(index, []).append(value.name)
-    return tuple(
-        Step(node.name, bind_into(node, views) if views else node.definition.bind(node.attrs), node.inputs, tuple(v.name for v in node.outputs),
-             node.result_positions, tuple(dies_at.get(index, ())))
-        for index, node in enumerate(graph.nodes)
-    )
+    steps = []
+    for index, item in enumerate(items):
+        if isinstance(item, GroupKernel):
+            run, positions = _launch(item, views or {}), tuple(range(len(item.outputs)))
+        else:
+            run = bind_into(item, views) if views else item.definition.bind(item.attrs)
+            positions = item.result_positions
+        steps.append(Step(item.name, run, item.inputs, tuple(v.name for v in item.outputs), positions,
+                          tuple(dies_at.get(index, ()))))
+    return tuple(steps)
+
+
+def _launch(group: GroupKernel, views: Mapping[str, torch.Tensor]) -> Reference:
+    """A generated kernel as a step: its outputs are arena views where planned, fresh tensors otherwise."""
+    planned = [views.get(value.name) for value in group.outputs]
+
+    def run(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        device = inputs[0].device
+        outputs = tuple(
+            view if view is not None else torch.empty_strided(
+                value.type.shape, value.type.strides or contiguous_strides(value.type.shape),
+                dtype=value.type.dtype, device=device)
+            for view, value in zip(planned, group.outputs))
+        group.kernel(inputs, outputs)
+        return outputs
+
+    return run
 
 
 class Executor:
     """Runs one Graph; holds the bound steps so each call is a loop of op calls.
 
-    With an arena layout, the steps are bound per device to views of that device's arena. A call that
-    autograd records (grad mode on and an input or weight requiring grad) runs without it, since `out=`
-    calls are not differentiable and the arena's next call would overwrite what backward saved.
+    With an arena layout, the steps are bound per device to views of that device's arena; with `work` (from
+    codegen's `lower_schedule`), fused groups run as generated kernels. A call that autograd records (grad
+    mode on and an input or weight requiring grad) runs the plain reference steps, since neither `out=` calls
+    nor generated kernels are differentiable and the arena's next call would overwrite what backward saved.
     """
 
-    def __init__(self, graph: Graph, layout: ArenaLayout | None = None):
+    def __init__(self, graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None):
         self.graph = graph
         self.layout = layout
-        self.steps = plan_steps(graph)
+        self.work = work
+        self.reference_steps = plan_steps(graph)
+        self.steps = self.reference_steps if work is None else plan_steps(graph, work=work)
         self.input_names = tuple(value.name for value in graph.inputs)
         self.arenas: dict[torch.device, torch.Tensor] = {}
         self._steps_on: dict[torch.device, tuple[Step, ...]] = {}
@@ -69,7 +99,12 @@ class Executor:
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         env = dict(self.graph.weights)
         env.update(zip(self.input_names, inputs))
-        steps = self.steps if self.layout is None or _records_grad(inputs, env) else self.steps_on(_device_of(inputs, self.graph))
+        if _records_grad(inputs, env):
+            steps = self.reference_steps
+        elif self.layout is None:
+            steps = self.steps
+        else:
+            steps = self.steps_on(_device_of(inputs, self.graph))
         for step in steps:
             results = step.run([env[name] for name in step.inputs])
             env.update(zip(step.outputs, (results[position] for position in step.positions)))
@@ -86,7 +121,7 @@ class Executor:
                          for name, (offset, value_type) in self.layout.slots.items()
                          if value_type.device == device.type}  # a value made on another device is allocated there
             self.arenas[device] = arena
-            self._steps_on[device] = plan_steps(self.graph, views)
+            self._steps_on[device] = plan_steps(self.graph, views, self.work)
         return self._steps_on[device]
 
 

@@ -1,7 +1,7 @@
 """Program: a compiled model, callable like the original, with the report of how it was built."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,7 +9,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import InputError
-from ..ir import ArenaLayout, Graph, TensorType
+from ..codegen import GroupKernel
+from ..ir import ArenaLayout, Graph, Node, TensorType
 from .executor import Executor
 
 
@@ -24,9 +25,12 @@ class CompileReport:
     native_ops: Mapping[str, int] = field(default_factory=dict)
     memory: Mapping[str, Any] = field(default_factory=dict)
     """The arena: size, lower bound, plan status and gap, planning time (empty when compiled without one)."""
+    fusion: Mapping[str, Any] = field(default_factory=dict)
+    """Fused groups kept and turned down, with the predicted times behind each decision (empty without fusion)."""
 
 
-def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Mapping[str, Any] | None = None) -> CompileReport:
+def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Mapping[str, Any] | None = None,
+                    fusion: Mapping[str, Any] | None = None) -> CompileReport:
     """Count native and extern nodes of the final graph."""
     native: dict[str, int] = {}
     extern: dict[str, int] = {}
@@ -35,7 +39,7 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Ma
         counts[key] = counts.get(key, 0) + 1
     total = len(graph.nodes)
     coverage = 1.0 if total == 0 else sum(native.values()) / total
-    return CompileReport(total, coverage, extern, dict(stage_seconds), native, dict(memory or {}))
+    return CompileReport(total, coverage, extern, dict(stage_seconds), native, dict(memory or {}), dict(fusion or {}))
 
 
 class Program:
@@ -54,6 +58,7 @@ class Program:
         mutated_buffers: tuple[torch.Tensor, ...] = (),
         check_inputs: bool = True,
         layout: ArenaLayout | None = None,
+        work: Sequence[Node | GroupKernel] | None = None,
     ):
         self.graph = graph
         self.report = report
@@ -64,7 +69,7 @@ class Program:
         self.constant_inputs = dict(constant_inputs or {})
         self.mutated_buffers = mutated_buffers
         self.check_inputs = check_inputs
-        self.executor = Executor(graph, layout)
+        self.executor = Executor(graph, layout, work)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.arg_count is not None and (len(args) != self.arg_count or set(kwargs) != set(self.kwarg_names)):

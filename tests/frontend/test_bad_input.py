@@ -73,7 +73,7 @@ def test_wrong_number_of_inputs_is_an_input_error():
 
 def test_unknown_option_lists_the_known_ones():
     with pytest.raises(ember.CompileError, match="unknown ember option.*known: arena, check_inputs"):
-        ember.compile(torch.nn.Linear(6, 3), (torch.randn(4, 6),), options={"fusion": True})
+        ember.compile(torch.nn.Linear(6, 3), (torch.randn(4, 6),), options={"fuse_everything": True})
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="unknown ember option.*known: arena, check_inputs"):
         torch.compile(torch.nn.Linear(6, 3), backend="ember", options={"nope": 1})(torch.randn(2, 6))
 

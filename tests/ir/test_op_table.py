@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ember.codegen import PointwiseKernel, emittable, generate
+from ember.codegen import PointwiseKernel, generate
 from ember.ir import OP_TABLE, Graph, Node, Value
-from ember.ir.expressions import EXPRESSIONS
+from ember.ir.expressions import EXPRESSIONS, fusible
 from ember.ir.ops import as_tuple
 from ember.ir.schema import split_arguments
 from ember.ir.types import TensorType, type_of
@@ -514,7 +514,7 @@ def test_generated_pointwise_kernel_matches_direct_call(name, index, dtype):
     values = tuple(Value(f"in{i}", type_of(t)) for i, t in enumerate(inputs))
     result = Value("out", type_of(direct[0]))
     node = Node("n", name, tuple(v.name for v in values), attrs, (result,))
-    if not emittable(node, {v.name: v.type for v in values}):
+    if not fusible(node, {v.name: v.type for v in values}):
         pytest.skip(f"{name} with {attrs} on {dtype} stays a reference step (not fusible)")
     graph = Graph(values, (), (node,), ("out",))
     out = torch.full_like(direct[0], 7)
@@ -531,7 +531,7 @@ def test_every_fusible_op_has_a_sample_codegen_takes(name):
         inputs, attrs = split_arguments(op.schema, args, kwargs, is_tensor)
         direct = as_tuple(op.target(*args, **kwargs))
         node = Node("n", name, tuple(f"in{i}" for i in range(len(inputs))), attrs, (Value("out", type_of(direct[0])),))
-        taken += emittable(node, {f"in{i}": type_of(t) for i, t in enumerate(inputs)})
+        taken += fusible(node, {f"in{i}": type_of(t) for i, t in enumerate(inputs)})
     assert taken
 
 

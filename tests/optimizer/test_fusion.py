@@ -1,0 +1,145 @@
+"""Fusion: pointwise chains become one generated kernel; legality, cost decisions, and models that still match."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import ember
+from ember import models
+from ember.frontend import from_module
+from ember.optimizer.cost import CostModel, load_profile
+from ember.optimizer.fusion import FusionError, plan_fusion, verify_fusion
+from ember.tolerance import result_tolerance
+
+MODELS = ["mlp", "cnn", "unet", "demo", "gpt2", "llama", "mixtral", "bert"]
+COST = CostModel(load_profile("h100"))
+
+
+def _plan(module: nn.Module, *inputs: torch.Tensor):
+    graph = from_module(module, inputs).graph
+    plan = plan_fusion(graph, COST)
+    verify_fusion(plan, graph)
+    return graph, plan
+
+
+def _ops(graph, group) -> list[str]:
+    nodes = {node.name: node for node in graph.nodes}
+    return [nodes[name].op for name in group.nodes]
+
+
+class BiasGeluScale(nn.Module):
+    def forward(self, x, w, b):
+        return torch.nn.functional.gelu(x @ w + b) * 0.5
+
+
+def test_a_pointwise_chain_after_a_matmul_is_one_group_and_the_matmul_stays_out():
+    graph, plan = _plan(BiasGeluScale(), torch.randn(5, 7), torch.randn(7, 9), torch.randn(9))
+    assert [_ops(graph, group) for group in plan.groups] == [["add.Tensor", "gelu", "mul.Tensor"]]
+    group = plan.groups[0]
+    assert group.fused_us < group.unfused_us and group.outputs == (graph.outputs[0],)
+    assert len(plan.schedule) == len(graph.nodes) - 2
+
+
+class Diamond(nn.Module):
+    """a = x + 1 feeds a matmul and a product with the matmul's result: a and the product cannot fuse."""
+
+    def forward(self, x, w):
+        a = x + 1
+        return (a * (a @ w)).relu()
+
+
+def test_a_group_never_swallows_a_node_that_depends_on_it_through_an_outside_node():
+    graph, plan = _plan(Diamond(), torch.randn(6, 6), torch.randn(6, 6))
+    nodes = {node.name: node for node in graph.nodes}
+    add = next(node.name for node in graph.nodes if node.op == "add.Tensor")
+    mul = next(node.name for node in graph.nodes if node.op == "mul.Tensor")
+    group_of = plan.group_of()
+    assert group_of.get(add) is None or mul not in group_of[add].nodes
+    assert [_ops(graph, group) for group in plan.groups] == [["mul.Tensor", "relu"]]
+    assert nodes[add].op == "add.Tensor"
+
+
+class Broadcasts(nn.Module):
+    def forward(self, x, row, column):
+        return torch.sigmoid(x * row - column).sum(), x.exp() + 1
+
+
+def test_groups_hold_one_iteration_shape_and_stop_at_reductions():
+    graph, plan = _plan(Broadcasts(), torch.randn(4, 5), torch.randn(5), torch.randn(4, 1))
+    assert sorted(_ops(graph, group) for group in plan.groups) == [
+        ["exp", "add.Tensor"], ["mul.Tensor", "sub.Tensor", "sigmoid"]]
+    for group in plan.groups:
+        assert len({node.outputs[0].type.shape for node in graph.nodes if node.name in group.nodes}) == 1
+
+
+def test_the_verifier_rejects_a_schedule_out_of_order_and_a_node_in_two_groups():
+    graph, plan = _plan(BiasGeluScale(), torch.randn(5, 7), torch.randn(7, 9), torch.randn(9))
+    with pytest.raises(FusionError, match="before the step"):
+        verify_fusion(dataclasses.replace(plan, schedule=tuple(reversed(plan.schedule))), graph)
+    twice = dataclasses.replace(plan.groups[0], name="copy")
+    with pytest.raises(FusionError, match="in both"):
+        verify_fusion(dataclasses.replace(plan, groups=(plan.groups[0], twice)), graph)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_runs_its_fused_kernels_and_matches_eager(name):
+    model, inputs = models.load(name)
+    with torch.no_grad():
+        expected = model(*inputs)
+        program = ember.compile(model, inputs, ember.Options(fusion=True))
+        first = program(*inputs)
+        second = program(*inputs)
+    assert models.max_error(expected, first) <= result_tolerance(expected)
+    assert models.max_error(first, second) == 0
+    fusion = program.report.fusion
+    assert fusion["steps"] == len(program.executor.steps)
+    assert all(d["kept"] == (d["fused_us"] < d["unfused_us"]) for d in fusion["decisions"])
+
+
+def test_fused_results_live_in_the_arena_and_intermediates_inside_a_group_nowhere():
+    model, inputs = models.load("gpt2")
+    program = ember.compile(model, inputs, ember.Options(fusion=True))
+    groups = [item for item in program.executor.work if hasattr(item, "kernel")]
+    assert groups
+    slots = program.executor.layout.slots
+    written = {name for step in program.executor.steps for name in step.outputs}
+    grouped_away = {value.name for node in program.graph.nodes for value in node.outputs} - written
+    assert grouped_away and not grouped_away & set(slots)
+    assert any(value.name in slots for group in groups for value in group.outputs)
+
+
+def test_half_precision_chains_compute_in_float32_and_round_once():
+    x = torch.randn(33, 17, dtype=torch.bfloat16)
+
+    class Chain(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.silu(x * 3.0 + 1.0) - x
+
+    program = ember.compile(Chain(), (x,), ember.Options(fusion=True))
+    assert program.report.fusion["fused_nodes"] == 4
+    exact = torch.nn.functional.silu(x.float() * 3.0 + 1.0) - x.float()
+    fused_error = (program(x).float() - exact).abs().max()
+    eager_error = (Chain()(x).float() - exact).abs().max()
+    assert fused_error <= eager_error
+
+
+def test_fusion_on_the_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ember.CompileError, match="TRITON_INTERPRET=1"):
+        ember.compile(BiasGeluScale(), (torch.randn(5, 7), torch.randn(7, 9), torch.randn(9)), ember.Options(fusion=True))
+
+
+def test_on_the_cpu_fusion_is_off_by_default():
+    model, inputs = models.load("gpt2")
+    program = ember.compile(model, inputs)
+    assert program.report.fusion == {} and program.executor.work is None
+
+
+def test_generated_kernels_are_dumped_with_their_ir(tmp_path):
+    ember.compile(BiasGeluScale(), (torch.randn(5, 7), torch.randn(7, 9), torch.randn(9)),
+                  ember.Options(fusion=True, debug_dir=str(tmp_path)))
+    source = (tmp_path / "fused_0.py").read_text()
+    assert source.startswith("# %") and "gelu" in source and "@triton.jit" in source
