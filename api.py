@@ -67,7 +67,7 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     started = time.perf_counter()
     report = coverage_report(graph, seconds, arena.summary() if arena else None, fusion_summary(fusion))
     program = Program(graph, report, layout=arena.layout if arena else None, work=work,
-                      check_inputs=options.check_inputs, **program_args)
+                      cuda_graphs=options.cuda_graphs, check_inputs=options.check_inputs, **program_args)
     program.report.stage_seconds["build"] = time.perf_counter() - started
     log.info("compiled %d nodes, op coverage %.1f%%", program.report.node_count, 100 * program.report.op_coverage)
     return program

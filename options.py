@@ -25,6 +25,8 @@ class Options:
     plan_time_limit: seconds the memory planner may spend on its search and MIP before keeping its best plan.
     fusion: run fused groups as generated Triton kernels. None (default): on when the model is on a GPU.
         True on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter; for tests, slow).
+    cuda_graphs: on a GPU, capture a call in a CUDA graph and replay it (inputs copied in, outputs cloned
+        out); needs the arena. A program that cannot be captured runs step by step, with one warning.
     mode: torch.compile's mode, accepted for compatibility and recorded in the report.
     """
 
@@ -36,6 +38,7 @@ class Options:
     arena: bool = True
     plan_time_limit: float = 10.0
     fusion: bool | None = None
+    cuda_graphs: bool = True
     mode: str = "default"
 
     def __post_init__(self) -> None:

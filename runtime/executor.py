@@ -6,6 +6,7 @@ intermediates live in one arena per device, allocated on the first call there an
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ from ..ir import ArenaLayout, Graph, Node
 from ..ir.types import contiguous_strides
 from ..ir.ops import Reference
 from .arena import bind_into, slot_view
+from .cuda_graph import GraphedCall
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +90,11 @@ class Executor:
     nor generated kernels are differentiable and the arena's next call would overwrite what backward saved.
     """
 
-    def __init__(self, graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None):
+    def __init__(self, graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None,
+                 cuda_graphs: bool = False):
         self.graph = graph
+        self.cuda_graphs = cuda_graphs
+        self.graphed: dict[torch.device, GraphedCall | None] = {}
         self.layout = layout
         self.work = work
         self.reference_steps = plan_steps(graph)
@@ -97,14 +104,32 @@ class Executor:
         self._steps_on: dict[torch.device, tuple[Step, ...]] = {}
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if _records_grad(inputs, self.graph.weights):
+            return self._run(self.reference_steps, inputs)
+        if self.layout is None:
+            return self._run(self.steps, inputs)
+        device = _device_of(inputs, self.graph)
+        if self.cuda_graphs and device.type == "cuda":
+            graphed = self._graphed_on(device, inputs)
+            if graphed is not None:
+                return graphed(inputs)
+        return self._run(self.steps_on(device), inputs)
+
+    def _graphed_on(self, device: torch.device, inputs: Sequence[torch.Tensor]) -> GraphedCall | None:
+        """This device's captured call, captured on first use; None (and one warning) if it cannot be."""
+        if device not in self.graphed:
+            steps = self.steps_on(device)
+            try:
+                self.graphed[device] = GraphedCall(lambda tensors: self._run(steps, tensors), inputs)
+            except RuntimeError as error:
+                log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)",
+                            str(error).splitlines()[0])
+                self.graphed[device] = None
+        return self.graphed[device]
+
+    def _run(self, steps: Sequence[Step], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         env = dict(self.graph.weights)
         env.update(zip(self.input_names, inputs))
-        if _records_grad(inputs, env):
-            steps = self.reference_steps
-        elif self.layout is None:
-            steps = self.steps
-        else:
-            steps = self.steps_on(_device_of(inputs, self.graph))
         for step in steps:
             results = step.run([env[name] for name in step.inputs])
             env.update(zip(step.outputs, (results[position] for position in step.positions)))
@@ -125,10 +150,10 @@ class Executor:
         return self._steps_on[device]
 
 
-def _records_grad(inputs: Sequence[torch.Tensor], env: Mapping[str, torch.Tensor]) -> bool:
+def _records_grad(inputs: Sequence[torch.Tensor], weights: Mapping[str, torch.Tensor]) -> bool:
     """Whether autograd would record this call."""
     return torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (*inputs, *env.values()))
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (*inputs, *weights.values()))
 
 
 def _device_of(inputs: Sequence[torch.Tensor], graph: Graph) -> torch.device:

@@ -59,6 +59,7 @@ class Program:
         check_inputs: bool = True,
         layout: ArenaLayout | None = None,
         work: Sequence[Node | GroupKernel] | None = None,
+        cuda_graphs: bool = False,
     ):
         self.graph = graph
         self.report = report
@@ -69,7 +70,7 @@ class Program:
         self.constant_inputs = dict(constant_inputs or {})
         self.mutated_buffers = mutated_buffers
         self.check_inputs = check_inputs
-        self.executor = Executor(graph, layout, work)
+        self.executor = Executor(graph, layout, work, cuda_graphs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.arg_count is not None and (len(args) != self.arg_count or set(kwargs) != set(self.kwarg_names)):
