@@ -96,7 +96,7 @@ def _search(sizes: Sequence[int], spans: Sequence[range], overlaps: Sequence[Seq
         nodes[0] += 1
         if nodes[0] > node_limit:
             raise _NodeLimit
-        if nodes[0] % 256 == 0 and time.perf_counter() > deadline:
+        if nodes[0] % 64 == 0 and time.perf_counter() > deadline:
             raise _Timeout
         if placed == count:
             return True
