@@ -1,0 +1,59 @@
+"""Where the GPU time goes, per kernel: ember (step by step) against torch.compile (default: the kernels reduce-overhead replays) on one model.
+
+torch.profiler over a few calls after warm-up; prints and saves the top kernels by total device time,
+so a speed gap can be named kernel by kernel.
+Usage: python bench/profile_kernels.py [--model gpt2] [--out bench/results] [--top 12]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import ember
+from ember import models
+
+from common import environment, write_results
+
+CALLS = 5
+
+
+def top_kernels(run, count: int) -> tuple[float, list[tuple[str, float, int]]]:
+    """(device ms per call, [(kernel, µs per call, launches per call)]) over CALLS profiled calls."""
+    with torch.no_grad():
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            for _ in range(CALLS):
+                run()
+            torch.cuda.synchronize()
+    events = [e for e in trace.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / CALLS / 1e3
+    ranked = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:count]
+    return total, [(e.key[:70], e.self_device_time_total / CALLS, e.count // CALLS) for e in ranked]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, inputs = models.load(args.model, "suite", device="cuda")
+    with torch.no_grad():
+        program = ember.compile(model, inputs, ember.Options(cuda_graphs=False))
+        compiled = torch.compile(model)  # reduce-overhead runs these same kernels from a CUDA graph
+    result, lines = {"model": args.model}, []
+    for name, run in (("ember", lambda: program(*inputs)), ("torch.compile", lambda: compiled(*inputs))):
+        total, kernels = top_kernels(run, args.top)
+        result[name] = {"device_ms": total, "kernels": kernels}
+        lines.append(f"{name}: {total:.3f} ms of kernels per call")
+        lines += [f"  {us:9.1f} µs  ×{launches:<4d} {kernel}" for kernel, us, launches in kernels]
+    write_results(args.out, f"profile_{args.model}", {**environment(torch.device("cuda")), **result}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
