@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
-from typing import Any
-
-if TYPE_CHECKING:
-    from .graph import Node
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .schema import _tensor_kind
 from .types import TensorType
 
+if TYPE_CHECKING:
+    from .graph import Node
+
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_TYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
                 torch.bool: "tl.int1"}
 """The dtypes a fused pointwise kernel reads and writes (integers stay reference steps)."""
 
-Operand = str | float | int | bool
-"""A variable name of the kernel (a tensor operand) or a Python number (a scalar one)."""
 Emit = Callable[[Mapping[str, Any]], str | None]
-"""Named operands (schema argument name -> operand or attribute value) -> expression, or None if unsupported."""
+"""Named operands (schema argument name -> a kernel variable for a tensor, or the number or attribute value)
+-> expression, or None if unsupported."""
 
 
 def operands(schema: Any, attrs: Mapping[str, Any], variables: Sequence[str]) -> dict[str, Any]:
@@ -187,7 +185,7 @@ EXPRESSIONS: dict[str, Emit] = {
 }
 
 
-def fusible(node: "Node", types: Mapping[str, TensorType]) -> bool:
+def fusible(node: Node, types: Mapping[str, TensorType]) -> bool:
     """Whether a pointwise kernel can compute this node: an expression for its op and attrs, one result, and
     float32, float16, bfloat16 or bool for every value it reads and writes."""
     emit = EXPRESSIONS.get(node.op)
