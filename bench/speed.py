@@ -2,8 +2,9 @@
 
 One process, one device, every variant of a model timed side by side in rotation (three rounds, the
 median of each), after warm-up: median ms per call, speedup over eager, peak memory above weights and
-inputs (what a variant keeps between calls, such as ember's arena or a CUDA-graph pool, plus what a call
-allocates), compile time (first calls included), and ember's max error against eager.
+inputs (the most allocated while a variant is built and first called, so what it keeps between calls,
+such as ember's arena or a CUDA-graph pool, counts), compile time (first calls included), and ember's
+max error against eager.
 Usage: python bench/speed.py [--out bench/results] [--models mlp gpt2 ...] [--rounds 3]
 """
 from __future__ import annotations
@@ -20,38 +21,40 @@ from ember import models
 from ember.optimizer.cost.calibrate import time_us
 
 from common import environment, write_results
-from memory import peak_above_baseline
 
 VARIANTS = ("eager", "inductor", "inductor_ro", "ember")
 
 
 def build(name: str) -> tuple[dict, dict, dict, tuple]:
-    """Every variant's callable, compile time (a first call included) and the memory it keeps between calls
-    (ember's arena, reduce-overhead's CUDA-graph pool) for one model."""
+    """Every variant's callable, compile time (its first three calls included) and peak memory: the most
+    allocated above what was allocated before it was built, while it was built and called (so what it
+    keeps between calls, such as ember's arena or a CUDA-graph pool, counts, and so do its transients)."""
     torch.manual_seed(0)
     model, inputs = models.load(name, "suite", device="cuda")
-    calls, compile_s, held = {"eager": model}, {"eager": 0.0}, {"eager": 0}
-    builders = {"inductor": lambda: torch.compile(model, mode="default"),
+    calls, compile_s, peaks = {}, {}, {}
+    builders = {"eager": lambda: model,
+                "inductor": lambda: torch.compile(model, mode="default"),
                 "inductor_ro": lambda: torch.compile(model, mode="reduce-overhead"),
                 "ember": lambda: ember.compile(model, inputs)}
     with torch.no_grad():
         for variant, make in builders.items():
             gc.collect()
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             started = time.perf_counter()
             compiled = make()
             for _ in range(3):  # reduce-overhead records its graph on the third call
                 result = compiled(*inputs)
+                del result
             torch.cuda.synchronize()
-            compile_s[variant] = time.perf_counter() - started
-            del result
-            calls[variant], held[variant] = compiled, torch.cuda.memory_allocated() - before
-    return calls, compile_s, held, inputs
+            compile_s[variant] = 0.0 if variant == "eager" else time.perf_counter() - started
+            calls[variant], peaks[variant] = compiled, torch.cuda.max_memory_allocated() - before
+    return calls, compile_s, peaks, inputs
 
 
 def measure(name: str, rounds: int) -> dict:
-    calls, compile_s, held, inputs = build(name)
+    calls, compile_s, peaks, inputs = build(name)
     device = torch.device("cuda")
     samples: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     with torch.no_grad():
@@ -60,7 +63,6 @@ def measure(name: str, rounds: int) -> dict:
         for _ in range(rounds):
             for variant in VARIANTS:
                 samples[variant].append(time_us(lambda: calls[variant](*inputs), device) / 1e3)
-    peaks = {variant: held[variant] + peak_above_baseline(lambda: calls[variant](*inputs)) for variant in VARIANTS}
     program = calls["ember"]
     row = {"model": name, "ember_max_err": error, "ember_cuda_graph": any(program.executor.graphed.values()), "ember_fused_groups": program.report.fusion.get("groups", 0),
            "ember_fused_nodes": program.report.fusion.get("fused_nodes", 0), "nodes": len(program.graph.nodes)}
