@@ -96,9 +96,9 @@ def optimize(graph: Graph, options: Options, seconds: dict[str, float]) -> Graph
     """Every pass of the pipeline in order, timed into `seconds`, with a checkpoint after each."""
     for index, transform in enumerate(PIPELINE + (REORDER if options.reorder else ()), start=1):
         started = time.perf_counter()
-        graph = transform(graph)
+        before, graph = graph, transform(graph)
         seconds[transform.__name__] = time.perf_counter() - started
-        checkpoint(graph, transform.__name__, options, index=index)
+        checkpoint(graph, transform.__name__, options, index=index, changed=graph is not before)
     return graph
 
 
@@ -119,13 +119,14 @@ def inspect(
     return build_report(graph, profile, model=type(model).__name__)
 
 
-def checkpoint(graph: Graph, stage: str, options: Options, *, index: int) -> None:
-    """After a stage: verify the graph (when asked) and dump it to the debug directory (when set)."""
+def checkpoint(graph: Graph, stage: str, options: Options, *, index: int, changed: bool = True) -> None:
+    """After a stage: verify the graph (when asked, and unless the stage returned it unchanged) and dump it
+    to the debug directory (when set)."""
     if options.debug_dir:
         directory = Path(options.debug_dir)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"{index:02d}_{stage}.ir.txt").write_text(str(graph) + "\n")
-    if options.verify or options.debug:
+    if changed and (options.verify or options.debug):
         try:
             graph.verify()
         except VerifyError as error:
