@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..ir import Graph, Node, TensorType
 from ..ir.expressions import EXPRESSIONS, FLOATS, TRITON_TYPES, operands
-from ..ir.types import contiguous_strides
+from ..optimizer.fusion import reads_of
 
 BLOCK = 1024
 
@@ -33,8 +33,7 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
     """The kernel computing `nodes` (in order) and storing the values named in `outputs`."""
     types = graph.types()
     shape = types[outputs[0]].shape
-    inside = {value.name for node in nodes for value in node.outputs}
-    inputs = tuple(dict.fromkeys(n for node in nodes for n in node.inputs if n not in inside))
+    inputs = reads_of(nodes)
     for value in (*inputs, *outputs):
         if types[value].dtype not in TRITON_TYPES:
             raise ValueError(f"pointwise codegen handles {', '.join(map(str, TRITON_TYPES))}, not {types[value]}")
@@ -86,7 +85,7 @@ def _coordinates(shape: tuple[int, ...]) -> list[str]:
 
 def _offset(value_type: TensorType, shape: tuple[int, ...]) -> str:
     """Element offset of a value broadcast to `shape` (aligned from the right; broadcast dims stride 0)."""
-    strides = value_type.strides if value_type.strides is not None else contiguous_strides(value_type.shape)
+    strides = value_type.layout
     skip = len(shape) - len(value_type.shape)
     terms = [f"c{skip + dim} * {stride}" for dim, (size, stride) in enumerate(zip(value_type.shape, strides))
              if size != 1 and stride != 0]

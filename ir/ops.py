@@ -15,7 +15,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .schema import bind_arguments
-from .types import TensorType, contiguous_strides, type_of
+from .types import TensorType, type_of
 
 Reference = Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]]
 Infer = Callable[["OpDef", Sequence[TensorType], Mapping[str, Any]], tuple[TensorType | None, ...]]
@@ -102,7 +102,7 @@ def infer_by_tracing(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str
     the real ones, and kernels differ by device (histc takes int32 on CUDA, not on the CPU).
     """
     with FakeTensorMode():
-        fakes = [torch.empty_strided(t.shape, t.strides or contiguous_strides(t.shape), dtype=t.dtype, device=t.device)
+        fakes = [torch.empty_strided(t.shape, t.layout, dtype=t.dtype, device=t.device)
                  for t in inputs]
         return tuple(None if out is None else type_of(out) for out in op.bind(attrs)(fakes))
 

@@ -44,11 +44,16 @@ class TensorType:
         return self.numel * self.dtype.itemsize
 
     @property
+    def layout(self) -> tuple[int, ...]:
+        """The strides to allocate at: the recorded ones, or row-major when none were recorded."""
+        return self.strides if self.strides is not None else contiguous_strides(self.shape)
+
+    @property
     def storage_bytes(self) -> int:
         """Bytes from the first element to the last at these strides: what a buffer of this type must hold."""
-        if self.strides is None or self.numel == 0:
-            return self.nbytes
-        return (1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.strides))) * self.dtype.itemsize
+        if self.numel == 0:
+            return 0
+        return (1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.layout))) * self.dtype.itemsize
 
     @property
     def is_contiguous(self) -> bool:

@@ -9,7 +9,7 @@ predicted faster; both numbers are recorded for `inspect`. The plan is plain dat
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -23,11 +23,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class FusionGroup:
-    """Nodes run as one kernel; `outputs` are the values it writes (read after it, or returned)."""
+    """Nodes run as one kernel; `inputs` are the values it reads from outside, `outputs` the values it writes
+    (read after it, or returned)."""
 
     name: str
     kind: str
     nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     unfused_us: float
     fused_us: float
@@ -40,10 +42,6 @@ class FusionPlan:
     groups: tuple[FusionGroup, ...]
     rejected: tuple[FusionGroup, ...]
     schedule: tuple[str, ...]
-
-    def group_of(self) -> dict[str, FusionGroup]:
-        """Node name -> the kept group it runs in."""
-        return {node: group for group in self.groups for node in group.nodes}
 
 
 class FusionError(ValueError):
@@ -127,6 +125,12 @@ def _closes_a_cycle(dag: nx.DiGraph, group: set[str], node: str) -> bool:
     return any(group & nx.ancestors(dag, p) for p in outside)
 
 
+def reads_of(nodes: Sequence[Node]) -> tuple[str, ...]:
+    """The values a group of nodes reads from outside itself, in order of first read."""
+    inside = {value.name for node in nodes for value in node.outputs}
+    return tuple(dict.fromkeys(name for node in nodes for name in node.inputs if name not in inside))
+
+
 def _priced(name: str, nodes: list[Node], graph: Graph, cost: CostModel) -> FusionGroup:
     types = graph.types()
     inside = {node.name for node in nodes}
@@ -135,7 +139,7 @@ def _priced(name: str, nodes: list[Node], graph: Graph, cost: CostModel) -> Fusi
     outputs = tuple(value.name for node in nodes for value in node.outputs if value.name in read_after & written)
     unfused = sum(cost.node(node, types).predicted_us for node in nodes)
     fused = cost.group(nodes, graph).predicted_us
-    return FusionGroup(name, "pointwise", tuple(node.name for node in nodes), outputs, unfused, fused)
+    return FusionGroup(name, "pointwise", tuple(node.name for node in nodes), reads_of(nodes), outputs, unfused, fused)
 
 
 def _schedule(graph: Graph, dag: nx.DiGraph, groups: list[FusionGroup]) -> tuple[str, ...]:

@@ -40,9 +40,7 @@ def steps_of(graph: Graph, fusion: FusionPlan | None = None) -> list[StepSpec]:
     for name in fusion.schedule:
         if name in groups:
             group = groups[name]
-            inside = {value.name for node_name in group.nodes for value in nodes[node_name].outputs}
-            reads = tuple(dict.fromkeys(n for node_name in group.nodes for n in nodes[node_name].inputs if n not in inside))
-            steps.append((name, reads, tuple(Value(v, types[v]) for v in group.outputs), False))
+            steps.append((name, group.inputs, tuple(Value(v, types[v]) for v in group.outputs), False))
         else:
             node = nodes[name]
             steps.append((name, node.inputs, node.outputs, node.definition.kind == "view"))

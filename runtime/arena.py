@@ -12,7 +12,6 @@ from collections.abc import Mapping
 import torch
 
 from ..ir import Node, TensorType
-from ..ir.types import contiguous_strides
 from ..ir.ops import Reference
 from ..ir.schema import bind_arguments
 
@@ -55,7 +54,7 @@ def _signature(schema: torch._C.FunctionSchema, *, skip_written: bool = False) -
 def slot_view(arena: torch.Tensor, offset: int, value_type: TensorType) -> torch.Tensor:
     """The tensor of `value_type` (shape, dtype, strides) that lives at byte `offset` of `arena`."""
     storage = arena[offset: offset + value_type.storage_bytes].view(value_type.dtype)
-    return storage.as_strided(value_type.shape, value_type.strides or contiguous_strides(value_type.shape))
+    return storage.as_strided(value_type.shape, value_type.layout)
 
 
 def bind_into(node: Node, views: Mapping[str, torch.Tensor]) -> Reference:

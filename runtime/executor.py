@@ -14,7 +14,6 @@ import torch
 
 from ..codegen import GroupKernel
 from ..ir import ArenaLayout, Graph, Node
-from ..ir.types import contiguous_strides
 from ..ir.ops import Reference
 from .arena import bind_into, slot_view
 from .cuda_graph import GraphedCall
@@ -72,8 +71,7 @@ def _launch(group: GroupKernel, views: Mapping[str, torch.Tensor]) -> Reference:
         device = inputs[0].device
         outputs = tuple(
             view if view is not None else torch.empty_strided(
-                value.type.shape, value.type.strides or contiguous_strides(value.type.shape),
-                dtype=value.type.dtype, device=device)
+                value.type.shape, value.type.layout, dtype=value.type.dtype, device=device)
             for view, value in zip(planned, group.outputs))
         group.kernel(inputs, outputs)
         return outputs
@@ -152,8 +150,8 @@ class Executor:
 
 def _records_grad(inputs: Sequence[torch.Tensor], weights: Mapping[str, torch.Tensor]) -> bool:
     """Whether autograd would record this call."""
-    return torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (*inputs, *weights.values()))
+    return torch.is_grad_enabled() and (any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+                                        or any(t.requires_grad for t in weights.values()))
 
 
 def _device_of(inputs: Sequence[torch.Tensor], graph: Graph) -> torch.device:
