@@ -1,6 +1,6 @@
-"""GPU-only checks of what the CPU tests run in the interpreter: generated pointwise kernels compiled by
-the real Triton, on odd sizes, non-contiguous and broadcast inputs, in every float dtype; and the
-device-side grouped matmul against the per-expert loop.
+"""GPU-only checks of what the CPU tests run in the interpreter: generated pointwise and row-reduction
+kernels compiled by the real Triton, on odd sizes, non-contiguous and broadcast inputs, in every float
+dtype, rows from 7 to 5000 columns; and the device-side grouped matmul against the per-expert loop.
 Usage: python bench/gpu_kernels.py [--out bench/results]
 """
 from __future__ import annotations
@@ -43,6 +43,42 @@ def check_chains() -> list[dict]:
     return rows
 
 
+class Rows(nn.Module):
+    """Row reductions with their producers and consumers: add + layer norm, an RMS norm op by op, softmax,
+    log-softmax, and sums and means kept per row or not."""
+
+    def __init__(self, features: int, dtype: torch.dtype):
+        super().__init__()
+        self.norm = nn.LayerNorm(features, device="cuda", dtype=dtype)
+        self.weight = nn.Parameter(torch.randn(features, device="cuda", dtype=dtype))
+
+    def forward(self, x, residual):
+        hidden = x + residual
+        variance = hidden.float().pow(2).mean(-1, keepdim=True)
+        rms = self.weight * (hidden.float() * torch.rsqrt(variance + 1e-6)).to(x.dtype)
+        return (self.norm(hidden), rms, torch.softmax(x * 0.5, -1), torch.log_softmax(x, -1),
+                hidden.sum(-1) * 0.1, (x.exp().mean(-1, keepdim=True) - 1).rsqrt())
+
+
+def check_rows() -> list[dict]:
+    rows = []
+    for features in (7, 769, 5000):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(features, 3, 67, device="cuda", dtype=dtype).permute(1, 2, 0)  # non-contiguous rows
+            residual = torch.randn(features, device="cuda", dtype=dtype)
+            model = Rows(features, dtype)
+            with torch.no_grad():
+                expected = model(x, residual)
+                program = ember.compile(model, (x, residual), ember.Options(fusion=True))
+                actual = program(x, residual)
+            error = max((a.float() - e.float()).abs().max().item() for a, e in zip(actual, expected))
+            limit = tolerance_for(dtype, scale=max(e.float().abs().max().item() for e in expected))
+            rows.append({"check": f"row kernels {features} columns {str(dtype).removeprefix('torch.')}",
+                         "max_err": error, "limit": limit, "groups": program.report.fusion["groups"],
+                         "ok": error <= limit})
+    return rows
+
+
 def check_grouped_mm() -> dict:
     torch.manual_seed(0)
     x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
@@ -64,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
-    rows = check_chains() + [check_grouped_mm()]
+    rows = check_chains() + check_rows() + [check_grouped_mm()]
     lines = [f"{'check':44} {'max err':>10} {'limit':>10} {'groups':>6}  ok"]
     lines += [f"{r['check']:44} {r['max_err']:10.3g} {r['limit']:10.3g} {r['groups']:6d}  {'yes' if r['ok'] else 'NO'}"
               for r in rows]

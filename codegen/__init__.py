@@ -1,5 +1,7 @@
 """ember's code generation: Triton source per fusion group, a kernel cache on disk, kernel handles."""
-from .kernels import GroupKernel, PointwiseKernel, lower_schedule
-from .pointwise import PointwiseSource, generate
+from .kernels import GroupKernel, Kernel, generate_group, lower_schedule
+from .pointwise import generate
+from .reduction import generate_rows
+from .source import KernelSource
 
-__all__ = ["GroupKernel", "PointwiseKernel", "PointwiseSource", "generate", "lower_schedule"]
+__all__ = ["GroupKernel", "Kernel", "KernelSource", "generate", "generate_group", "generate_rows", "lower_schedule"]

@@ -9,25 +9,27 @@ from typing import Any
 import torch
 
 from ..ir import Graph, Node, Value
-from ..optimizer.fusion import FusionPlan
+from ..optimizer.fusion import FusionGroup, FusionPlan
 from .cache import load_kernel
-from .pointwise import PointwiseSource, generate
+from .pointwise import generate
+from .reduction import generate_rows
+from .source import KernelSource
 
 
 @dataclass(slots=True)
-class PointwiseKernel:
-    """A generated pointwise kernel: call it with its input tensors and the output tensors to fill."""
+class Kernel:
+    """A generated kernel: call it with its input tensors and the output tensors to fill."""
 
-    source: PointwiseSource
+    source: KernelSource
     _function: Any = field(default=None, repr=False)
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         if self._function is None:
             self._function = load_kernel(self.source.name, self.source.source)
-        if self.source.numel == 0:
+        if self.source.programs == 0:
             return
-        grid = (-(-self.source.numel // self.source.block),)
-        self._function[grid](*inputs, *outputs, self.source.numel, BLOCK=self.source.block)
+        self._function[(self.source.programs,)](*inputs, *outputs, *self.source.scalars, **dict(self.source.constants),
+                                                num_warps=self.source.num_warps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +39,16 @@ class GroupKernel:
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[Value, ...]
-    kernel: PointwiseKernel
+    kernel: Kernel
+
+
+def generate_group(group: FusionGroup, graph: Graph) -> KernelSource:
+    """The source of one fusion group's kernel, by the group's kind."""
+    nodes = {node.name: node for node in graph.nodes}
+    members = [nodes[name] for name in group.nodes]
+    if group.kind == "reduction":
+        return generate_rows(group.name, members, graph, group.outputs, group.shape, group.reduced)
+    return generate(group.name, members, graph, group.outputs)
 
 
 def lower_schedule(graph: Graph, fusion: FusionPlan, debug_dir: str | None = None) -> tuple[Node | GroupKernel, ...]:
@@ -51,11 +62,10 @@ def lower_schedule(graph: Graph, fusion: FusionPlan, debug_dir: str | None = Non
         if name not in groups:
             work.append(nodes[name])
             continue
-        group = groups[name]
-        source = generate(name, [nodes[n] for n in group.nodes], graph, group.outputs)
+        source = generate_group(groups[name], graph)
         if debug_dir:
             Path(debug_dir).mkdir(parents=True, exist_ok=True)
             (Path(debug_dir) / f"{name}.py").write_text(source.source)
-        work.append(GroupKernel(name, source.inputs, tuple(Value(v, types[v]) for v in group.outputs),
-                                PointwiseKernel(source)))
+        work.append(GroupKernel(name, source.inputs, tuple(Value(v, types[v]) for v in groups[name].outputs),
+                                Kernel(source)))
     return tuple(work)

@@ -1,36 +1,47 @@
 """Kernel fusion, planned: which nodes run together as one generated kernel, and in what order.
 
-Kinds so far: pointwise chains (every node an op with a Triton expression, all results of one shape,
-broadcast inputs allowed). A node joins the group of one of its producers when that keeps the graph
-acyclic (no path leaves the group and comes back into the node) and the shapes agree. Each group of
-two or more nodes is then priced by the cost model, fused and unfused, and kept only when fusing is
-predicted faster; both numbers are recorded for `inspect`. The plan is plain data; the graph is untouched.
+Kinds so far:
+- pointwise chains: every node an op with a Triton expression, all results of one shape, broadcast inputs allowed;
+- reductions over trailing dims (sum, mean, softmax, log-softmax, layer norm) with their pointwise producers
+  and consumers: results either of the reduced input's shape ("full") or one value per row, so a residual
+  add, an RMS norm written out op by op, or add + layer norm becomes one kernel holding whole rows.
+A node joins the group of one of its producers when that keeps the graph acyclic (no path leaves the group
+and comes back into the node) and its shapes fit the group's iteration space. Each group of two or more
+nodes is then priced by the cost model, fused and unfused, and kept only when fusing is predicted faster;
+both numbers are recorded for `inspect`. The plan is plain data; the graph is untouched.
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
 
-from ..ir import Graph, Node
+from ..ir import Graph, Node, TensorType
 from ..ir.expressions import fusible
+from ..ir.reductions import REDUCTIONS, reduced_dims
 from .cost import CostModel
 
 log = logging.getLogger(__name__)
+
+MAX_ROW_COLUMNS = 16384
+"""A reduction group holds whole rows in registers; longer rows are left to ATen."""
 
 
 @dataclass(frozen=True, slots=True)
 class FusionGroup:
     """Nodes run as one kernel; `inputs` are the values it reads from outside, `outputs` the values it writes
-    (read after it, or returned)."""
+    (read after it, or returned). The kernel iterates over `shape`, reducing its last `reduced` dims."""
 
     name: str
     kind: str
     nodes: tuple[str, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    shape: tuple[int, ...]
+    reduced: int
     unfused_us: float
     fused_us: float
 
@@ -48,51 +59,141 @@ class FusionError(ValueError):
     """A fusion plan that would compute something else: a cycle, a node twice, a shape mismatch."""
 
 
+@dataclass(slots=True)
+class _Space:
+    """A group being formed: its iteration shape, how many trailing dims it reduces, and for each value it
+    computes whether the value is per row (True) or per element (False)."""
+
+    shape: tuple[int, ...]
+    reduced: int
+    per_row: dict[str, bool]
+
+    def row_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """A per-row value's two possible shapes: reduced dims dropped, or kept as 1."""
+        rows = self.shape[:len(self.shape) - self.reduced]
+        return rows, rows + (1,) * self.reduced
+
+
+def _place(node: Node, space: _Space, types: Mapping[str, TensorType], read: frozenset[str]) -> _Space | None:
+    """The space after `node` joins a group with `space`, or None if the group's kernel cannot compute it there."""
+    reduced = reduced_dims(node, types, read)
+    if reduced is not None:
+        source, others = node.inputs[0], node.inputs[1:]
+        if (types[source].shape != space.shape or space.reduced not in (0, reduced) or space.per_row.get(source)
+                or any(name in space.per_row for name in others)
+                or math.prod(space.shape[len(space.shape) - reduced:]) > MAX_ROW_COLUMNS):
+            return None
+        results = REDUCTIONS[node.op].results
+        added = {value.name: results[position] == "row" for value, position in zip(node.outputs, node.result_positions)}
+        return _Space(space.shape, reduced, {**space.per_row, **added})
+    if not fusible(node, types):
+        return None
+    shape, rows, kept = node.outputs[0].type.shape, *space.row_shapes()
+    internal = [name for name in node.inputs if name in space.per_row]
+    if shape == space.shape:  # per element: a per-row operand broadcasts over its row only when its dims are kept
+        if any(space.per_row[name] and types[name].shape != kept for name in internal):
+            return None
+        per_row = False
+    elif space.reduced and shape in (rows, kept) and all(space.per_row[name] for name in internal):
+        per_row = True
+    else:
+        return None
+    return _Space(space.shape, space.reduced, {**space.per_row, node.outputs[0].name: per_row})
+
+
+def _open(node: Node, types: Mapping[str, TensorType], read: frozenset[str]) -> _Space | None:
+    """The space of a group that `node` starts, or None if no kernel can compute it."""
+    if reduced_dims(node, types, read) is not None:
+        return _place(node, _Space(types[node.inputs[0]].shape, 0, {}), types, read)
+    if fusible(node, types):
+        return _Space(node.outputs[0].type.shape, 0, {node.outputs[0].name: False})
+    return None
+
+
 def plan_fusion(graph: Graph, cost: CostModel) -> FusionPlan:
-    """Group pointwise chains of `graph` and keep the groups the cost model predicts faster."""
+    """Group pointwise chains and row reductions of `graph`; keep the groups the cost model predicts faster."""
     types = graph.types()
+    read = _read_values(graph)
     dag = _dag(graph)
     group_id: dict[str, int] = {}
     members: dict[int, list[Node]] = {}
+    spaces: dict[int, _Space] = {}
     for node in graph.nodes:
-        if not fusible(node, types):
+        opened = _open(node, types, read)
+        if opened is None:
             continue
-        shape = node.outputs[0].type.shape
         joined = None
         for producer in dict.fromkeys(dag.predecessors(node.name)):
             candidate = group_id.get(producer)
-            if candidate is None or members[candidate][0].outputs[0].type.shape != shape:
+            if candidate is None:
                 continue
-            if _closes_a_cycle(dag, {n.name for n in members[candidate]}, node.name):
+            placed = _place(node, spaces[candidate], types, read)
+            if placed is None or _closes_a_cycle(dag, {n.name for n in members[candidate]}, node.name):
                 continue
-            joined = candidate
+            joined, spaces[candidate] = candidate, placed
             break
         if joined is None:
             joined = len(members)
-            members[joined] = []
+            members[joined], spaces[joined] = [], opened
         members[joined].append(node)
         group_id[node.name] = joined
+    _merge_along_edges(graph, dag, members, spaces, group_id, types, read)
     kept, rejected = [], []
-    for nodes in members.values():
+    for index, nodes in members.items():
         if len(nodes) < 2:
             continue
-        group = _priced(f"fused_{len(kept) + len(rejected)}", nodes, graph, cost)
+        group = _priced(f"fused_{len(kept) + len(rejected)}", nodes, spaces[index], graph, cost)
         (kept if group.fused_us < group.unfused_us else rejected).append(group)
     plan = FusionPlan(tuple(kept), tuple(rejected), _schedule(graph, dag, kept))
     log.info("fusion: %d groups kept (%d nodes), %d turned down", len(kept), sum(len(g.nodes) for g in kept), len(rejected))
     return plan
 
 
+def _replay(nodes: Sequence[Node], types: Mapping[str, TensorType], read: frozenset[str]) -> _Space | None:
+    """The space of a group holding `nodes` in this order, or None if its kernel cannot compute them."""
+    space = _open(nodes[0], types, read)
+    for node in nodes[1:]:
+        space = space and _place(node, space, types, read)
+    return space
+
+
+def _merge_along_edges(graph: Graph, dag: nx.DiGraph, members: dict[int, list[Node]], spaces: dict[int, _Space],
+                       group_id: dict[str, int], types: Mapping[str, TensorType], read: frozenset[str]) -> None:
+    """Merge a producer's group into its consumer's wherever one kernel can compute both and no path leaves
+    and re-enters them: a node reading two groups (an RMS norm's statistics and a second cast of its input)
+    joins only one of them at first."""
+    order = {node.name: index for index, node in enumerate(graph.nodes)}
+    merged_any = True
+    while merged_any:
+        merged_any = False
+        for producer, consumer in dag.edges:
+            source, target = group_id.get(producer), group_id.get(consumer)
+            if source is None or target is None or source == target:
+                continue
+            nodes = sorted(members[source] + members[target], key=lambda node: order[node.name])
+            space = _replay(nodes, types, read)
+            names = [node.name for node in nodes]
+            if space is None or _closes_a_cycle(dag, set(names), *names):
+                continue
+            members[target], spaces[target] = nodes, space
+            for node in members.pop(source):
+                group_id[node.name] = target
+            del spaces[source]
+            merged_any = True
+
+
 def verify_fusion(plan: FusionPlan, graph: Graph) -> None:
-    """Raise FusionError unless every node runs exactly once, groups are pointwise of one shape, and the
-    schedule respects every dependency."""
+    """Raise FusionError unless every node runs exactly once, each group's nodes fit its iteration space in
+    order, and the schedule respects every dependency."""
     types = graph.types()
+    read = _read_values(graph)
     nodes = {node.name: node for node in graph.nodes}
     seen: dict[str, str] = {}
     for group in plan.groups:
-        shapes = {nodes[name].outputs[0].type.shape for name in group.nodes}
-        if len(shapes) != 1 or not all(fusible(nodes[name], types) for name in group.nodes):
-            raise FusionError(f"group {group.name} mixes shapes {sorted(shapes)} or holds a node codegen cannot emit")
+        space = _replay([nodes[name] for name in group.nodes], types, read)
+        if space is None or (space.shape, space.reduced) != (group.shape, group.reduced):
+            raise FusionError(f"group {group.name} holds a node its {group.kind} kernel over {group.shape} "
+                              f"(reducing {group.reduced} dims) cannot compute")
         for name in group.nodes:
             if name in seen:
                 raise FusionError(f"node {name} is in both {seen[name]} and {group.name}")
@@ -110,6 +211,11 @@ def verify_fusion(plan: FusionPlan, graph: Graph) -> None:
                 raise FusionError(f"{node.name} reads %{name} before the step that computes it")
 
 
+def _read_values(graph: Graph) -> frozenset[str]:
+    """Every value some node reads or the graph returns."""
+    return frozenset(name for node in graph.nodes for name in node.inputs) | frozenset(graph.outputs)
+
+
 def _dag(graph: Graph) -> nx.DiGraph:
     """Node -> node edges of `graph` (who reads whose result)."""
     producer = {value.name: node.name for node in graph.nodes for value in node.outputs}
@@ -119,9 +225,9 @@ def _dag(graph: Graph) -> nx.DiGraph:
     return dag
 
 
-def _closes_a_cycle(dag: nx.DiGraph, group: set[str], node: str) -> bool:
-    """Whether adding `node` to `group` makes a cycle: some path leaves the group and reaches the node."""
-    outside = [p for p in dag.predecessors(node) if p not in group]
+def _closes_a_cycle(dag: nx.DiGraph, group: set[str], *nodes: str) -> bool:
+    """Whether `nodes` in one kernel with `group` make a cycle: some path leaves the group and reaches them."""
+    outside = {p for node in nodes for p in dag.predecessors(node) if p not in group}
     return any(group & nx.ancestors(dag, p) for p in outside)
 
 
@@ -131,7 +237,7 @@ def reads_of(nodes: Sequence[Node]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for node in nodes for name in node.inputs if name not in inside))
 
 
-def _priced(name: str, nodes: list[Node], graph: Graph, cost: CostModel) -> FusionGroup:
+def _priced(name: str, nodes: list[Node], space: _Space, graph: Graph, cost: CostModel) -> FusionGroup:
     types = graph.types()
     inside = {node.name for node in nodes}
     written = {value.name for node in nodes for value in node.outputs}
@@ -139,7 +245,9 @@ def _priced(name: str, nodes: list[Node], graph: Graph, cost: CostModel) -> Fusi
     outputs = tuple(value.name for node in nodes for value in node.outputs if value.name in read_after & written)
     unfused = sum(cost.node(node, types).predicted_us for node in nodes)
     fused = cost.group(nodes, graph).predicted_us
-    return FusionGroup(name, "pointwise", tuple(node.name for node in nodes), reads_of(nodes), outputs, unfused, fused)
+    kind = "reduction" if space.reduced else "pointwise"
+    return FusionGroup(name, kind, tuple(node.name for node in nodes), reads_of(nodes), outputs, space.shape,
+                       space.reduced, unfused, fused)
 
 
 def _schedule(graph: Graph, dag: nx.DiGraph, groups: list[FusionGroup]) -> tuple[str, ...]:

@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ember.codegen import PointwiseKernel, generate
+from ember.codegen import Kernel, generate, generate_rows
 from ember.ir import OP_TABLE, Graph, Node, Value
 from ember.ir.expressions import EXPRESSIONS, fusible
+from ember.ir.reductions import REDUCTIONS, reduced_dims
 from ember.ir.ops import as_tuple
 from ember.ir.schema import split_arguments
 from ember.ir.types import TensorType, type_of
@@ -229,12 +230,15 @@ SAMPLES.update({
 })
 
 _DIMS = (([0, 2], True), {}), (([1],), {})
+_TRAILING_DIMS = (([-1],), {}), (([1, 2], True), {})
 _ONE_DIM = ((1,), {}), ((-1, True), {})
 _CORRECTION = (([1],), {"correction": 0, "keepdim": True}), ((), {}), ((None,), {"correction": 2})
 SAMPLES.update({
     **{name: reduction() for name in "mean max min prod".split()},
     **{name: reduction("with_zeros") for name in "any all".split()},
-    **{name: reduction("normal", *_DIMS) for name in "sum.dim_IntList mean.dim amax amin logsumexp".split()},
+    **{name: reduction("normal", *_DIMS) for name in "amax amin logsumexp".split()},
+    "sum.dim_IntList": reduction("normal", *_DIMS, *_TRAILING_DIMS, (([2],), {"dtype": torch.float32})),
+    "mean.dim": reduction("normal", *_DIMS, *_TRAILING_DIMS),
     **{name: reduction("normal", *_ONE_DIM) for name in "max.dim min.dim prod.dim_int".split()},
     **{name: reduction("normal", ((), {}), *_ONE_DIM) for name in "argmax argmin".split()},
     **{name: reduction("with_zeros", *_ONE_DIM) for name in "any.dim all.dim".split()},
@@ -518,8 +522,44 @@ def test_generated_pointwise_kernel_matches_direct_call(name, index, dtype):
         pytest.skip(f"{name} with {attrs} on {dtype} stays a reference step (not fusible)")
     graph = Graph(values, (), (node,), ("out",))
     out = torch.full_like(direct[0], 7)
-    PointwiseKernel(generate("k", [node], graph, ["out"]))(inputs, [out])
+    Kernel(generate("k", [node], graph, ["out"]))(inputs, [out])
     assert_close(out, direct[0])
+
+
+REDUCTION_CASES = [case for case in CASES if case.values[0] in REDUCTIONS]
+
+
+def _reduction_node(name: str, inputs, attrs, direct) -> tuple[Node, dict[str, TensorType], int | None]:
+    """The sample call as a node, its value types, and the trailing dims a row kernel reduces (None: not fusible)."""
+    node = Node("n", name, tuple(f"in{i}" for i in range(len(inputs))), attrs,
+                tuple(Value(f"out{i}", type_of(t)) for i, t in enumerate(direct)))
+    types = {f"in{i}": type_of(t) for i, t in enumerate(inputs)}
+    return node, types, reduced_dims(node, types, frozenset({"out0"}))
+
+
+@pytest.mark.parametrize("name, index, dtype", REDUCTION_CASES)
+def test_generated_reduction_kernel_matches_direct_call(name, index, dtype):
+    """Each reduction as a one-node row kernel (the interpreter on the CPU), over non-contiguous inputs of odd
+    sizes, one and two reduced dims."""
+    op, inputs, attrs, direct = run_sample(name, index, dtype)
+    node, types, reduced = _reduction_node(name, inputs, attrs, direct)
+    if reduced is None:
+        pytest.skip(f"{name} with {attrs} reduces dims that are not trailing: stays a reference step")
+    graph = Graph(tuple(Value(n, t) for n, t in types.items()), (), (node,), ("out0",))
+    out = torch.full_like(direct[0], 7)
+    Kernel(generate_rows("k", [node], graph, ["out0"], types["in0"].shape, reduced))(inputs, [out])
+    assert_close(out, direct[0])
+
+
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
+def test_every_reduction_has_a_sample_codegen_takes(name):
+    torch.manual_seed(0)
+    op = OP_TABLE[name]
+    taken = 0
+    for args, kwargs in SAMPLES[name](torch.float32):
+        inputs, attrs = split_arguments(op.schema, args, kwargs, is_tensor)
+        taken += _reduction_node(name, inputs, attrs, as_tuple(op.target(*args, **kwargs)))[2] is not None
+    assert taken
 
 
 @pytest.mark.parametrize("name", sorted(EXPRESSIONS))

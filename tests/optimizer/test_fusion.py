@@ -65,12 +65,88 @@ class Broadcasts(nn.Module):
         return torch.sigmoid(x * row - column).sum(), x.exp() + 1
 
 
-def test_groups_hold_one_iteration_shape_and_stop_at_reductions():
+def test_pointwise_groups_hold_one_iteration_shape_and_stop_at_whole_tensor_reductions():
     graph, plan = _plan(Broadcasts(), torch.randn(4, 5), torch.randn(5), torch.randn(4, 1))
     assert sorted(_ops(graph, group) for group in plan.groups) == [
         ["exp", "add.Tensor"], ["mul.Tensor", "sub.Tensor", "sigmoid"]]
     for group in plan.groups:
         assert len({node.outputs[0].type.shape for node in graph.nodes if node.name in group.nodes}) == 1
+
+
+class AddLayerNorm(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(features)
+
+    def forward(self, x, residual):
+        hidden = x + residual
+        return hidden, self.norm(hidden) * 2.0
+
+
+def test_a_residual_add_its_layer_norm_and_the_scale_after_are_one_row_kernel():
+    graph, plan = _plan(AddLayerNorm(37), torch.randn(3, 5, 37), torch.randn(3, 5, 37))
+    assert [_ops(graph, group) for group in plan.groups] == [["add.Tensor", "native_layer_norm", "mul.Tensor"]]
+    group = plan.groups[0]
+    assert (group.kind, group.shape, group.reduced) == ("reduction", (3, 5, 37), 1)
+    assert set(group.outputs) == set(graph.outputs)  # the sum is stored for the caller; the norm's statistics are not
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMS norm, op by op: float32 statistics, cast back, then the weight."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features))
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + 1e-6)).to(x.dtype)
+
+
+def test_an_rms_norm_written_op_by_op_is_one_kernel_more_accurate_than_eager_in_bf16():
+    model = RMSNorm(45).to(torch.bfloat16)
+    x = torch.randn(2, 7, 45, dtype=torch.bfloat16)
+    with torch.no_grad():
+        program = ember.compile(model, (x,), ember.Options(fusion=True))
+        got, eager = program(x), model(x)
+    assert [step.node for step in program.executor.steps] == ["fused_0"]
+    assert program.report.fusion["decisions"][0]["nodes"] == len(program.graph.nodes)
+    exact = model.weight.double() * x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert (got.double() - exact).abs().max() <= (eager.double() - exact).abs().max()
+
+
+class RowsAndColumns(nn.Module):
+    """`x - x.mean(-1)` broadcasts the means along the last dim (one per column), not back over their rows;
+    a square input makes the two readings the same shape, so only the values tell them apart."""
+
+    def forward(self, x):
+        return torch.softmax(x - x.mean(-1), dim=-1), x.sum(0)
+
+
+def test_a_reduction_broadcast_the_other_way_or_over_leading_dims_stays_out_of_the_row_kernel():
+    x = torch.randn(9, 9)
+    graph, plan = _plan(RowsAndColumns(), x)
+    assert [_ops(graph, group) for group in plan.groups] == [["sub.Tensor", "_softmax"]]
+    program = ember.compile(RowsAndColumns(), (x,), ember.Options(fusion=True))
+    for got, want in zip(program(x), RowsAndColumns()(x)):
+        torch.testing.assert_close(got, want)
+
+
+class SavedStatistics(nn.Module):
+    def forward(self, x):
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x + 1, [x.shape[-1]], None, None, 1e-5)
+        return out, rstd
+
+
+def test_a_layer_norm_whose_statistics_are_read_stays_a_reference_step():
+    graph, plan = _plan(SavedStatistics(), torch.randn(4, 11))
+    assert "native_layer_norm" not in [op for group in plan.groups for op in _ops(graph, group)]
+
+
+def test_the_verifier_rejects_a_group_that_misstates_its_iteration_space():
+    graph, plan = _plan(AddLayerNorm(37), torch.randn(3, 5, 37), torch.randn(3, 5, 37))
+    with pytest.raises(FusionError, match="cannot compute"):
+        verify_fusion(dataclasses.replace(plan, groups=(dataclasses.replace(plan.groups[0], reduced=2),)), graph)
 
 
 def test_the_verifier_rejects_a_schedule_out_of_order_and_a_node_in_two_groups():

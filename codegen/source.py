@@ -1,0 +1,69 @@
+"""What every generated kernel shares: its source and calling convention, the IR comment on top, and how a
+value is addressed through its strides."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..ir import Graph, Node, TensorType
+from ..ir.expressions import FLOATS, TRITON_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSource:
+    """A group's kernel: called on pointers to `inputs` then `outputs`, then `scalars`, with the `constants`
+    as compile-time meta-parameters, on a 1-D grid of `programs`."""
+
+    name: str
+    source: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    programs: int
+    scalars: tuple[int, ...]
+    constants: tuple[tuple[str, int], ...]
+    num_warps: int = 4
+
+
+def check_dtypes(types: Mapping[str, TensorType], values: Iterable[str]) -> None:
+    """Raise ValueError unless every value has a dtype generated kernels load and store."""
+    for value in values:
+        if types[value].dtype not in TRITON_TYPES:
+            raise ValueError(f"generated kernels handle {', '.join(map(str, TRITON_TYPES))}, not {types[value]}")
+
+
+def header(name: str, nodes: Sequence[Node], graph: Graph, inputs: Sequence[str], outputs: int,
+           parameters: str) -> list[str]:
+    """The IR as comments, the imports and the `def` line of a kernel taking `inputs`, `outputs` pointers and
+    then `parameters`."""
+    types = graph.types()
+    lines = [f"# %{node.outputs[0].name}: {node.outputs[0].type} = {node.op}("
+             f"{', '.join(f'%{n}: {types[n]}' for n in node.inputs)}){f' {dict(node.attrs)}' if node.attrs else ''}"
+             for node in nodes]
+    pointers = [f"in{i}_ptr" for i in range(len(inputs))] + [f"out{i}_ptr" for i in range(outputs)]
+    return lines + ["import triton", "import triton.language as tl", "", "", "@triton.jit",
+                    f"def {name}({', '.join(pointers)}, {parameters}):"]
+
+
+def coordinates(index: str, shape: Sequence[int], prefix: str) -> list[str]:
+    """`{prefix}0, {prefix}1, …`: the index of each dimension of `shape` for the flat index `index`."""
+    lines, inner = [], 1
+    for dim in reversed(range(len(shape))):
+        value = f"({index} // {inner}) % {shape[dim]}" if shape[dim] != 1 else "0"
+        lines.append(f"    {prefix}{dim} = {value}")
+        inner *= shape[dim]
+    return lines
+
+
+def offset(value_type: TensorType, names: Sequence[str]) -> str:
+    """Element offset of a value broadcast to a shape whose dims have the coordinate variables `names`
+    (aligned from the right; broadcast dims stride 0)."""
+    skip = len(names) - len(value_type.shape)
+    terms = [f"{names[skip + dim]} * {stride}" for dim, (size, stride) in enumerate(zip(value_type.shape, value_type.layout))
+             if size != 1 and stride != 0]
+    return " + ".join(terms) if terms else "0"
+
+
+def load(variable: str, pointer: str, value_type: TensorType, address: str, mask: str) -> str:
+    """A load statement; floating values become float32."""
+    cast = ".to(tl.float32)" if value_type.dtype in FLOATS else ""
+    return f"    {variable} = tl.load({pointer} + {address}, mask={mask}, other=0){cast}"
