@@ -49,6 +49,8 @@ def operands(schema: Any, attrs: Mapping[str, Any], variables: Sequence[str]) ->
 def _literal(value: Any) -> str | None:
     if isinstance(value, bool):
         return "1.0" if value else "0.0"
+    if isinstance(value, (int, float)) and math.isinf(value):
+        return 'float("inf")' if value > 0 else 'float("-inf")'
     if isinstance(value, (int, float)) and math.isfinite(value):
         return repr(float(value))
     return None
@@ -135,8 +137,10 @@ def _leaky_relu(args: Mapping[str, Any]) -> str | None:
 
 
 def _to_copy(args: Mapping[str, Any]) -> str | None:
-    changed = {key for key in ("layout", "device", "pin_memory", "memory_format") if args.get(key) is not None}
-    return None if changed else args["self"]
+    """A cast (the kernel rounds at the store); a contiguous copy is fine too, as the kernel writes its result at
+    the value's planned strides."""
+    changed = {key for key in ("layout", "device", "pin_memory") if args.get(key) is not None}
+    return None if changed or args.get("memory_format") not in (None, torch.contiguous_format) else args["self"]
 
 
 EXPRESSIONS: dict[str, Emit] = {
@@ -179,6 +183,7 @@ EXPRESSIONS: dict[str, Emit] = {
     "clamp_max": _clamp(None, "max"),
     "hardtanh": _clamp("min_val", "max_val"),
     "where.self": _where,
+    "where.ScalarOther": _where,
     "masked_fill.Scalar": _masked_fill,
     "_to_copy": _to_copy,
     "clone": _unary("{x}"),

@@ -293,7 +293,8 @@ _POINTWISE = {
     "div.Tensor div.Scalar div.Tensor_mode maximum minimum eq.Tensor eq.Scalar ne.Tensor ne.Scalar "
     "lt.Tensor lt.Scalar le.Tensor le.Scalar gt.Tensor gt.Scalar ge.Tensor ge.Scalar "
     "bitwise_and.Tensor bitwise_or.Tensor bitwise_xor.Tensor logical_and logical_or "
-    "remainder.Tensor remainder.Scalar fmod.Tensor fmod.Scalar where.self masked_fill.Scalar masked_fill.Tensor "
+    "remainder.Tensor remainder.Scalar fmod.Tensor fmod.Scalar where.self where.ScalarOther masked_fill.Scalar "
+    "masked_fill.Tensor "
     "reciprocal pow.Tensor_Scalar pow.Tensor_Tensor pow.Scalar hardsigmoid hardswish",
     0: "clone _to_copy lift_fresh_copy",
     4: "exp exp2 log log2 log1p expm1 sqrt rsqrt sin cos tan tanh sigmoid erf atan2 elu softplus",
@@ -312,7 +313,7 @@ for _overload in _overloads(
     register(_overload, "reduction", infer_by_tracing, per_input_element(1))
 
 # Softmax: max, subtract, exp, sum, divide. Norms: mean, centre, square, sum, scale, affine.
-for _overload in _overloads("_softmax _log_softmax"):
+for _overload in _overloads("_softmax _log_softmax _safe_softmax"):
     register(_overload, "normalization", infer_by_tracing, per_input_element(5))
 for _overload in _overloads("native_layer_norm native_group_norm _native_batch_norm_legit_no_training"):
     register(_overload, "normalization", infer_by_tracing, per_input_element(8), typed_outputs=1)

@@ -60,6 +60,13 @@ def _softmax(args: Mapping[str, Any], code: RowCode) -> tuple[str, ...]:
     return (f"({shifted} / {code.sum(shifted)})",)
 
 
+def _safe_softmax(args: Mapping[str, Any], code: RowCode) -> tuple[str, ...]:
+    """Softmax that gives 0, not NaN, on a row masked out entirely (every value -inf), as attention's math path."""
+    maximum = code.max(args["self"])
+    shifted = code.let(f"tl.exp({args['self']} - {maximum})")
+    return (f"tl.where({maximum} == float('-inf'), 0.0, {shifted} / {code.sum(shifted)})",)
+
+
 def _log_softmax(args: Mapping[str, Any], code: RowCode) -> tuple[str, ...]:
     shifted = code.let(f"({args['self']} - {code.max(args['self'])})")
     return (f"({shifted} - tl.log({code.sum(f'tl.exp({shifted})')}))",)
@@ -84,6 +91,7 @@ REDUCTIONS: dict[str, Reduction] = {
     "mean.dim": Reduction(_mean, ("row",)),
     "_softmax": Reduction(_softmax, ("full",)),
     "_log_softmax": Reduction(_log_softmax, ("full",)),
+    "_safe_softmax": Reduction(_safe_softmax, ("full",)),
     "native_layer_norm": Reduction(_layer_norm, ("full", "row", "row"), reduced="input"),
 }
 
@@ -104,17 +112,15 @@ def reduced_dims(node: Node, types: Mapping[str, TensorType], read: set[str] | f
     if typed is not None and any(value.name in read for value in node.outputs[typed:]):
         return None
     rank = len(reduced.shape)
-    if rank == 0:
+    if rank == 0 or node.attrs.get("dtype") not in (None, *FLOATS):
         return None
     if node.op == "native_layer_norm":
         count = len(node.attrs["normalized_shape"])
-    elif node.op in ("_softmax", "_log_softmax"):
+    elif node.op in ("_softmax", "_log_softmax", "_safe_softmax"):
         count = 1 if node.attrs["dim"] % rank == rank - 1 else 0
     else:
         dims = node.attrs.get("dim") or range(rank)
         count = len(set(dims)) if {dim % rank for dim in dims} == set(range(rank - len(set(dims)), rank)) else 0
-        if node.attrs.get("dtype") not in (None, *FLOATS):
-            return None
     if count == 0 or count > rank or math.prod(reduced.shape[rank - count:]) == 0:
         return None
     return count

@@ -225,6 +225,10 @@ SAMPLES.update({
         lambda m: ((non_contiguous(mask(5, 13)), m.strided(5, 13), m.normal(13)), {}),
         lambda m: ((mask(5, 1), m.normal(3, 1, 13), m.normal(13)), {}),
     ),
+    "where.ScalarOther": calls(
+        lambda m: ((mask(5, 13), m.strided(5, 13), float("-inf")), {}),
+        lambda m: ((mask(5, 1), m.normal(3, 1, 13), 2.5), {}),
+    ),
     "masked_fill.Scalar": calls(lambda m: ((m.strided(5, 13), mask(13), -1.5), {})),
     "masked_fill.Tensor": calls(lambda m: ((m.strided(5, 13), mask(5, 1), m.normal()), {})),
 })
@@ -248,6 +252,10 @@ SAMPLES.update({
     "linalg_vector_norm": reduction("normal", ((), {}), ((3, [0, 2], True), {}), ((1, 1), {})),
     "_softmax": reduction("normal", ((1, False), {}), ((-1, False), {})),
     "_log_softmax": reduction("normal", ((1, False), {}), ((-1, False), {})),
+    "_safe_softmax": calls(  # rows masked out entirely give 0, not NaN
+        lambda m: ((non_contiguous(m.normal(3, 5, 7)).masked_fill(mask(3, 5, 1), float("-inf")), -1), {}),
+        lambda m: ((m.normal(3, 5, 7).masked_fill(mask(3, 5, 7), float("-inf")), 1), {}),
+    ),
 })
 
 SAMPLES.update({

@@ -1,0 +1,148 @@
+"""Attention that torch would run on its math path becomes two batched matmuls around one softmax kernel.
+
+When no fused attention kernel takes a call (float32 inputs; a mask broadcast along the keys, as BERT's
+padding mask is), torch's scaled_dot_product_attention runs a math path of a dozen small kernels and
+float32 copies: on an H200, BERT's attention was most of ember's kernel time (bench/results/profile_bert.txt).
+Written out, the scores' scale, the mask and a softmax that gives 0 on a fully masked row are one row
+kernel of the fusion pass, between two cuBLAS batched matmuls, as Inductor's lowering does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..ir import OP_TABLE, Graph, Node, TensorType, Value
+from ..ir.types import contiguous_strides
+
+Select = Callable[[Node, Mapping[str, TensorType]], bool]
+
+
+def runs_math_path(node: Node, types: Mapping[str, TensorType]) -> bool:
+    """Whether torch, on this machine's GPU, would run this attention on its math path (asked of torch itself,
+    on tensors of the node's input types)."""
+    if types[node.inputs[0]].device != "cuda" or not torch.cuda.is_available():
+        return False
+    tensors = [torch.empty_strided(types[name].shape, types[name].layout, dtype=types[name].dtype, device="cuda")
+               for name in node.inputs]
+    choice = torch._fused_sdp_choice(*tensors[:3], tensors[3] if len(tensors) > 3 else None,
+                                     node.attrs.get("dropout_p", 0.0), node.attrs.get("is_causal", False),
+                                     scale=node.attrs.get("scale"), enable_gqa=node.attrs.get("enable_gqa", False))
+    return choice == int(torch.nn.attention.SDPBackend.MATH)
+
+
+def decompose_attention(graph: Graph, select: Select = runs_math_path) -> Graph:
+    """The graph with each attention node that `select` picks (by default, those torch would run on its math
+    path) written as matmul, scale, mask, safe softmax, matmul; the result keeps the node's type."""
+    types = graph.types()
+    nodes: list[Node] = []
+    weights, params = dict(graph.weights), list(graph.params)
+    for node in graph.nodes:
+        if node.op != "scaled_dot_product_attention" or not _decomposable(node, types) or not select(node, types):
+            nodes.append(node)
+            continue
+        causal = _causal_mask(node, types) if node.attrs.get("is_causal", False) else None
+        write = _Writer(node, {**types, **({causal.name: causal.type} if causal else {})})
+        _write(node, write, causal.name if causal else node.inputs[3] if len(node.inputs) > 3 else None)
+        written, result = write.types[node.outputs[0].name], node.outputs[0].type
+        if not (written.same_as(result) and written.layout == result.layout):  # a layout no permutation gives
+            nodes.append(node)
+            continue
+        if causal is not None and causal.name not in weights:
+            weights[causal.name] = torch.ones(causal.type.shape, dtype=torch.bool, device=causal.type.device).tril()
+            params.append(causal)
+        nodes += write.nodes
+    if len(nodes) == len(graph.nodes) and all(a is b for a, b in zip(nodes, graph.nodes)):
+        return graph
+    return dataclasses.replace(graph, params=tuple(params), nodes=tuple(nodes), weights=weights)
+
+
+def _decomposable(node: Node, types: Mapping[str, TensorType]) -> bool:
+    """No dropout, no grouped-query heads, one batch shape for q, k and v, a mask or causality but not both."""
+    query, key, value = (types[name] for name in node.inputs[:3])
+    if node.attrs.get("dropout_p", 0.0) or node.attrs.get("enable_gqa", False) or len(query.shape) < 3:
+        return False
+    if not query.shape[:-2] == key.shape[:-2] == value.shape[:-2] or len(node.outputs) != 1:
+        return False
+    if len(node.inputs) > 3:
+        mask = types[node.inputs[3]]
+        if node.attrs.get("is_causal", False) or mask.dtype not in (torch.bool, query.dtype):
+            return False
+    return True
+
+
+class _Writer:
+    """Appends the nodes that replace one attention node, naming each after it and inferring its type."""
+
+    def __init__(self, node: Node, types: Mapping[str, TensorType]) -> None:
+        self.node, self.types, self.nodes = node, dict(types), []
+
+    def __call__(self, op: str, inputs: tuple[str, ...], attrs: Mapping[str, Any], name: str | None = None) -> str:
+        definition = OP_TABLE[op]
+        (result,) = definition.infer(definition, [self.types[n] for n in inputs], attrs)
+        name = name or f"{self.node.name}_math{len(self.nodes)}"
+        self.types[name] = result
+        self.nodes.append(Node(name, op, inputs, attrs, (Value(name, result),), source=self.node.source))
+        return name
+
+    def batched(self, name: str) -> str:
+        """A float32 [batch, rows, columns] view of a value, after a contiguous copy when its dtype or strides
+        allow no view."""
+        value = self.types[name]
+        shape = (math.prod(value.shape[:-2]), *value.shape[-2:])
+        if value.dtype != torch.float32:
+            name = self("_to_copy", (name,), {"dtype": torch.float32, "memory_format": torch.contiguous_format})
+        elif not _viewable(value, shape):
+            name = self("clone", (name,), {"memory_format": torch.contiguous_format})
+        return self("view", (name,), {"size": shape})
+
+
+def _viewable(value: TensorType, shape: tuple[int, ...]) -> bool:
+    try:
+        torch.empty_strided(value.shape, value.layout, device="meta").view(shape)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _causal_mask(node: Node, types: Mapping[str, TensorType]) -> Value:
+    """The [L, S] boolean parameter a causal attention reads: true on and below the diagonal (torch's causal
+    masking, aligned top-left)."""
+    rows, columns = types[node.inputs[0]].shape[-2], types[node.inputs[1]].shape[-2]
+    return Value(f"causal_mask_{rows}x{columns}", TensorType((rows, columns), torch.bool,
+                                                              contiguous_strides((rows, columns)), types[node.inputs[0]].device))
+
+
+def _write(node: Node, write: _Writer, mask: str | None) -> None:
+    """Scores, scale, mask, softmax and output in float32, as torch's math path computes them for every dtype
+    (it upcasts half inputs), rounded once to the result's dtype."""
+    query, key, value = node.inputs[:3]
+    types = write.types
+    batch, (rows, features) = types[query].shape[:-2], types[query].shape[-2:]
+    columns = types[key].shape[-2]
+    scale = node.attrs.get("scale") or 1.0 / math.sqrt(features)
+    keys = write("transpose.int", (write.batched(key),), {"dim0": 1, "dim1": 2})
+    scores = write("view", (write("bmm", (write.batched(query), keys), {}),), {"size": (*batch, rows, columns)})
+    scores = write("mul.Tensor", (scores,), {"other": scale})
+    if mask is not None and types[mask].dtype == torch.bool:
+        scores = write("where.ScalarOther", (mask, scores), {"other": float("-inf")})
+    elif mask is not None:
+        scores = write("add.Tensor", (scores, mask), {})  # promotes to float32
+    weights = (write("_safe_softmax", (scores,), {"dim": -1}) if mask is not None
+               else write("_softmax", (scores,), {"dim": -1, "half_to_float": False}))
+    out = write("bmm", (write.batched(weights), write.batched(value)), {})
+    result = node.outputs[0]
+    rounded = {"dtype": result.type.dtype, "memory_format": torch.contiguous_format}
+    if result.type.layout == contiguous_strides(result.type.shape):
+        if result.type.dtype == torch.float32:
+            write("view", (out,), {"size": result.type.shape}, name=result.name)
+        else:
+            write("_to_copy", (write("view", (out,), {"size": result.type.shape}),), rounded, name=result.name)
+        return
+    order = sorted(range(len(result.type.shape)), key=lambda dim: -result.type.layout[dim])  # memory order
+    out = write("permute", (write("view", (out,), {"size": result.type.shape}),), {"dims": order})
+    dense = write("_to_copy", (out,), rounded)
+    write("permute", (dense,), {"dims": [order.index(dim) for dim in range(len(order))]}, name=result.name)

@@ -1,0 +1,79 @@
+"""Attention on torch's math path, written out: matmul, one fused scale-mask-softmax kernel, matmul; same results."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ember
+from ember.api import compile_graph
+from ember.frontend import from_module
+from ember.optimizer.attention import decompose_attention, runs_math_path
+from ember.optimizer.cost import CostModel, load_profile
+from ember.optimizer.fusion import plan_fusion
+from ember import models
+from ember.tolerance import assert_close, result_tolerance
+
+
+class Attention(nn.Module):
+    """Heads-second views of [batch, length, heads, features] inputs (non-contiguous), as transformers do."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, q, k, v, *mask):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *mask, **self.options)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
+def _qkv(dtype: torch.dtype, rows: int = 11, columns: int = 13) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(2, length, 3, 8, dtype=dtype) for length in (rows, columns, columns))
+
+
+def _padding_mask(rows: int = 11, columns: int = 13) -> torch.Tensor:
+    keep = torch.rand(2, 1, rows, columns) < 0.7
+    keep[0, 0, 3] = False  # a query that sees no key: the math path gives 0 there, not NaN
+    return keep
+
+
+COST = CostModel(load_profile("h100"))
+
+CASES = {
+    "boolean mask": (Attention(), lambda dtype: (*_qkv(dtype), _padding_mask())),
+    "additive mask": (Attention(), lambda dtype: (*_qkv(dtype), torch.randn(1, 3, 11, 13, dtype=dtype))),
+    "causal, fewer queries than keys": (Attention(is_causal=True), lambda dtype: _qkv(dtype, 7, 13)),
+    "no mask, scaled": (Attention(scale=0.3), lambda dtype: _qkv(dtype)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_written_out_attention_matches_torch_through_generated_kernels(case, dtype):
+    model, make = CASES[case]
+    inputs = make(dtype)
+    graph = decompose_attention(from_module(model, inputs).graph, select=lambda node, types: True)
+    assert "scaled_dot_product_attention" not in {node.op for node in graph.nodes}
+    softmax = next(node.name for node in graph.nodes if "softmax" in node.op)
+    group = next(group for group in plan_fusion(graph, COST).groups if softmax in group.nodes)
+    assert group.kind == "reduction" and len(group.nodes) >= 2  # the scale (and mask) and softmax in one kernel
+    program = compile_graph(graph, ember.Options(fusion=True))
+    with torch.no_grad():
+        (got,) = program(*inputs)
+        expected = model(*inputs)
+        exact = model(*(x.double() if x.is_floating_point() else x for x in inputs))
+    if dtype == torch.float32:
+        assert_close(got, expected)
+    else:  # float32 inside, one rounding at the end: within the dtype's tolerance of the exact result
+        assert models.max_error(exact, got) <= result_tolerance(expected)
+        assert models.max_error(expected, got) <= result_tolerance(expected)
+
+
+def test_attention_stays_whole_where_a_fused_kernel_takes_it_or_it_cannot_be_written_out():
+    inputs = (*_qkv(torch.float32), _padding_mask())
+    graph = from_module(Attention(), inputs).graph
+    assert decompose_attention(graph) is graph  # on the CPU torch is not asked: nothing changes
+    assert not runs_math_path(next(n for n in graph.nodes if n.op == "scaled_dot_product_attention"), graph.types())
+    grouped = from_module(Attention(enable_gqa=True), (*_qkv(torch.float32)[:1], *(x[:, :, :1] for x in _qkv(torch.float32)[1:]))).graph
+    assert decompose_attention(grouped, select=lambda node, types: True) is grouped
