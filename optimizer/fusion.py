@@ -7,8 +7,8 @@ Kinds so far:
   add, an RMS norm written out op by op, or add + layer norm becomes one kernel holding whole rows.
 A node joins the group of one of its producers when that keeps the graph acyclic (no path leaves the group
 and comes back into the node) and its shapes fit the group's iteration space. Each group of two or more
-nodes is then priced by the cost model, fused and unfused, and kept only when fusing is predicted faster;
-both numbers are recorded for `inspect`. The plan is plain data; the graph is untouched.
+nodes (or a lone node reading a permuted view, which ATen copies slowly) is then priced by the cost model,
+fused and unfused, and kept only when fusing is predicted faster; both numbers are recorded for `inspect`. The plan is plain data; the graph is untouched.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ..ir import Graph, Node, TensorType
 from ..ir.expressions import fusible
 from ..ir.reductions import REDUCTIONS, reduced_dims
 from .cost import CostModel
+from .cost.model import permuted
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def plan_fusion(graph: Graph, cost: CostModel) -> FusionPlan:
     _merge_along_edges(graph, dag, members, spaces, group_id, types, read)
     kept, rejected = [], []
     for index, nodes in members.items():
-        if len(nodes) < 2:
+        if len(nodes) < 2 and not any(permuted(types[name]) for name in nodes[0].inputs):
             continue
         group = _priced(f"fused_{len(kept) + len(rejected)}", nodes, spaces[index], graph, cost)
         (kept if group.fused_us < group.unfused_us else rejected).append(group)

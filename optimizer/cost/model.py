@@ -25,6 +25,10 @@ K_HALF_EFFICIENCY = 256
 TENSOR_CORE_DTYPES = frozenset({torch.bfloat16, torch.float16})
 ATTENTION_HEADS = 64
 """batch × heads of the attention shapes `ember calibrate` measures."""
+STRIDED_POINTWISE_SLOWDOWN = 2.2
+"""ATen's pointwise kernels move bytes this much slower when an input is a permuted view (no vectorised
+loads): on an H200, BERT's copies of heads-second attention views took 6.8 µs in ATen against 3.1 µs for
+Triton's copies of the same bytes (bench/results/profile_bert.txt)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,11 @@ class MatmulShape:
     k: int
 
 
+def permuted(value: TensorType) -> bool:
+    """Whether a value is laid out other than row-major, and not merely broadcast (a stride 0)."""
+    return not value.is_contiguous and all(stride != 0 for size, stride in zip(value.shape, value.layout) if size > 1)
+
+
 class CostModel:
     """Prices IR on one device profile."""
 
@@ -110,8 +119,11 @@ class CostModel:
         flops = definition.flops(inputs, outputs, node.attrs)
         read, written = definition.bytes_moved(inputs, outputs)
         kernels = self.kernels(node, inputs)
+        memory = self.memory_us(read + written)
+        if definition.kind == "pointwise" and any(permuted(t) for t in inputs):
+            memory *= STRIDED_POINTWISE_SLOWDOWN
         return op_cost(flops, read, written, self.compute_us(node, inputs, outputs, flops),
-                       self.memory_us(read + written), kernels * profile.launch_overhead_us,
+                       memory, kernels * profile.launch_overhead_us,
                        kernels * profile.kernel_floor(definition.kind), kernels,
                        self.host_us(node, inputs), profile.asynchronous)
 

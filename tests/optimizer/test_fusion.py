@@ -149,6 +149,17 @@ def test_the_verifier_rejects_a_group_that_misstates_its_iteration_space():
         verify_fusion(dataclasses.replace(plan, groups=(dataclasses.replace(plan.groups[0], reduced=2),)), graph)
 
 
+class HeadsFirst(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2).contiguous(), torch.nn.functional.gelu(x)
+
+
+def test_a_lone_copy_of_a_permuted_view_becomes_a_kernel_and_a_lone_contiguous_op_does_not():
+    graph, plan = _plan(HeadsFirst(), torch.randn(16, 512, 12, 64))
+    assert [_ops(graph, group) for group in plan.groups] == [["clone"]]
+    assert plan.groups[0].fused_us < plan.groups[0].unfused_us
+
+
 def test_the_verifier_rejects_a_schedule_out_of_order_and_a_node_in_two_groups():
     graph, plan = _plan(BiasGeluScale(), torch.randn(5, 7), torch.randn(7, 9), torch.randn(9))
     with pytest.raises(FusionError, match="before the step"):
