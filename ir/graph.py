@@ -12,7 +12,7 @@ import networkx as nx
 import torch
 
 from .ops import OP_TABLE, OpDef, extern_def
-from .schema import _tensor_kind
+from .schema import _tensor_kind, out_overload
 from .types import TensorType
 
 
@@ -51,6 +51,18 @@ class Node:
     @property
     def is_extern(self) -> bool:
         return self.op == "extern"
+
+    @property
+    def is_cast(self) -> bool:
+        """A dtype conversion on the same device (a `copy_` into memory of the result's type)."""
+        return self.op == "_to_copy" and set(self.attrs) <= {"dtype", "memory_format", "non_blocking"}
+
+    @property
+    def fills_given_memory(self) -> bool:
+        """Whether the node can write its results into memory it is handed (an ATen out= overload of a fully
+        typed op, or a cast) rather than return memory of its own: only such results can live in an arena
+        without being copied in."""
+        return self.is_cast or (out_overload(self.definition.target) is not None and self.definition.typed_outputs is None)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -5,6 +5,7 @@ A node keeps its tensor arguments as inputs and everything else as attrs; `split
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -127,3 +128,38 @@ def bind_arguments(
         return args, kwargs
 
     return build
+
+
+def out_overload(op: object) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
+    """The `out=` overload of an ATen op taking the same other arguments, and its out argument names."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return None
+    return _out_overload(op)
+
+
+@functools.cache
+def _out_overload(op: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
+    schema = op._schema
+    signature = _signature(schema)
+    if signature is None:
+        return None
+    packet = op.overloadpacket
+    for name in packet.overloads():
+        candidate = getattr(packet, name)._schema
+        written = [arg for arg in candidate.arguments if arg.alias_info is not None and arg.alias_info.is_write]
+        if (written and all(arg.kwarg_only for arg in written) and len(written) == len(schema.returns)
+                and _signature(candidate, skip_written=True) == signature):
+            return getattr(packet, name), tuple(arg.name for arg in written)
+    return None
+
+
+def _signature(schema: torch._C.FunctionSchema, *, skip_written: bool = False) -> tuple | None:
+    """(name, type, default) of each argument; None for an op that itself writes an argument."""
+    result = []
+    for arg in schema.arguments:
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            if not skip_written:
+                return None
+            continue
+        result.append((arg.name, str(arg.type), repr(arg.default_value), arg.kwarg_only))
+    return tuple(result)

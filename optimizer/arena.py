@@ -1,8 +1,10 @@
 """Where each intermediate lives: the memory plan of a graph, as offsets of its values in one arena.
 
 Every owning intermediate gets a slot, except those allocated fresh on each call: graph outputs (and
-the buffers they view), which the caller keeps after the next call overwrites the arena, and outputs
-whose shape or dtype the op leaves to the implementation (normalizations' saved statistics).
+the buffers they view), which the caller keeps after the next call overwrites the arena; outputs whose
+shape or dtype the op leaves to the implementation (normalizations' saved statistics); and results of
+ops that cannot write into memory they are handed (attention, factories, ember's grouped matmul), which
+in the arena would be computed elsewhere and copied in, costing a copy and a slot for nothing.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ class ArenaPlan:
     layout: ArenaLayout
     plan: MemoryPlan
     fresh: tuple[str, ...]
-    """Owning intermediates allocated on each call instead (graph outputs, implementation-defined results)."""
+    """Owning intermediates allocated on each call instead (graph outputs, implementation-defined results,
+    results of ops that allocate their own)."""
     seconds: float
 
     @property
@@ -49,10 +52,13 @@ def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, alignment: int
     started = time.perf_counter()
     bases = base_of(graph, fusion)
     fresh = {bases[name] for name in graph.outputs if name in bases}
+    grouped = {name for group in fusion.groups for name in group.nodes} if fusion is not None else set()
     for node in graph.nodes:
-        typed = node.definition.typed_outputs
-        if typed is not None:
-            fresh.update(value.name for value, position in zip(node.outputs, node.result_positions) if position >= typed)
+        if node.name in grouped:
+            continue
+        aliases = any(result.alias_info is not None for result in node.definition.schema.returns)
+        if not node.fills_given_memory and not aliases:  # a view returned by an extern op is copied in instead
+            fresh.update(value.name for value in node.outputs)
     resident = [buffer for buffer in buffers(graph, fusion) if buffer.name not in fresh]
     sizes = [buffer.size_bytes for buffer in resident]
     starts = [buffer.start for buffer in resident]

@@ -6,49 +6,13 @@ computes as usual and is copied in, so the plan still holds but the result is br
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 
 import torch
 
 from ..ir import Node, TensorType
 from ..ir.ops import Reference
-from ..ir.schema import bind_arguments
-
-
-def out_overload(op: object) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
-    """The `out=` overload of an ATen op taking the same other arguments, and its out argument names."""
-    if not isinstance(op, torch._ops.OpOverload):
-        return None
-    return _out_overload(op)
-
-
-@functools.cache
-def _out_overload(op: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
-    schema = op._schema
-    signature = _signature(schema)
-    if signature is None:
-        return None
-    packet = op.overloadpacket
-    for name in packet.overloads():
-        candidate = getattr(packet, name)._schema
-        written = [arg for arg in candidate.arguments if arg.alias_info is not None and arg.alias_info.is_write]
-        if (written and all(arg.kwarg_only for arg in written) and len(written) == len(schema.returns)
-                and _signature(candidate, skip_written=True) == signature):
-            return getattr(packet, name), tuple(arg.name for arg in written)
-    return None
-
-
-def _signature(schema: torch._C.FunctionSchema, *, skip_written: bool = False) -> tuple | None:
-    """(name, type, default) of each argument; None for an op that itself writes an argument."""
-    result = []
-    for arg in schema.arguments:
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            if not skip_written:
-                return None
-            continue
-        result.append((arg.name, str(arg.type), repr(arg.default_value), arg.kwarg_only))
-    return tuple(result)
+from ..ir.schema import bind_arguments, out_overload
 
 
 def slot_view(arena: torch.Tensor, offset: int, value_type: TensorType) -> torch.Tensor:
@@ -64,13 +28,12 @@ def bind_into(node: Node, views: Mapping[str, torch.Tensor]) -> Reference:
     targets = [(position, views.get(value.name)) for value, position in zip(node.outputs, node.result_positions)]
     if all(view is None for _, view in targets):
         return reference
-    if node.op == "_to_copy" and set(node.attrs) <= {"dtype", "memory_format", "non_blocking"}:
+    complete = len(targets) == len(definition.schema.returns) and all(view is not None for _, view in targets)
+    if node.is_cast:
         (_, view), = targets
         return lambda inputs: (view.copy_(inputs[0]),)  # a cast on the same device: copy_ converts
-    found = out_overload(definition.target)
-    complete = len(targets) == len(definition.schema.returns) and all(view is not None for _, view in targets)
-    if found is not None and complete and definition.typed_outputs is None:
-        overload, names = found
+    if node.fills_given_memory and complete:
+        overload, names = out_overload(definition.target)
         build = bind_arguments(definition.schema, node.attrs)
         outs = {name: view for name, (_, view) in zip(names, targets)}
         results = tuple(view for _, view in targets)

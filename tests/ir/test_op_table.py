@@ -22,7 +22,8 @@ from ember.ir.reductions import REDUCTIONS, reduced_dims
 from ember.ir.ops import as_tuple
 from ember.ir.schema import split_arguments
 from ember.ir.types import TensorType, type_of
-from ember.runtime.arena import bind_into, out_overload, slot_view
+from ember.ir.schema import out_overload
+from ember.runtime.arena import bind_into, slot_view
 from ember.tolerance import assert_close
 
 
