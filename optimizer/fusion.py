@@ -34,7 +34,9 @@ MAX_ROW_COLUMNS = 16384
 @dataclass(frozen=True, slots=True)
 class FusionGroup:
     """Nodes run as one kernel; `inputs` are the values it reads from outside, `outputs` the values it writes
-    (read after it, or returned). The kernel iterates over `shape`, reducing its last `reduced` dims."""
+    (read after it, or returned). The kernel iterates over `shape`, reducing its last `reduced` dims. The
+    times are predicted device time, unfused and fused: ember replays CUDA graphs, so the host's dispatch is
+    not what a fusion saves."""
 
     name: str
     kind: str
@@ -244,8 +246,8 @@ def _priced(name: str, nodes: list[Node], space: _Space, graph: Graph, cost: Cos
     written = {value.name for node in nodes for value in node.outputs}
     read_after = {n for other in graph.nodes if other.name not in inside for n in other.inputs} | set(graph.outputs)
     outputs = tuple(value.name for node in nodes for value in node.outputs if value.name in read_after & written)
-    unfused = sum(cost.node(node, types).predicted_us for node in nodes)
-    fused = cost.group(nodes, graph).predicted_us
+    unfused = sum(cost.node(node, types).kernel_us for node in nodes)
+    fused = cost.group(nodes, graph).kernel_us
     kind = "reduction" if space.reduced else "pointwise"
     return FusionGroup(name, kind, tuple(node.name for node in nodes), reads_of(nodes), outputs, space.shape,
                        space.reduced, unfused, fused)
