@@ -1,9 +1,9 @@
 """Memory planning: place every intermediate buffer in one arena, and prove how close the plan is to optimal.
 
 Heuristics (greedy-by-size, first-fit) give a plan in milliseconds; a search over canonical packings
-tries the max-live lower bound itself; a MIP (pulp + HiGHS) warm-started from the best heuristic
-improves the rest, and its bound, with the lower bound, proves the gap. Time windows that no buffer
-crosses are planned apart.
+tries the max-live lower bound itself, then capacities below the best packing; a MIP (pulp + HiGHS)
+warm-started from the best packing improves the rest, and its bound, with the lower bound, proves the
+gap. Time windows that no buffer crosses are planned apart.
 """
 from __future__ import annotations
 
@@ -19,23 +19,26 @@ from dataclasses import dataclass
 import pulp
 
 from ..errors import PlanError
-from .memory_search import fits
+from .memory_search import pack
 from .memory_verify import overlapping_pair
 
 log = logging.getLogger(__name__)
 
 METHODS = ("naive", "greedy", "mip")
 MIP_MAX_PAIRS = 20_000
-"""Above this many overlapping pairs in one window the MIP is not built: its heuristic plan stands."""
-SEARCH_SHARE = 0.6
-"""Share of a window's time the search gets before the MIP: half at the lower bound, the rest on a ladder
-of looser capacities, whose best packing warm-starts the MIP."""
+"""Above this many overlapping pairs in one window the MIP is not built: the search's best plan stands."""
+SEARCH_SHARE = 0.9
+"""Share of a window's time the search gets before the MIP (nearly all of it where the MIP is not built)."""
+BOUND_SHARE = 0.3
+"""Share of the search's time spent at the lower bound itself, where a packing proves itself optimal."""
+PROBE_SHARE = 0.05
+"""Share of the rest each capacity below the best packing is first searched for (doubled on each pass):
+a capacity that packs usually packs in a fraction of a second, and one that does not can stall for
+minutes (MiniMalloc's D packs at 0.992 and 0.998 of its capacity within 0.3 s, not at 1.004 in 3 s)."""
+PROBE_RESOLUTION = 0.001
+"""Capacities closer than this share of the lower bound to the best packing are not probed."""
 MIP_SHARE_OF_REMAINING = 0.75
 """The solver's own limit as a share of the window's remaining time (it overshoots what it is given)."""
-SEARCH_LADDER = (1.30, 1.20, 1.15, 1.10, 1.08, 1.05, 1.03, 1.02, 1.01)
-"""Capacities (× lower bound) tried loosest first: loose ones pack in milliseconds, and success is not
-monotone in the capacity (one instance packs at 1.08 and not at 1.10 in 5 s), so every rung below the
-best packing so far gets its turn."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +89,13 @@ def plan_intervals(
     proven = bound
     statuses = []
     deadline = started + time_limit
-    for window in time_windows(aligned.starts, aligned.ends):
+    windows = time_windows(aligned.starts, aligned.ends)
+    unplanned = len(aligned.sizes)
+    for window in windows:  # each gets its share, by buffers, of the time the ones before it left
+        window_deadline = time.perf_counter() + len(window) / unplanned * (deadline - time.perf_counter())
+        unplanned -= len(window)
         sub = _Problem(*(tuple(values[i] for i in window) for values in (aligned.sizes, aligned.starts, aligned.ends)))
-        sub_offsets, sub_bound, sub_status = _plan_window(sub, alignment, method, deadline)
+        sub_offsets, sub_bound, sub_status = _plan_window(sub, alignment, method, window_deadline)
         for index, offset in zip(window, sub_offsets):
             offsets[index] = offset
         proven = max(proven, sub_bound)
@@ -165,7 +172,7 @@ def _arena(offsets: Sequence[int], sizes: Sequence[int]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# One window: the best heuristic, then the MIP
+# One window: the best heuristic, the search, then the MIP
 
 def _plan_window(problem: _Problem, alignment: int, method: str, deadline: float) -> tuple[list[int], int, str]:
     """(offsets, proven bound, status) of one time window."""
@@ -176,26 +183,62 @@ def _plan_window(problem: _Problem, alignment: int, method: str, deadline: float
         return offsets, bound, "optimal"
     if method != "mip":
         return offsets, bound, "heuristic"
-    # A perfect packing, if the search over canonical packings finds one in its share of the time; else the
-    # tightest capacity of the ladder it packs.
-    share = SEARCH_SHARE * (deadline - time.perf_counter())
-    packed = fits(sizes, starts, ends, bound, time.perf_counter() + share / 2)
-    if packed is not None:
-        return packed, bound, "optimal"
-    for factor in SEARCH_LADDER:
-        capacity = _round_up(int(bound * factor), alignment)
-        if capacity >= _arena(offsets, sizes):
-            continue
-        packed = fits(sizes, starts, ends, capacity, time.perf_counter() + share / 2 / len(SEARCH_LADDER))
-        if packed is not None:
-            offsets = packed
     pairs = [(i, j) for i in range(len(sizes)) for j in range(i + 1, len(sizes))
              if starts[i] <= ends[j] and starts[j] <= ends[i]]
+    with_mip = len(pairs) <= MIP_MAX_PAIRS
+    search_s = (SEARCH_SHARE if with_mip else 0.99) * (deadline - time.perf_counter())  # 1%: what follows it
+    searched, proven = _search_capacities(problem, offsets, bound, alignment, time.perf_counter() + search_s)
+    status = "heuristic" if searched is offsets else "feasible"
+    if _arena(searched, sizes) <= proven:
+        return searched, proven, "optimal"
     remaining = deadline - time.perf_counter()
-    if len(pairs) > MIP_MAX_PAIRS or remaining < 0.05:
-        log.info("window of %d buffers (%d pairs) keeps its heuristic plan", len(sizes), len(pairs))
-        return offsets, bound, "heuristic"
-    return _solve_mip(problem, pairs, offsets, alignment, remaining)
+    if not with_mip or remaining < 0.05:
+        log.info("window of %d buffers (%d pairs) keeps its %s plan", len(sizes), len(pairs), status)
+        return searched, proven, status
+    solved, mip_bound, mip_status = _solve_mip(problem, pairs, searched, alignment, remaining)
+    proven = max(proven, mip_bound)
+    if _arena(solved, sizes) <= proven:
+        return solved, proven, "optimal"
+    return solved, proven, status if mip_status == "heuristic" else mip_status  # "heuristic": the MIP failed
+
+
+def _search_capacities(problem: _Problem, offsets: list[int], bound: int, alignment: int,
+                       deadline: float) -> tuple[list[int], int]:
+    """The tightest packing the search finds by `deadline` (`offsets` if none beats it), and a proven bound.
+
+    The lower bound first, with BOUND_SHARE of the time; then passes over the capacities below the best
+    packing so far. A pass tries just above the bound (where the search prunes hardest, and an instance
+    whose optimum is a step above its bound packs fastest), then steps down from the best packing: the
+    step doubles after each packing and halves after each miss, so a run of misses closes in on the best
+    packing and ends the pass; the next pass gives each capacity twice the time. A capacity the search
+    proves impossible raises the bound.
+    """
+    sizes, starts, ends = problem.sizes, problem.starts, problem.ends
+    now = time.perf_counter()
+    at_bound = pack(sizes, starts, ends, bound, now + BOUND_SHARE * (deadline - now))
+    if at_bound.offsets is not None:
+        return at_bound.offsets, bound
+    low = bound // alignment + int(at_bound.impossible)  # in alignment units, as every arena is a multiple of it
+    best = offsets
+    probe_s = PROBE_SHARE * (deadline - time.perf_counter())
+    resolution = max(1, int(PROBE_RESOLUTION * bound) // alignment)
+    step = 0
+    while (high := _arena(best, sizes) // alignment) > low and time.perf_counter() < deadline:
+        if step < resolution:  # a new pass: first just above what is ruled out, then (after a miss) half-way
+            capacity, step = min(high - 1, low + resolution), high - low
+        else:
+            capacity = max(low, high - step)
+        probe = pack(sizes, starts, ends, capacity * alignment, min(deadline, time.perf_counter() + probe_s))
+        if probe.offsets is not None:
+            best = probe.offsets
+            step = min(2 * step, max(1, (_arena(best, sizes) // alignment - low) // 2))
+        elif probe.impossible:
+            low = capacity + 1
+        else:
+            step //= 2
+            if step < resolution:
+                probe_s *= 2
+    return best, low * alignment
 
 
 class _WarmHiGHS(pulp.HiGHS):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ember.errors import PlanError
 from ember.optimizer import memory_plan
 from ember.optimizer.memory_plan import MemoryPlan, greedy_by_size, lower_bound, plan_intervals, time_windows
-from ember.optimizer.memory_search import fits
+from ember.optimizer.memory_search import Packing, fits
 from ember.optimizer.memory_verify import verify_plan
 
 MINIMALLOC = pathlib.Path(__file__).parents[3] / "shared" / "data" / "minimalloc"
@@ -101,17 +101,17 @@ def test_a_failing_solver_leaves_the_heuristic_plan_and_one_warning(monkeypatch,
         raise pulp.PulpSolverError("solver exploded")
 
     monkeypatch.setattr(memory_plan._WarmHiGHS, "actualSolve", broken)
-    monkeypatch.setattr(memory_plan, "fits", lambda *args: None)
+    monkeypatch.setattr(memory_plan, "pack", lambda *args: Packing(None, False))
     sizes, starts, ends = [2 * 256, 3 * 256, 2 * 256, 3 * 256], [4, 2, 4, 3], [6, 3, 5, 4]
-    with caplog.at_level(logging.WARNING, logger="ember"):
-        plan = plan_intervals(sizes, starts, ends, method="mip")
+    with caplog.at_level(logging.WARNING, logger="ember"):  # the search, finding nothing, takes all its share
+        plan = plan_intervals(sizes, starts, ends, method="mip", time_limit=1)
     verify_plan(plan, sizes, starts, ends)
     assert plan.status == "heuristic" and plan.arena_bytes == 8 * 256
     assert sum("keeping the heuristic plan" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_no_time_left_for_the_solver_means_the_heuristic_plan(monkeypatch):
-    monkeypatch.setattr(memory_plan, "fits", lambda *args: None)  # the search finds nothing either
+    monkeypatch.setattr(memory_plan, "pack", lambda *args: Packing(None, False))  # the search finds nothing either
     sizes, starts, ends = [2 * 256, 3 * 256, 2 * 256, 3 * 256], [4, 2, 4, 3], [6, 3, 5, 4]
     plan = plan_intervals(sizes, starts, ends, method="mip", time_limit=0)
     verify_plan(plan, sizes, starts, ends)
@@ -158,6 +158,28 @@ def test_search_is_complete_where_the_mip_proves_the_optimum():
     packed = fits(sizes, starts, ends, 3, time.perf_counter() + 5)
     assert packed is not None
     verify_plan(MemoryPlan(tuple(packed), 3, 3, "search", "optimal", 0.0, 0.0), sizes, starts, ends, alignment=1)
+
+
+def test_search_packs_independent_pieces_apart(monkeypatch):
+    """Ten copies of the four buffers above (optimum 7, greedy 8) one after another, under one long buffer: once
+    the long one is placed no unplaced buffer crosses from one copy to the next, and each copy is searched alone."""
+    import time
+
+    from ember.optimizer import memory_search
+
+    sizes, starts, ends = [1], [0], [60]
+    for copy in range(10):
+        sizes += [2, 3, 2, 3]
+        starts += [4 + 5 * copy, 2 + 5 * copy, 4 + 5 * copy, 3 + 5 * copy]
+        ends += [6 + 5 * copy, 3 + 5 * copy, 5 + 5 * copy, 4 + 5 * copy]
+    parts = []
+    ranks = memory_search._ranks
+    monkeypatch.setattr(memory_search, "_ranks", lambda part, *args: parts.append(len(part)) or ranks(part, *args))
+    packed = fits(sizes, starts, ends, 8, time.perf_counter() + 5)
+    assert packed is not None and lower_bound(sizes, starts, ends) == 8
+    verify_plan(MemoryPlan(tuple(packed), 8, 8, "search", "optimal", 0.0, 0.0), sizes, starts, ends, alignment=1)
+    assert parts[0] == 41 and parts.count(4) >= 10
+    assert fits(sizes, starts, ends, 7, time.perf_counter() + 5) is None
 
 
 @settings(max_examples=60, deadline=None)
