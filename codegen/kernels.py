@@ -21,15 +21,16 @@ class Kernel:
     """A generated kernel: call it with its input tensors and the output tensors to fill."""
 
     source: KernelSource
-    _function: Any = field(default=None, repr=False)
+    _launch: Any = field(default=None, repr=False)
+    _options: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
-        if self._function is None:
-            self._function = load_kernel(self.source.name, self.source.source)
+        if self._launch is None:  # loaded on first use; the launch options are built once, not per call
+            self._launch = load_kernel(self.source.name, self.source.source)[(self.source.programs,)]
+            self._options = {**dict(self.source.constants), "num_warps": self.source.num_warps}
         if self.source.programs == 0:
             return
-        self._function[(self.source.programs,)](*inputs, *outputs, *self.source.scalars, **dict(self.source.constants),
-                                                num_warps=self.source.num_warps)
+        self._launch(*inputs, *outputs, *self.source.scalars, **self._options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +43,8 @@ class GroupKernel:
     kernel: Kernel
 
 
-def generate_group(group: FusionGroup, graph: Graph) -> KernelSource:
-    """The source of one fusion group's kernel, by the group's kind."""
-    nodes = {node.name: node for node in graph.nodes}
-    members = [nodes[name] for name in group.nodes]
+def generate_group(group: FusionGroup, members: Sequence[Node], graph: Graph) -> KernelSource:
+    """The source of one fusion group's kernel (its `members` are the group's nodes, in order), by its kind."""
     if group.kind == "reduction":
         return generate_rows(group.name, members, graph, group.outputs, group.shape, group.reduced)
     return generate(group.name, members, graph, group.outputs)
@@ -62,7 +61,7 @@ def lower_schedule(graph: Graph, fusion: FusionPlan, debug_dir: str | None = Non
         if name not in groups:
             work.append(nodes[name])
             continue
-        source = generate_group(groups[name], graph)
+        source = generate_group(groups[name], [nodes[n] for n in groups[name].nodes], graph)
         if debug_dir:
             Path(debug_dir).mkdir(parents=True, exist_ok=True)
             (Path(debug_dir) / f"{name}.py").write_text(source.source)

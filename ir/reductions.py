@@ -119,8 +119,8 @@ def reduced_dims(node: Node, types: Mapping[str, TensorType], read: set[str] | f
     elif node.op in ("_softmax", "_log_softmax", "_safe_softmax"):
         count = 1 if node.attrs["dim"] % rank == rank - 1 else 0
     else:
-        dims = node.attrs.get("dim") or range(rank)
-        count = len(set(dims)) if {dim % rank for dim in dims} == set(range(rank - len(set(dims)), rank)) else 0
+        dims = {dim % rank for dim in node.attrs.get("dim") or range(rank)}
+        count = len(dims) if dims == set(range(rank - len(dims), rank)) else 0
     if count == 0 or count > rank or math.prod(reduced.shape[rank - count:]) == 0:
         return None
     return count

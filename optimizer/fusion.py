@@ -39,7 +39,6 @@ class FusionGroup:
     not what a fusion saves."""
 
     name: str
-    kind: str
     nodes: tuple[str, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
@@ -47,6 +46,11 @@ class FusionGroup:
     reduced: int
     unfused_us: float
     fused_us: float
+
+    @property
+    def kind(self) -> str:
+        """"reduction" when the kernel reduces dims, "pointwise" otherwise."""
+        return "reduction" if self.reduced else "pointwise"
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +252,7 @@ def _priced(name: str, nodes: list[Node], space: _Space, graph: Graph, cost: Cos
     outputs = tuple(value.name for node in nodes for value in node.outputs if value.name in read_after & written)
     unfused = sum(cost.node(node, types).kernel_us for node in nodes)
     fused = cost.group(nodes, graph).kernel_us
-    kind = "reduction" if space.reduced else "pointwise"
-    return FusionGroup(name, kind, tuple(node.name for node in nodes), reads_of(nodes), outputs, space.shape,
+    return FusionGroup(name, tuple(node.name for node in nodes), reads_of(nodes), outputs, space.shape,
                        space.reduced, unfused, fused)
 
 
