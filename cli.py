@@ -197,8 +197,10 @@ def _print_demo(result: dict) -> None:
     summary.add_row("tolerance", f"{result['tolerance']:.3g}")
     memory = result["memory"]
     if memory:
-        summary.add_row("activation arena", f"{memory['arena_bytes'] / 2**10:,.1f} KiB for {memory['resident_values']} values "
-                        f"(lower bound {memory['lower_bound_bytes'] / 2**10:,.1f} KiB, {memory['status']})")
+        summary.add_row("activation memory", f"peak {memory['peak_bytes'] / 2**10:,.1f} KiB per call (lower bound "
+                        f"{memory['lower_bound_bytes'] / 2**10:,.1f} KiB): {memory['arenas']} arena(s) for "
+                        f"{memory['resident_values']} values, {memory['status']}; {memory['reused_values']} written over "
+                        f"their input; {memory['fresh_values']} allocated by their step")
     console.print(summary)
     stages = Table(title="time per stage")
     stages.add_column("stage")

@@ -2,14 +2,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .types import TensorType
 
 
 @dataclass(frozen=True, slots=True)
-class ArenaLayout:
-    """Value name -> (byte offset, type) inside one arena of `arena_bytes`; values not named are allocated per call."""
+class Arena:
+    """One allocation of `size_bytes`, made before step `first_step` of a call and freed after `last_step`."""
 
-    slots: Mapping[str, tuple[int, TensorType]]
-    arena_bytes: int
+    size_bytes: int
+    first_step: int
+    last_step: int
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaLayout:
+    """Value name -> (arena index, byte offset, type) for values living in `arenas`; `reuses` maps a result to
+    the input its step writes it over; every other value is allocated by its step on each call."""
+
+    slots: Mapping[str, tuple[int, int, TensorType]]
+    arenas: tuple[Arena, ...]
+    reuses: Mapping[str, str] = field(default_factory=dict)

@@ -237,7 +237,7 @@ def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.T
     if _device_grouped_mm(x, weight):
         out = torch._grouped_mm(x, weight, offs=offsets.to(torch.int32))
         rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
-        return torch.where(rows < offsets[-1], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out.masked_fill_(rows >= offsets[-1], 0)  # in place: a second result-sized buffer is not free
     out = x.new_zeros(x.shape[0], weight.shape[2])
     start = 0
     for expert, end in enumerate(offsets.tolist()):

@@ -1,14 +1,18 @@
 """Buffer lifetimes in execution order: what memory planning and `inspect` measure peaks from.
 
-A buffer is a node output that owns memory; views share their base's buffer and extend its life.
-Graph inputs and weights are not buffers (they live outside the program's arena).
+A buffer is a node output that owns memory; views share their base's buffer and extend its life. An
+elementwise step (a fused pointwise or row kernel, an ATen pointwise op with out=) writes a result over an
+input it reads for the last time when both have the same type, as Inductor does: the result then shares the
+input's buffer. Graph inputs and weights are not buffers (they live outside the program's arena).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..ir import Graph, Value
+from ..ir import Graph, Node, TensorType, Value
 
 if TYPE_CHECKING:
     from .fusion import FusionPlan
@@ -24,8 +28,17 @@ class Buffer:
     end: int
 
 
-StepSpec = tuple[str, tuple[str, ...], tuple[Value, ...], bool]
-"""One step of execution: (name, values read, values written, whether its results view its first input)."""
+StepSpec = tuple[str, tuple[str, ...], tuple[Value, ...], str]
+"""One step of execution: (name, values read, values written, how: "view" (its results view its first input),
+"elementwise" (each result element is computed, in one program, from input elements at its own index or row,
+so a result may overwrite an input of its type) or "other")."""
+
+
+def _how(node: Node) -> str:
+    if node.definition.kind == "view":
+        return "view"
+    elementwise = node.definition.kind == "pointwise" and node.fills_given_memory and not node.is_cast
+    return "elementwise" if elementwise else "other"
 
 
 def steps_of(graph: Graph, fusion: FusionPlan | None = None) -> list[StepSpec]:
@@ -33,31 +46,79 @@ def steps_of(graph: Graph, fusion: FusionPlan | None = None) -> list[StepSpec]:
     step that writes only the values read after it)."""
     nodes = {node.name: node for node in graph.nodes}
     if fusion is None:
-        return [(node.name, node.inputs, node.outputs, node.definition.kind == "view") for node in graph.nodes]
+        return [(node.name, node.inputs, node.outputs, _how(node)) for node in graph.nodes]
     groups = {group.name: group for group in fusion.groups}
     types = graph.types()
     steps: list[StepSpec] = []
     for name in fusion.schedule:
         if name in groups:
             group = groups[name]
-            steps.append((name, group.inputs, tuple(Value(v, types[v]) for v in group.outputs), False))
+            steps.append((name, group.inputs, tuple(Value(v, types[v]) for v in group.outputs), "elementwise"))
         else:
             node = nodes[name]
-            steps.append((name, node.inputs, node.outputs, node.definition.kind == "view"))
+            steps.append((name, node.inputs, node.outputs, _how(node)))
     return steps
 
 
 def base_of(graph: Graph, fusion: FusionPlan | None = None) -> dict[str, str]:
-    """Intermediate value -> the owning intermediate whose memory it uses (itself, unless it is a view)."""
+    """Intermediate value -> the owning intermediate whose memory it uses: itself, unless it is a view or an
+    elementwise result written over an input (see `reuses`)."""
+    return _bases(graph, fusion)[0]
+
+
+def reuses(graph: Graph, fusion: FusionPlan | None = None) -> dict[str, str]:
+    """Result -> the input its step writes it over: one of the same type (shape, strides, dtype), dense, in an
+    intermediate's memory that nothing reads later nor through another value in that step, and neither of
+    them a graph output."""
+    return _bases(graph, fusion)[1]
+
+
+def _bases(graph: Graph, fusion: FusionPlan | None) -> tuple[dict[str, str], dict[str, str]]:
+    steps = steps_of(graph, fusion)
+    last_read: dict[str, int] = {}
+    for index, (_, reads, _, _) in enumerate(steps):
+        for name in reads:
+            last_read[name] = index
+    kept = set(graph.outputs)
+    last_read.update((name, len(steps)) for name in kept)  # returned values are read after the last step
+    types = graph.types()
     bases: dict[str, str] = {}
-    for _, reads, writes, is_view in steps_of(graph, fusion):
+    base_last: dict[str, int] = {}  # owning value -> the last step reading it or anything sharing its memory
+    reused: dict[str, str] = {}
+    for index, (_, reads, writes, how) in enumerate(steps):
+        taken: set[str] = set()
         for value in writes:
-            if not is_view:
-                bases[value.name] = value.name
-            elif reads and reads[0] in bases:
-                bases[value.name] = bases[reads[0]]
-            # else: a view of an input or weight owns nothing of the program's
-    return bases
+            name = value.name
+            if how == "view":
+                if reads and reads[0] in bases:
+                    bases[name] = bases[reads[0]]
+                else:
+                    continue  # a view of an input or weight owns nothing of the program's
+            else:
+                bases[name] = name
+                if how == "elementwise" and name not in kept:
+                    source = _overwritable(name, reads, index, bases, base_last, types, kept | taken)
+                    if source is not None:
+                        reused[name], bases[name] = source, bases[source]
+                        taken.add(bases[source])
+            base = bases[name]
+            base_last[base] = max(base_last.get(base, index), last_read.get(name, index))
+    return bases, reused
+
+
+def _overwritable(name: str, reads: tuple[str, ...], step: int, bases: dict[str, str], base_last: dict[str, int],
+                  types: Mapping[str, TensorType], excluded: set[str]) -> str | None:
+    """The input of this step that result `name` may be written over, if any: an intermediate or a dense view
+    of one, laid out as the result is, whose memory nothing reads later or through another value here."""
+    for source in reads:
+        base = bases.get(source)
+        source_type = types[source]
+        if (base is not None and base not in excluded and base_last[base] == step
+                and _same_memory_type(source_type, types[name])
+                and source_type.storage_bytes == math.prod(source_type.shape) * source_type.dtype.itemsize
+                and all(other == source or bases.get(other) != base for other in reads)):
+            return source
+    return None
 
 
 def buffers(graph: Graph, fusion: FusionPlan | None = None) -> tuple[Buffer, ...]:
@@ -103,3 +164,8 @@ def peak_live_bytes(graph: Graph) -> tuple[int, int]:
         return 0, 0
     peak = max(per_step)
     return peak, per_step.index(peak)
+
+
+def _same_memory_type(a: TensorType, b: TensorType) -> bool:
+    """Whether element i of one lives where element i of the other does."""
+    return (a.shape, a.dtype, a.layout, a.device) == (b.shape, b.dtype, b.layout, b.device)

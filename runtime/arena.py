@@ -1,18 +1,20 @@
-"""Running a graph from its arena: one allocation per device, every resident intermediate a view of it.
+"""Running steps in given memory: a step's results written into arena views or over a dying input.
 
-A step whose op has an ATen `out=` overload writes straight into its planned views (a cast is a
-`copy_` into its view); any other step (factories, attention, normalizations, ember's own ops)
-computes as usual and is copied in, so the plan still holds but the result is briefly allocated twice.
+A step whose op has an ATen `out=` overload writes straight into the memory it is given (a cast is a
+`copy_` into it); any other step (a view an extern op returns) computes as usual and is copied in, since
+the memory it views is reused. Results given no memory are allocated by the op, as in eager mode.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..ir import Node, TensorType
-from ..ir.ops import Reference
 from ..ir.schema import bind_arguments, out_overload
+
+GivenRun = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor | None]], tuple[torch.Tensor, ...]]
+"""A bound step: (its inputs, memory given per result or None) -> its results."""
 
 
 def slot_view(arena: torch.Tensor, offset: int, value_type: TensorType) -> torch.Tensor:
@@ -21,35 +23,34 @@ def slot_view(arena: torch.Tensor, offset: int, value_type: TensorType) -> torch
     return storage.as_strided(value_type.shape, value_type.layout)
 
 
-def bind_into(node: Node, views: Mapping[str, torch.Tensor]) -> Reference:
-    """The node's call, writing its resident outputs into `views` (by value name)."""
+def bind_into(node: Node, given: Sequence[bool]) -> GivenRun:
+    """The node's call, writing result i (in `node.outputs` order) into the memory it is handed where
+    `given[i]`, and allocating the others."""
     definition = node.definition
     reference = definition.bind(node.attrs)
-    targets = [(position, views.get(value.name)) for value, position in zip(node.outputs, node.result_positions)]
-    if all(view is None for _, view in targets):
-        return reference
-    complete = len(targets) == len(definition.schema.returns) and all(view is not None for _, view in targets)
+    positions = node.result_positions
+    if not any(given):
+        return lambda inputs, outs: reference(inputs)
+    complete = len(given) == len(definition.schema.returns) and all(given)
     if node.is_cast:
-        (_, view), = targets
-        return lambda inputs: (view.copy_(inputs[0]),)  # a cast on the same device: copy_ converts
+        return lambda inputs, outs: (outs[0].copy_(inputs[0]),)  # a cast on the same device: copy_ converts
     if node.fills_given_memory and complete:
         overload, names = out_overload(definition.target)
         build = bind_arguments(definition.schema, node.attrs)
-        outs = {name: view for name, (_, view) in zip(names, targets)}
-        results = tuple(view for _, view in targets)
+        order = [positions.index(position) for position in range(len(positions))]
 
-        def write(inputs):
+        def write(inputs, outs):
             args, kwargs = build(inputs)
-            overload(*args, **kwargs, **outs)
-            return results
+            overload(*args, **kwargs, **dict(zip(names, (outs[index] for index in order))))
+            return tuple(outs[index] for index in order)
 
         return write
 
-    def copy_in(inputs):
+    def copy_in(inputs, outs):
         results = list(reference(inputs))
-        for position, view in targets:
-            if view is not None:
-                results[position] = view.copy_(results[position])
+        for position, out in zip(positions, outs):
+            if out is not None:
+                results[position] = out.copy_(results[position])
         return tuple(results)
 
     return copy_in

@@ -1,8 +1,8 @@
 """The reference executor: runs a Graph node by node with the op table's reference implementations.
 
 It is the correctness oracle for every later pass and the fallback when no kernel can be generated.
-Each node's call is bound once; a value is dropped right after its last use. Given an arena plan, the
-intermediates live in one arena per device, allocated on the first call there and reused after.
+Each node's call is bound once; a value is dropped right after its last use. Given an arena layout, the
+intermediates live in arenas that each call allocates as their windows of steps open and frees as they close.
 """
 from __future__ import annotations
 
@@ -13,30 +13,38 @@ from dataclasses import dataclass
 import torch
 
 from ..codegen import GroupKernel
-from ..ir import ArenaLayout, Graph, Node
-from ..ir.ops import Reference
-from .arena import bind_into, slot_view
+from ..ir import ArenaLayout, Graph, Node, TensorType, Value
+from .arena import GivenRun, bind_into, slot_view
 from .cuda_graph import GraphedCall
 
 log = logging.getLogger(__name__)
 
 
+Target = int | tuple[int, int, TensorType] | None
+"""Where a step's result goes: over the step's input at this index, into (arena, byte offset, type), or
+memory the op allocates (None)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One node, ready to run: its bound reference, the values it reads and writes, and those it frees."""
+    """One node or kernel, ready to run: its bound call, the values it reads and writes, where its results
+    go, the arenas that open before it and close after it, and the values that die after it."""
 
     node: str
-    run: Reference
+    run: GivenRun
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     positions: tuple[int, ...]
     frees: tuple[str, ...]
+    targets: tuple[Target, ...] = ()
+    opens: tuple[int, ...] = ()
+    closes: tuple[int, ...] = ()
 
 
-def plan_steps(graph: Graph, views: Mapping[str, torch.Tensor] | None = None,
-               work: Sequence[Node | GroupKernel] | None = None) -> tuple[Step, ...]:
-    """Bind every node, or every item of `work` (nodes and generated kernels in order), writing into `views`
-    (by value name) where given, and work out when each value dies."""
+def plan_steps(graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None,
+               device: str | None = None) -> tuple[Step, ...]:
+    """Bind every node, or every item of `work` (nodes and generated kernels in order), with its results
+    going where `layout` puts them (for a call on `device`), and work out when each value dies."""
     items = tuple(graph.nodes) if work is None else tuple(work)
     last_use: dict[str, int] = {}
     for index, item in enumerate(items):
@@ -51,28 +59,49 @@ def plan_steps(graph: Graph, views: Mapping[str, torch.Tensor] | None = None,
         for value in item.outputs:
             if value.name not in last_use and value.name not in keep:
                 dies_at.setdefault(index, []).append(value.name)
+    opens: dict[int, list[int]] = {}
+    closes: dict[int, list[int]] = {}
+    for index, arena in enumerate(layout.arenas if layout else ()):
+        opens.setdefault(arena.first_step, []).append(index)
+        closes.setdefault(arena.last_step, []).append(index)
     steps = []
     for index, item in enumerate(items):
+        targets = tuple(_target(value, item.inputs, layout, device) if layout else None for value in item.outputs)
+        given = [target is not None for target in targets]
         if isinstance(item, GroupKernel):
-            run, positions = _launch(item, views or {}), tuple(range(len(item.outputs)))
+            run, positions = _launch(item), tuple(range(len(item.outputs)))
         else:
-            run = bind_into(item, views) if views else item.definition.bind(item.attrs)
-            positions = item.result_positions
+            run, positions = bind_into(item, given), item.result_positions
         steps.append(Step(item.name, run, item.inputs, tuple(v.name for v in item.outputs), positions,
-                          tuple(dies_at.get(index, ()))))
+                          tuple(dies_at.get(index, ())), targets if any(given) else (), tuple(opens.get(index, ())),
+                          tuple(closes.get(index, ()))))
     return tuple(steps)
 
 
-def _launch(group: GroupKernel, views: Mapping[str, torch.Tensor]) -> Reference:
-    """A generated kernel as a step: its outputs are arena views where planned, fresh tensors otherwise."""
-    planned = [views.get(value.name) for value in group.outputs]
+def _target(value: Value, inputs: tuple[str, ...], layout: ArenaLayout, device: str | None) -> Target:
+    if value.name in layout.reuses:
+        return inputs.index(layout.reuses[value.name])
+    slot = layout.slots.get(value.name)
+    if slot is None or slot[2].device != device:
+        return None  # allocated by the op (a value made on another device is allocated there)
+    return slot
 
-    def run(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+
+def given_memory(step: Step, arenas: Sequence[torch.Tensor | None], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The memory each of the step's results is written into on this call (None: the op allocates it)."""
+    return [target if target is None else inputs[target] if isinstance(target, int)
+            else slot_view(arenas[target[0]], target[1], target[2]) for target in step.targets]
+
+
+def _launch(group: GroupKernel) -> GivenRun:
+    """A generated kernel as a step: its outputs go into the memory given, fresh tensors otherwise."""
+
+    def run(inputs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
         device = inputs[0].device
         outputs = tuple(
-            view if view is not None else torch.empty_strided(
+            out if out is not None else torch.empty_strided(
                 value.type.shape, value.type.layout, dtype=value.type.dtype, device=device)
-            for view, value in zip(planned, group.outputs))
+            for out, value in zip(outs or (None,) * len(group.outputs), group.outputs))
         group.kernel(inputs, outputs)
         return outputs
 
@@ -82,10 +111,11 @@ def _launch(group: GroupKernel, views: Mapping[str, torch.Tensor]) -> Reference:
 class Executor:
     """Runs one Graph; holds the bound steps so each call is a loop of op calls.
 
-    With an arena layout, the steps are bound per device to views of that device's arena; with `work` (from
-    codegen's `lower_schedule`), fused groups run as generated kernels. A call that autograd records (grad
-    mode on and an input or weight requiring grad) runs the plain reference steps, since neither `out=` calls
-    nor generated kernels are differentiable and the arena's next call would overwrite what backward saved.
+    With an arena layout, each call allocates every arena when its window of steps opens and drops it when
+    the window closes (under CUDA graphs, once, at capture); with `work` (from codegen's `lower_schedule`),
+    fused groups run as generated kernels. A call that autograd records (grad mode on and an input or weight
+    requiring grad) runs the plain reference steps, since neither `out=` calls nor generated kernels are
+    differentiable.
     """
 
     def __init__(self, graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None,
@@ -98,8 +128,7 @@ class Executor:
         self.reference_steps = plan_steps(graph)
         self.steps = self.reference_steps if work is None else plan_steps(graph, work=work)
         self.input_names = tuple(value.name for value in graph.inputs)
-        self.arenas: dict[torch.device, torch.Tensor] = {}
-        self._steps_on: dict[torch.device, tuple[Step, ...]] = {}
+        self._steps_on: dict[str, tuple[Step, ...]] = {}
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if _records_grad(inputs, self.graph.weights):
@@ -111,41 +140,94 @@ class Executor:
             graphed = self._graphed_on(device, inputs)
             if graphed is not None:
                 return graphed(inputs)
-        return self._run(self.steps_on(device), inputs)
+        return self._run(self.steps_on(device), inputs, device)
 
     def _graphed_on(self, device: torch.device, inputs: Sequence[torch.Tensor]) -> GraphedCall | None:
         """This device's captured call, captured on first use; None (and one warning) if it cannot be."""
         if device not in self.graphed:
             steps = self.steps_on(device)
+            split = tail_start(steps, self.graph, self.layout)
+            prefix, tail = steps[:split], steps[split:]
+            carried = _carried(prefix, tail, self.graph)
+
+            def run_prefix(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                env = self._execute(prefix, self._env(tensors), self._arenas(), device)
+                return [env[name] for name in carried]
+
+            def run_tail(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                env = self._env(tensors)
+                env.update(zip(carried, values))
+                env = self._execute(tail, env, self._arenas(), device)
+                return [env[name] for name in self.graph.outputs]
+
             try:
-                self.graphed[device] = GraphedCall(lambda tensors: self._run(steps, tensors), inputs)
+                self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs)
             except RuntimeError as error:
                 log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)",
                             str(error).splitlines()[0])
                 self.graphed[device] = None
         return self.graphed[device]
 
-    def _run(self, steps: Sequence[Step], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _run(self, steps: Sequence[Step], inputs: Sequence[torch.Tensor],
+             device: torch.device | None = None) -> list[torch.Tensor]:
+        env = self._execute(steps, self._env(inputs), self._arenas(), device)
+        return [env[name] for name in self.graph.outputs]
+
+    def _env(self, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         env = dict(self.graph.weights)
         env.update(zip(self.input_names, inputs))
+        return env
+
+    def _arenas(self) -> list[torch.Tensor | None]:
+        return [None] * (len(self.layout.arenas) if self.layout else 0)
+
+    def _execute(self, steps: Sequence[Step], env: dict[str, torch.Tensor], arenas: list[torch.Tensor | None],
+                 device: torch.device | None) -> dict[str, torch.Tensor]:
+        """Run `steps` on the values in `env`, opening and closing arenas as they say; returns `env`."""
         for step in steps:
-            results = step.run([env[name] for name in step.inputs])
+            for index in step.opens:
+                arenas[index] = _allocate(self.layout.arenas[index].size_bytes, device)
+            args = [env[name] for name in step.inputs]
+            results = step.run(args, given_memory(step, arenas, args) if step.targets else ())
             env.update(zip(step.outputs, (results[position] for position in step.positions)))
             for name in step.frees:
                 del env[name]
-        return [env[name] for name in self.graph.outputs]
+            for index in step.closes:
+                arenas[index] = None
+        return env
 
     def steps_on(self, device: torch.device) -> tuple[Step, ...]:
-        """The steps bound to this device's arena, allocating it on first use."""
-        if device not in self._steps_on:
-            with torch.inference_mode(False):  # a normal tensor, writable inside and outside inference mode
-                arena = torch.empty(self.layout.arena_bytes, dtype=torch.uint8, device=device)
-                views = {name: slot_view(arena, offset, value_type)
-                         for name, (offset, value_type) in self.layout.slots.items()
-                         if value_type.device == device.type}  # a value made on another device is allocated there
-            self.arenas[device] = arena
-            self._steps_on[device] = plan_steps(self.graph, views, self.work)
-        return self._steps_on[device]
+        """The steps bound to put their results where the layout says, for calls on this device."""
+        if device.type not in self._steps_on:
+            self._steps_on[device.type] = plan_steps(self.graph, self.layout, self.work, device.type)
+        return self._steps_on[device.type]
+
+
+MAX_TAIL_STEPS = 4
+"""The most steps after a captured CUDA graph that run on their own, so that the outputs they make need no copy."""
+
+
+def tail_start(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | None) -> int:
+    """Where a captured call's graph ends: before the steps that make the graph's outputs, when they are the
+    last few and no arena is open across them (outputs made inside a graph live in its memory, which the next
+    replay overwrites, so the caller gets copies of them); else after the last step."""
+    produced = {name: index for index, step in enumerate(steps) for name in step.outputs}
+    first = min((produced[name] for name in graph.outputs if name in produced), default=len(steps))
+    spans = any(arena.first_step < first <= arena.last_step for arena in (layout.arenas if layout else ()))
+    return first if len(steps) - first <= MAX_TAIL_STEPS and not spans else len(steps)
+
+
+def _carried(prefix: Sequence[Step], tail: Sequence[Step], graph: Graph) -> tuple[str, ...]:
+    """Values the graph part of a call hands on: those its steps make that the tail reads or the call returns."""
+    made = {name for step in prefix for name in step.outputs}
+    wanted = [name for step in tail for name in step.inputs] + list(graph.outputs)
+    return tuple(dict.fromkeys(name for name in wanted if name in made))
+
+
+def _allocate(size_bytes: int, device: torch.device) -> torch.Tensor:
+    """An arena: a plain tensor, writable inside and outside inference mode."""
+    with torch.inference_mode(False):
+        return torch.empty(size_bytes, dtype=torch.uint8, device=device)
 
 
 def _records_grad(inputs: Sequence[torch.Tensor], weights: Mapping[str, torch.Tensor]) -> bool:

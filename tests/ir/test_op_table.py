@@ -504,7 +504,8 @@ def test_writing_into_arena_views_matches_direct_call(name, index, dtype):
     for value in values[:typed]:
         views[value.name] = slot_view(arena, offset, value.type)
         offset += -(-value.type.storage_bytes // 256) * 256 + 256
-    results = bind_into(node, views)(inputs)
+    outs = [views.get(value.name) for value in values]
+    results = bind_into(node, [out is not None for out in outs])(inputs, outs)
     for value, got, want in zip(values, results, direct):
         if value.name in views:
             assert got.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()
@@ -517,6 +518,21 @@ def test_writing_into_arena_views_matches_direct_call(name, index, dtype):
 
 
 POINTWISE_CASES = [case for case in CASES if case.values[0] in EXPRESSIONS]
+
+
+@pytest.mark.parametrize("name, index, dtype", [case for case in CASES if OP_TABLE[case.values[0]].kind == "pointwise"])
+def test_pointwise_ops_written_over_an_input_of_their_type_match_direct_call(name, index, dtype):
+    """As the arena runs an elementwise op whose input dies there: its out= is that very input."""
+    op, inputs, attrs, direct = run_sample(name, index, dtype)
+    node = Node("n", name, tuple(f"in{i}" for i in range(len(inputs))), attrs, (Value("out", type_of(direct[0])),))
+    if not node.fills_given_memory or node.is_cast:
+        return
+    for position, tensor in enumerate(inputs):
+        if isinstance(tensor, torch.Tensor) and type_of(tensor) == type_of(direct[0]):
+            overwritten = [t.clone() if i == position else t for i, t in enumerate(inputs)]
+            (got,) = bind_into(node, [True])(overwritten, [overwritten[position]])
+            assert got is overwritten[position]
+            assert_close(got, direct[0])
 
 
 @pytest.mark.parametrize("name, index, dtype", POINTWISE_CASES)

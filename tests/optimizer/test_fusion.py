@@ -194,6 +194,12 @@ def test_fused_results_live_in_the_arena_and_intermediates_inside_a_group_nowher
     grouped_away = {value.name for node in program.graph.nodes for value in node.outputs} - written
     assert grouped_away and not grouped_away & set(slots)
     assert any(value.name in slots for group in groups for value in group.outputs)
+    names = {group.name for group in groups}
+    written_over = [step for step in program.executor.steps_on(torch.device("cpu"))
+                    if step.node in names and any(isinstance(target, int) for target in step.targets)]
+    assert written_over  # kernels that write a result over an input dying there
+    with torch.no_grad():
+        assert models.max_error(model(*inputs), program(*inputs)) <= result_tolerance(model(*inputs))
 
 
 def test_half_precision_chains_compute_in_float32_and_round_once():

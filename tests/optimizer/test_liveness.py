@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ember.ir import Graph, Node, TensorType, Value
-from ember.optimizer.liveness import Buffer, buffers, live_bytes, peak_live_bytes
+from ember.optimizer.liveness import Buffer, buffers, live_bytes, peak_live_bytes, reuses
 
 
 def _v(name: str, *shape: int) -> Value:
@@ -28,3 +28,33 @@ def test_views_extend_their_base_and_outputs_live_to_the_end():
     )
     assert live_bytes(buffers(graph), len(nodes)) == [128, 128, 256, 384, 384, 256]
     assert peak_live_bytes(graph) == (384, 3)
+
+
+def test_an_elementwise_result_is_written_over_an_input_that_dies_there():
+    x = _v("x", 4, 4)
+    nodes = (
+        Node("a", "exp", ("x",), {}, (_v("a", 4, 4),)),
+        Node("b", "neg", ("a",), {}, (_v("b", 4, 4),)),                 # a dies here: b takes its memory
+        Node("c", "add.Tensor", ("b", "x"), {}, (_v("c", 4, 4),)),      # b dies here: c takes its memory, a's
+        Node("t", "t", ("c",), {}, (Value("t", TensorType((4, 4), torch.float32, strides=(1, 4))),)),
+        Node("d", "add.Tensor", ("c", "t"), {}, (_v("d", 4, 4),)),      # would race with its read of c.t()
+        Node("e", "relu", ("d",), {}, (_v("e", 4, 4),)),                # returned: allocated on its own
+        Node("f", "sum", ("e",), {}, (_v("f"),)),
+    )
+    graph = Graph((x,), (), nodes, ("e", "f"))
+    graph.verify()
+    assert reuses(graph) == {"b": "a", "c": "b"}
+    assert buffers(graph) == (Buffer("a", 64, 0, 4), Buffer("d", 64, 4, 5), Buffer("e", 64, 5, 6),
+                              Buffer("f", 4, 6, 6))
+
+
+def test_nothing_is_written_over_memory_a_returned_view_keeps():
+    x = _v("x", 4, 4)
+    nodes = (
+        Node("a", "exp", ("x",), {}, (_v("a", 4, 4),)),
+        Node("view", "view", ("a",), {"size": (16,)}, (_v("view", 16),)),
+        Node("b", "neg", ("a",), {}, (_v("b", 4, 4),)),
+    )
+    graph = Graph((x,), (), nodes, ("view", "b"))
+    graph.verify()
+    assert reuses(graph) == {}

@@ -1,0 +1,38 @@
+"""Where a captured call's graph ends: the steps that make the outputs run after the replay, into the caller's memory."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ember
+from ember import models
+from ember.runtime.executor import MAX_TAIL_STEPS, _carried, tail_start
+
+
+def _steps(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
+    program = ember.compile(model, inputs)
+    return program, program.executor.steps_on(torch.device("cpu"))
+
+
+def test_a_language_model_makes_its_logits_after_the_graph():
+    program, steps = _steps(*models.load("gpt2"))
+    split = tail_start(steps, program.graph, program.executor.layout)
+    nodes = {node.name: node for node in program.graph.nodes}
+    assert 0 < len(steps) - split <= MAX_TAIL_STEPS
+    assert nodes[steps[split].node].op in ("linear", "mm", "addmm", "matmul")  # the language-model head
+    assert all(name in {n for step in steps[split:] for n in step.outputs} for name in program.graph.outputs)
+    carried = _carried(steps[:split], steps[split:], program.graph)
+    assert carried and all(any(name in step.inputs for step in steps[split:]) for name in carried)
+
+
+def test_outputs_made_early_stay_in_the_graph_and_are_copied_out():
+    class Early(nn.Module):
+        def forward(self, x):
+            hidden = torch.relu(x * 2)
+            deep = hidden
+            for _ in range(MAX_TAIL_STEPS + 2):
+                deep = torch.sin(deep) + 1
+            return hidden, deep
+
+    program, steps = _steps(Early(), (torch.randn(8, 8),))
+    assert tail_start(steps, program.graph, program.executor.layout) == len(steps)
