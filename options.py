@@ -21,12 +21,14 @@ class Options:
     debug_dir: dump the IR after each stage here; defaults to $EMBER_DEBUG_DIR.
     check_inputs: check the shape, dtype and device of every call's inputs against the compiled ones.
     reorder: reorder operators to lower the peak of live memory (results unchanged; off by default).
-    arena: place every intermediate in one planned arena per device, allocated once (off: the allocator's).
+    arena: place intermediates in planned arenas, each allocated by a call as its window of steps opens
+        and freed as it closes (off: the allocator's, value by value).
     plan_time_limit: seconds the memory planner may spend on its search and MIP before keeping its best plan.
     fusion: run fused groups as generated Triton kernels. None (default): on when the model is on a GPU.
         True on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter; for tests, slow).
-    cuda_graphs: on a GPU, capture a call in a CUDA graph and replay it (inputs copied in, outputs cloned
-        out); needs the arena. A program that cannot be captured runs step by step, with one warning.
+    cuda_graphs: on a GPU, capture a call in a CUDA graph and replay it (inputs copied in; the last few
+        steps, which make the outputs, run after it, and outputs made inside it are copied out); needs the
+        arena. A program that cannot be captured runs step by step, with one warning.
     mode: torch.compile's mode, accepted for compatibility and recorded in the report.
     """
 

@@ -153,6 +153,30 @@ def _out_overload(op: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, tup
     return None
 
 
+def inplace_overload(op: object) -> torch._ops.OpOverload | None:
+    """The in-place variant of an ATen op (`name_`, writing its first argument, the same arguments otherwise):
+    how to write a result over that argument without the temporary some `out=` overloads make."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return None
+    return _inplace_overload(op)
+
+
+@functools.cache
+def _inplace_overload(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    signature = _signature(op._schema)
+    namespace, name = op._schema.name.split("::")
+    packet = getattr(getattr(torch.ops, namespace), name + "_", None)
+    if signature is None or packet is None:
+        return None
+    for overload in packet.overloads():
+        candidate = getattr(packet, overload)._schema
+        first = candidate.arguments[0] if candidate.arguments else None
+        if (first is not None and first.alias_info is not None and first.alias_info.is_write
+                and _signature(candidate, skip_written=True) == signature[1:] and signature[0][0] == first.name):
+            return getattr(packet, overload)
+    return None
+
+
 def _signature(schema: torch._C.FunctionSchema, *, skip_written: bool = False) -> tuple | None:
     """(name, type, default) of each argument; None for an op that itself writes an argument."""
     result = []

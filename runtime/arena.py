@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..ir import Node, TensorType
-from ..ir.schema import bind_arguments, out_overload
+from ..ir.schema import bind_arguments, inplace_overload, out_overload
 
 GivenRun = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor | None]], tuple[torch.Tensor, ...]]
 """A bound step: (its inputs, memory given per result or None) -> its results."""
@@ -23,9 +23,11 @@ def slot_view(arena: torch.Tensor, offset: int, value_type: TensorType) -> torch
     return storage.as_strided(value_type.shape, value_type.layout)
 
 
-def bind_into(node: Node, given: Sequence[bool]) -> GivenRun:
+def bind_into(node: Node, given: Sequence[bool], over_first: bool = False) -> GivenRun:
     """The node's call, writing result i (in `node.outputs` order) into the memory it is handed where
-    `given[i]`, and allocating the others."""
+    `given[i]`, and allocating the others. `over_first`: its one result is handed its first input's memory,
+    so it runs in place where the op has an in-place variant (some `out=` overloads compute into a temporary
+    and copy, which would cost a result-sized allocation)."""
     definition = node.definition
     reference = definition.bind(node.attrs)
     positions = node.result_positions
@@ -34,6 +36,15 @@ def bind_into(node: Node, given: Sequence[bool]) -> GivenRun:
     complete = len(given) == len(definition.schema.returns) and all(given)
     if node.is_cast:
         return lambda inputs, outs: (outs[0].copy_(inputs[0]),)  # a cast on the same device: copy_ converts
+    in_place = inplace_overload(definition.target) if over_first else None
+    if in_place is not None:
+        build = bind_arguments(definition.schema, node.attrs)
+
+        def overwrite(inputs, outs):
+            args, kwargs = build(inputs)
+            return (in_place(*args, **kwargs),)
+
+        return overwrite
     if node.fills_given_memory and complete:
         overload, names = out_overload(definition.target)
         build = bind_arguments(definition.schema, node.attrs)

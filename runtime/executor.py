@@ -71,7 +71,8 @@ def plan_steps(graph: Graph, layout: ArenaLayout | None = None, work: Sequence[N
         if isinstance(item, GroupKernel):
             run, positions = _launch(item), tuple(range(len(item.outputs)))
         else:
-            run, positions = bind_into(item, given), item.result_positions
+            over_first = len(targets) == 1 and targets[0] == 0 and not item.is_extern
+            run, positions = bind_into(item, given, over_first), item.result_positions
         steps.append(Step(item.name, run, item.inputs, tuple(v.name for v in item.outputs), positions,
                           tuple(dies_at.get(index, ())), targets if any(given) else (), tuple(opens.get(index, ())),
                           tuple(closes.get(index, ()))))
@@ -150,14 +151,17 @@ class Executor:
             prefix, tail = steps[:split], steps[split:]
             carried = _carried(prefix, tail, self.graph)
 
-            def run_prefix(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-                env = self._execute(prefix, self._env(tensors), self._arenas(), device)
-                return [env[name] for name in carried]
+            def run_prefix(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+                arenas = self._arenas()
+                env = self._execute(prefix, self._env(tensors), arenas, device)
+                return [env[name] for name in carried], arenas  # arenas still open are the tail's too
 
-            def run_tail(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            def run_tail(tensors: Sequence[torch.Tensor], handed: tuple[list[torch.Tensor], list[torch.Tensor | None]]
+                         ) -> list[torch.Tensor]:
+                values, arenas = handed
                 env = self._env(tensors)
                 env.update(zip(carried, values))
-                env = self._execute(tail, env, self._arenas(), device)
+                env = self._execute(tail, env, list(arenas), device)
                 return [env[name] for name in self.graph.outputs]
 
             try:
@@ -208,13 +212,22 @@ MAX_TAIL_STEPS = 4
 
 
 def tail_start(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | None) -> int:
-    """Where a captured call's graph ends: before the steps that make the graph's outputs, when they are the
-    last few and no arena is open across them (outputs made inside a graph live in its memory, which the next
-    replay overwrites, so the caller gets copies of them); else after the last step."""
-    produced = {name: index for index, step in enumerate(steps) for name in step.outputs}
-    first = min((produced[name] for name in graph.outputs if name in produced), default=len(steps))
-    spans = any(arena.first_step < first <= arena.last_step for arena in (layout.arenas if layout else ()))
-    return first if len(steps) - first <= MAX_TAIL_STEPS and not spans else len(steps)
+    """Where a captured call's graph ends: before the step that makes the memory of the graph's outputs, when
+    that is one of the last few (outputs made inside a graph live in its memory, which the next replay
+    overwrites, so the caller gets copies of them); else after the last step."""
+    nodes = {node.name: node for node in graph.nodes}
+    made = {name: index for index, step in enumerate(steps) for name in step.outputs}
+    over = dict(layout.reuses) if layout else {}
+    over.update((name, step.inputs[0]) for step in steps if step.node in nodes and step.inputs
+                and nodes[step.node].definition.kind == "view" for name in step.outputs)
+
+    def maker(name: str) -> int:
+        while over.get(name) in made:
+            name = over[name]
+        return made[name]
+
+    first = min((maker(name) for name in graph.outputs if name in made), default=len(steps))
+    return first if len(steps) - first <= MAX_TAIL_STEPS else len(steps)
 
 
 def _carried(prefix: Sequence[Step], tail: Sequence[Step], graph: Graph) -> tuple[str, ...]:

@@ -36,3 +36,20 @@ def test_outputs_made_early_stay_in_the_graph_and_are_copied_out():
 
     program, steps = _steps(Early(), (torch.randn(8, 8),))
     assert tail_start(steps, program.graph, program.executor.layout) == len(steps)
+
+
+def test_an_output_viewing_a_result_starts_the_tail_where_that_result_is_made():
+    """A padded head's logits are a slice of its result: the head itself runs after the graph."""
+    class Sliced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.head = nn.Linear(8, 32), nn.Linear(32, 24)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.up(x)))[..., :20]
+
+    program, steps = _steps(Sliced(), (torch.randn(4, 8),))
+    split = tail_start(steps, program.graph, program.executor.layout)
+    nodes = {node.name: node for node in program.graph.nodes}
+    assert nodes[steps[split].node].op == "linear" and steps[split].node != steps[0].node
+    assert nodes[steps[-1].node].definition.kind == "view"
