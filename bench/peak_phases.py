@@ -12,7 +12,8 @@ import torch
 
 import ember
 from ember import models
-from ember.runtime.executor import given_memory
+
+from memory import walk
 
 
 def phases(name: str, cuda_graphs: bool) -> list[str]:
@@ -45,33 +46,23 @@ def workspaces(name: str, count: int = 4) -> list[str]:
     """The steps that allocate most beyond their results while they run, step by step."""
     torch.manual_seed(0)
     model, inputs = models.load(name, "suite", device="cuda")
+    found = []
     with torch.no_grad():
         program = ember.compile(model, inputs, ember.Options(cuda_graphs=False))
-        executor = program.executor
-        env = dict(program.graph.weights)
-        env.update(zip(executor.input_names, inputs))
-        arenas = [None] * len(executor.layout.arenas)
         nodes = {node.name: node for node in program.graph.nodes}
-        found = []
-        for step in executor.steps_on(torch.device("cuda")):
-            for index in step.opens:
-                arenas[index] = torch.empty(executor.layout.arenas[index].size_bytes, dtype=torch.uint8, device="cuda")
-            args = [env[n] for n in step.inputs]
-            given = given_memory(step, arenas, args) if step.targets else ()
+
+        def visit(step, run, args):
             torch.cuda.synchronize()
             start = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            results = step.run(args, given)
+            results = run()
             torch.cuda.synchronize()
             made = torch.cuda.memory_allocated() - start
             what = nodes[step.node].target or nodes[step.node].op if step.node in nodes else f"group {step.node}"
             found.append(((torch.cuda.max_memory_allocated() - start - max(made, 0)) / 2**20, made / 2**20, what))
-            env.update(zip(step.outputs, (results[p] for p in step.positions)))
-            del results, args, given
-            for n in step.frees:
-                del env[n]
-            for index in step.closes:
-                arenas[index] = None
+            return results
+
+        walk(program, inputs, visit)
     return [f"{extra:.1f} MiB beyond {made:.1f} MiB made: {what}" for extra, made, what in sorted(found, key=lambda f: -f[0])[:count]]
 
 
