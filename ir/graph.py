@@ -12,7 +12,7 @@ import networkx as nx
 import torch
 
 from .ops import OP_TABLE, OpDef, extern_def
-from .schema import _tensor_kind, out_overload
+from .schema import _tensor_kind, copies_out, out_overload
 from .types import TensorType
 
 
@@ -60,9 +60,11 @@ class Node:
     @property
     def fills_given_memory(self) -> bool:
         """Whether the node can write its results into memory it is handed (an ATen out= overload of a fully
-        typed op, or a cast) rather than return memory of its own: only such results can live in an arena
-        without being copied in."""
-        return self.is_cast or (out_overload(self.definition.target) is not None and self.definition.typed_outputs is None)
+        typed op that writes there directly, or a cast) rather than return memory of its own: only such results
+        can live in an arena without being copied in."""
+        target = self.definition.target
+        return self.is_cast or (out_overload(target) is not None and self.definition.typed_outputs is None
+                                and not copies_out(target))
 
 
 @dataclass(frozen=True, slots=True, eq=False)

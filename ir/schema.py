@@ -130,6 +130,20 @@ def bind_arguments(
     return build
 
 
+COPYING_OUT = frozenset({
+    "aten._adaptive_avg_pool2d.out", "aten._unsafe_view.out", "aten.add.Scalar_out", "aten.all.all_out",
+    "aten.all.out", "aten.any.all_out", "aten.any.out", "aten.clone.out", "aten.constant_pad_nd.out",
+    "aten.convolution.out", "aten.div.Scalar_out", "aten.embedding.out", "aten.fill.Scalar_out", "aten.flip.out",
+    "aten.histc.out", "aten.index_put.out", "aten.isinf.out", "aten.isnan.out", "aten.lift_fresh_copy.out",
+    "aten.masked_fill.Scalar_out", "aten.masked_fill.Tensor_out", "aten.mul.Scalar_out", "aten.prod.out",
+    "aten.relu.out", "aten.repeat.out", "aten.roll.out", "aten.rsub.Scalar_out", "aten.sub.Scalar_out",
+    "aten.sum.out", "aten.upsample_nearest2d.vec_out", "aten.var_mean.correction_out",
+})
+"""The `out=` overloads that compute into memory of their own and copy it out (mostly ATen's generated out=
+wrappers around the functional op) whatever their arguments, so writing their result into given memory costs
+a result-sized temporary. Measured on every op-table sample, and kept true, by tests/ir/test_op_table.py."""
+
+
 def out_overload(op: object) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
     """The `out=` overload of an ATen op taking the same other arguments, and its out argument names."""
     if not isinstance(op, torch._ops.OpOverload):
@@ -151,6 +165,12 @@ def _out_overload(op: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, tup
                 and _signature(candidate, skip_written=True) == signature):
             return getattr(packet, name), tuple(arg.name for arg in written)
     return None
+
+
+def copies_out(op: object) -> bool:
+    """Whether the op's `out=` overload writes through a temporary (see COPYING_OUT)."""
+    found = out_overload(op)
+    return found is not None and str(found[0]) in COPYING_OUT
 
 
 def inplace_overload(op: object) -> torch._ops.OpOverload | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..ir import Graph, Node, TensorType, Value
+from ..ir.schema import inplace_overload
 
 if TYPE_CHECKING:
     from .fusion import FusionPlan
@@ -31,14 +32,18 @@ class Buffer:
 StepSpec = tuple[str, tuple[str, ...], tuple[Value, ...], str]
 """One step of execution: (name, values read, values written, how: "view" (its results view its first input),
 "elementwise" (each result element is computed, in one program, from input elements at its own index or row,
-so a result may overwrite an input of its type) or "other")."""
+so a result may overwrite an input of its type), "in_place" (elementwise, but only over its first input, through
+the op's in-place variant) or "other")."""
 
 
 def _how(node: Node) -> str:
-    if node.definition.kind == "view":
-        return "view"
-    elementwise = node.definition.kind == "pointwise" and node.fills_given_memory and not node.is_cast
-    return "elementwise" if elementwise else "other"
+    if node.definition.kind == "view" or any(result.alias_info is not None for result in node.definition.schema.returns):
+        return "view"  # also an extern op returning a view of its input (view_as_complex)
+    if node.definition.kind != "pointwise" or node.is_cast or node.is_extern:
+        return "other"
+    if node.fills_given_memory:
+        return "elementwise"
+    return "in_place" if inplace_overload(node.definition.target) is not None else "other"
 
 
 def steps_of(graph: Graph, fusion: FusionPlan | None = None) -> list[StepSpec]:
@@ -96,8 +101,9 @@ def _bases(graph: Graph, fusion: FusionPlan | None) -> tuple[dict[str, str], dic
                     continue  # a view of an input or weight owns nothing of the program's
             else:
                 bases[name] = name
-                if how == "elementwise" and name not in kept:
-                    source = _overwritable(name, reads, index, bases, base_last, types, kept | taken)
+                if how in ("elementwise", "in_place") and name not in kept:
+                    candidates = reads[:1] if how == "in_place" else reads
+                    source = _overwritable(name, candidates, reads, index, bases, base_last, types, kept | taken)
                     if source is not None:
                         reused[name], bases[name] = source, bases[source]
                         taken.add(bases[source])
@@ -106,11 +112,11 @@ def _bases(graph: Graph, fusion: FusionPlan | None) -> tuple[dict[str, str], dic
     return bases, reused
 
 
-def _overwritable(name: str, reads: tuple[str, ...], step: int, bases: dict[str, str], base_last: dict[str, int],
-                  types: Mapping[str, TensorType], excluded: set[str]) -> str | None:
-    """The input of this step that result `name` may be written over, if any: an intermediate or a dense view
-    of one, laid out as the result is, whose memory nothing reads later or through another value here."""
-    for source in reads:
+def _overwritable(name: str, candidates: tuple[str, ...], reads: tuple[str, ...], step: int, bases: dict[str, str],
+                  base_last: dict[str, int], types: Mapping[str, TensorType], excluded: set[str]) -> str | None:
+    """The input among `candidates` that result `name` may be written over, if any: an intermediate or a dense
+    view of one, laid out as the result is, whose memory nothing reads later or through another input here."""
+    for source in candidates:
         base = bases.get(source)
         source_type = types[source]
         if (base is not None and base not in excluded and base_last[base] == step

@@ -58,3 +58,40 @@ def test_nothing_is_written_over_memory_a_returned_view_keeps():
     graph = Graph((x,), (), nodes, ("view", "b"))
     graph.verify()
     assert reuses(graph) == {}
+
+
+def test_an_op_whose_out_overload_copies_is_written_over_its_first_input_in_place():
+    """masked_fill's out= computes into a temporary: its result takes its dying input's memory through
+    masked_fill_, and embedding's (no in-place variant) is left to the op, outside any arena."""
+    x, y = _v("x", 4, 4), _v("y", 4, 4)
+    mask = Value("mask", TensorType((4, 4), torch.bool))
+    table, ids = _v("table", 10, 4), Value("ids", TensorType((4,), torch.int64))
+    nodes = (
+        Node("a", "exp", ("x",), {}, (_v("a", 4, 4),)),
+        Node("b", "masked_fill.Scalar", ("a", "mask"), {"value": 0.0}, (_v("b", 4, 4),)),
+        Node("c", "mul.Tensor", ("b", "y"), {}, (_v("c", 4, 4),)),
+        Node("e", "embedding", ("table", "ids"), {}, (_v("e", 4, 4),)),
+        Node("f", "add.Tensor", ("c", "e"), {}, (_v("f", 4, 4),)),
+    )
+    graph = Graph((x, y, mask, table, ids), (), nodes, ("f",))
+    graph.verify()
+    assert [node.fills_given_memory for node in nodes] == [True, False, True, False, True]
+    assert reuses(graph) == {"b": "a", "c": "b"}
+    assert [buffer.name for buffer in buffers(graph)] == ["a", "e", "f"]
+
+
+def test_an_extern_op_returning_a_view_extends_its_base():
+    """view_as_complex is outside the op table but returns a view of `s`: `s` must live while the view is read
+    (it once shared an arena slot with `c`, made after `s`'s last direct read, and the answer was wrong)."""
+    x = _v("x", 4, 4, 2)
+    complex_type = TensorType((4, 4), torch.complex64)
+    nodes = (
+        Node("s", "exp", ("x",), {}, (_v("s", 4, 4, 2),)),
+        Node("z", "extern", ("s",), {}, (Value("z", complex_type),), target="aten.view_as_complex.default"),
+        Node("c", "exp", ("x",), {}, (_v("c", 4, 4, 2),)),
+        Node("m", "extern", ("z", "z"), {}, (Value("m", complex_type),), target="aten.mul.Tensor"),
+        Node("r", "add.Tensor", ("c", "x"), {}, (_v("r", 4, 4, 2),)),
+    )
+    graph = Graph((x,), (), nodes, ("m", "r"))
+    graph.verify()
+    assert Buffer("s", 128, 0, 3) in buffers(graph)
