@@ -200,3 +200,41 @@ def fusible(node: Node, types: Mapping[str, TensorType]) -> bool:
         return False
     variables = [f"v{i}" for i in range(len(node.inputs))]
     return emit(operands(node.definition.schema, node.attrs, variables)) is not None
+
+
+Piece = tuple[str, int, int, int]
+"""(input value, first, end, shift): a result's elements at first <= c < end along its moved dim are the
+input's elements at c + shift there (all other coordinates the same)."""
+
+MOVES = frozenset({"slice.Tensor", "split.Tensor", "split_with_sizes", "cat"})
+"""Ops a pointwise kernel computes by reading its operand elsewhere along one dim rather than by an expression."""
+
+
+def moved(node: Node, types: Mapping[str, TensorType]) -> dict[str, tuple[int, tuple[Piece, ...]]] | None:
+    """For a slice (step 1), split or cat of values a pointwise kernel handles: each result's moved dim and the
+    pieces it is read from; None for any other node."""
+    if node.op not in MOVES or any(t.dtype not in TRITON_TYPES for t in (*(types[n] for n in node.inputs),
+                                                                          *(v.type for v in node.outputs))):
+        return None
+    rank = len(node.outputs[0].type.shape)
+    dim = node.attrs.get("dim", 0) % rank
+    if node.op == "cat":
+        if any(len(types[name].shape) != rank for name in node.inputs):
+            return None  # cat's legacy empty 1-D operands
+        pieces, first = [], 0
+        for name in node.inputs:
+            size = types[name].shape[dim]
+            pieces.append((name, first, first + size, -first))
+            first += size
+        return {node.outputs[0].name: (dim, tuple(pieces))}
+    source, size = node.inputs[0], types[node.inputs[0]].shape[dim]
+    if node.op == "slice.Tensor":
+        start = node.attrs.get("start") or 0
+        if node.attrs.get("step", 1) != 1:
+            return None
+        start = min(max(start + size if start < 0 else start, 0), size)
+        return {node.outputs[0].name: (dim, ((source, 0, node.outputs[0].type.shape[dim], start),))}
+    sizes = node.attrs["split_sizes"] if node.op == "split_with_sizes" else [node.attrs["split_size"]] * -(-size // node.attrs["split_size"])
+    starts = [sum(sizes[:position]) for position in range(len(sizes))]
+    return {value.name: (dim, ((source, 0, value.type.shape[dim], starts[position]),))
+            for value, position in zip(node.outputs, node.result_positions)}

@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .schema import bind_arguments
 from .types import TensorType, type_of
+from .zero_tail import zero_rows_from_last_offset
 
 Reference = Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]]
 Infer = Callable[["OpDef", Sequence[TensorType], Mapping[str, Any]], tuple[TensorType | None, ...]]
@@ -235,9 +236,7 @@ def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.T
     (no host sync, so a call can be captured in a CUDA graph); elsewhere, one matmul per expert.
     """
     if _device_grouped_mm(x, weight):
-        out = torch._grouped_mm(x, weight, offs=offsets.to(torch.int32))
-        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
-        return out.masked_fill_(rows >= offsets[-1], 0)  # in place: a second result-sized buffer is not free
+        return zero_rows_from_last_offset(torch._grouped_mm(x, weight, offs=offsets.to(torch.int32)), offsets)
     out = x.new_zeros(x.shape[0], weight.shape[2])
     start = 0
     for expert, end in enumerate(offsets.tolist()):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..ir import Graph, Node, TensorType
-from ..ir.expressions import fusible
+from ..ir.expressions import MOVES, fusible, moved
 from ..ir.reductions import REDUCTIONS, reduced_dims
 from .cost import CostModel
 from .cost.model import permuted
@@ -145,6 +145,7 @@ def plan_fusion(graph: Graph, cost: CostModel) -> FusionPlan:
         members[joined].append(node)
         group_id[node.name] = joined
     _merge_along_edges(graph, dag, members, spaces, group_id, types, read)
+    _fuse_through_moves(graph, dag, members, spaces, group_id, types)
     kept, rejected = [], []
     for index, nodes in members.items():
         if len(nodes) < 2 and not any(permuted(types[name]) for name in nodes[0].inputs):
@@ -189,6 +190,73 @@ def _merge_along_edges(graph: Graph, dag: nx.DiGraph, members: dict[int, list[No
             merged_any = True
 
 
+def _fuse_through_moves(graph: Graph, dag: nx.DiGraph, members: dict[int, list[Node]], spaces: dict[int, _Space],
+                        group_id: dict[str, int], types: Mapping[str, TensorType]) -> None:
+    """A slice, split or cat read only by one pointwise group joins it, with the pointwise groups whose results
+    only it reads: their elements are computed where the group reads them (a rotary embedding's `cat(-x2, x1)`
+    between its multiplies, a split of a masked matmul result into SwiGLU's halves)."""
+    producer = {value.name: node for node in graph.nodes for value in node.outputs}
+    readers = _readers(graph)
+    order = {node.name: index for index, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        results = [value.name for value in node.outputs]
+        if node.name in group_id or moved(node, types) is None or any(name in graph.outputs for name in results):
+            continue
+        targets = {group_id.get(reader) for name in results for reader in readers.get(name, ())}
+        target = targets.pop() if len(targets) == 1 else None
+        if target is None or spaces[target].reduced:
+            continue
+        absorbed: list[int] = []
+        for name in node.inputs:
+            source = group_id.get(producer[name].name) if name in producer else None
+            if source is None or source == target or source in absorbed or spaces[source].reduced:
+                continue
+            inside = {member.name for member in members[source]} | {node.name}
+            if all(readers.get(value.name, set()) <= inside and value.name not in graph.outputs
+                   for member in members[source] for value in member.outputs):
+                absorbed.append(source)
+        if not absorbed and node.op != "cat":
+            continue  # a slice or split of a value read from memory anyway is a view already
+        nodes = sorted([*members[target], node, *(m for source in absorbed for m in members[source])],
+                       key=lambda member: order[member.name])
+        names = {member.name for member in nodes}
+        space = _through_moves(nodes, types, _outputs_of(nodes, readers, graph.outputs))
+        if space is None or _closes_a_cycle(dag, names, *names):
+            continue
+        members[target], spaces[target] = nodes, space
+        for source in absorbed:
+            del members[source], spaces[source]
+        for name in names:
+            group_id[name] = target
+
+
+def _through_moves(nodes: Sequence[Node], types: Mapping[str, TensorType], outputs: Sequence[str]) -> _Space | None:
+    """The space of a pointwise group that reads through slices, splits or cats: every node an expression or a
+    move, its outputs of one shape, none a slice's or split's (whose type is a strided view)."""
+    made_by = {value.name: node for node in nodes for value in node.outputs}
+    shapes = {types[name].shape for name in outputs}
+    if (len(shapes) != 1 or any(made_by[name].op in MOVES - {"cat"} for name in outputs)
+            or not all(fusible(node, types) or moved(node, types) is not None for node in nodes)):
+        return None
+    return _Space(shapes.pop(), 0, {value.name: False for node in nodes for value in node.outputs})
+
+
+def _readers(graph: Graph) -> dict[str, set[str]]:
+    """Value -> the nodes that read it."""
+    readers: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            readers.setdefault(name, set()).add(node.name)
+    return readers
+
+
+def _outputs_of(nodes: Sequence[Node], readers: Mapping[str, set[str]], returned: Sequence[str]) -> tuple[str, ...]:
+    """The values `nodes` compute that something else reads or the graph returns, in order."""
+    inside = {node.name for node in nodes}
+    return tuple(value.name for node in nodes for value in node.outputs
+                 if readers.get(value.name, set()) - inside or value.name in returned)
+
+
 def verify_fusion(plan: FusionPlan, graph: Graph) -> None:
     """Raise FusionError unless every node runs exactly once, each group's nodes fit its iteration space in
     order, and the schedule respects every dependency."""
@@ -197,7 +265,9 @@ def verify_fusion(plan: FusionPlan, graph: Graph) -> None:
     nodes = {node.name: node for node in graph.nodes}
     seen: dict[str, str] = {}
     for group in plan.groups:
-        space = _replay([nodes[name] for name in group.nodes], types, read)
+        members = [nodes[name] for name in group.nodes]
+        through_moves = any(node.op in MOVES for node in members)
+        space = _through_moves(members, types, group.outputs) if through_moves else _replay(members, types, read)
         if space is None or (space.shape, space.reduced) != (group.shape, group.reduced):
             raise FusionError(f"group {group.name} holds a node its {group.kind} kernel over {group.shape} "
                               f"(reducing {group.reduced} dims) cannot compute")

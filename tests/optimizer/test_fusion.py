@@ -12,7 +12,7 @@ from ember import models
 from ember.frontend import from_module
 from ember.optimizer.cost import CostModel, load_profile
 from ember.optimizer.fusion import FusionError, plan_fusion, verify_fusion
-from ember.tolerance import result_tolerance
+from ember.tolerance import result_tolerance, tolerance_for
 
 MODELS = ["mlp", "cnn", "unet", "demo", "gpt2", "llama", "mixtral", "bert"]
 COST = CostModel(load_profile("h100"))
@@ -235,3 +235,68 @@ def test_generated_kernels_are_dumped_with_their_ir(tmp_path):
                   ember.Options(fusion=True, debug_dir=str(tmp_path)))
     source = (tmp_path / "fused_0.py").read_text()
     assert source.startswith("# %") and "gelu" in source and "@triton.jit" in source
+
+
+class Rotary(nn.Module):
+    """A rotary embedding as transformers writes it: `x * cos + cat(-x2, x1) * sin` on a transposed view."""
+
+    def forward(self, x, cos, sin):
+        x = x.transpose(1, 2)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class MaskedSwiGLU(nn.Module):
+    """A matmul result masked past a row count, split into SwiGLU's halves (Mixtral's experts)."""
+
+    def forward(self, x, w, rows):
+        up = (x @ w).masked_fill(rows, 0.0)
+        gate, value = up.split(up.shape[-1] // 2, dim=-1)
+        return torch.nn.functional.silu(gate) * value
+
+
+def _fused_through_moves(model, *inputs):
+    """The program, its generated kernels, and its result checked against float64: as close as eager's."""
+    with torch.no_grad():
+        program = ember.compile(model, inputs, ember.Options(fusion=True))
+        got, eager = program(*inputs), model(*inputs)
+        exact = model.double()(*(t.double() if t.is_floating_point() else t for t in inputs))
+    kernels = [step.node for step in program.executor.steps if step.node.startswith("fused_")]
+    error = (got.double() - exact).abs().max()
+    assert error <= max((eager.double() - exact).abs().max(), tolerance_for(got.dtype, scale=exact.abs().max()))
+    return program, kernels, got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_rotary_embedding_is_one_kernel_reading_through_its_cat(dtype):
+    x = torch.randn(3, 11, 5, 18, dtype=dtype)  # odd sizes; transposed, so read at its strides
+    cos, sin = torch.randn(11, 18, dtype=dtype), torch.randn(11, 18, dtype=dtype)
+    program, kernels, got = _fused_through_moves(Rotary(), x, cos, sin)
+    ops = [node.op for node in program.graph.nodes if node.op not in ("transpose.int", "slice.Tensor")]
+    assert len(kernels) == 1 and program.report.fusion["fused_nodes"] == len(ops)
+    assert "cat" in ops and "cat" not in [step.node for step in program.executor.steps]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_masked_result_split_into_swiglu_halves_is_one_kernel(dtype):
+    x, w = torch.randn(13, 7, dtype=dtype), torch.randn(7, 2 * 19, dtype=dtype)
+    rows = (torch.arange(13) >= 9).unsqueeze(1)
+    program, kernels, got = _fused_through_moves(MaskedSwiGLU(), x, w, rows)
+    assert len(kernels) == 1
+    fused = next(group for group in program.report.fusion["decisions"] if group["kept"])
+    assert fused["nodes"] == 4  # masked_fill, split, silu, mul
+    assert torch.equal(got[9:], torch.zeros_like(got[9:]))
+
+
+class SliceAlsoReturned(nn.Module):
+    """The value a slice reads is also returned: it must be stored whole, so the slice cannot pull it in."""
+
+    def forward(self, x):
+        y = x.exp()
+        return y, y[:, 1:4] * 2.0
+
+
+def test_a_value_read_outside_is_not_pulled_through_a_move():
+    graph, plan = _plan(SliceAlsoReturned(), torch.randn(5, 6))
+    assert all("slice.Tensor" not in _ops(graph, group) for group in plan.groups)
