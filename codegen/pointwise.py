@@ -2,21 +2,27 @@
 
 Every value the group reads is loaded through its own strides, broadcast to the iteration shape (the
 shape all the group's results share); floating values are computed in float32 and rounded once,
-when stored. A value is computed where it is needed: through a slice, split or cat the kernel reads its
-operand at shifted coordinates (masked to the piece it comes from), so what feeds a move is computed there.
-The group's IR is a comment at the top of the source, so a dumped kernel says what it is.
+when stored. A value is computed where it is needed: through a move (a view, cat, gather or short sum,
+see ir.expressions.MOVES) the kernel reads the operand at the coordinates the move maps to, masked to the
+piece it comes from, so whatever feeds a move is computed there. The group's IR is a comment at the top of
+the source, so a dumped kernel says what it is.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from ..ir import Graph, Node
-from ..ir.expressions import EXPRESSIONS, TRITON_TYPES, moved, operands
+from ..ir import Graph, Node, TensorType
+from ..ir.expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, operands
 from ..optimizer.fusion import reads_of
 from .source import KernelSource, check_dtypes, coordinates, header, load, offset
 
 BLOCK = 1024
+
+Coordinates = tuple[str, ...]
+ValueAt = Callable[[str, Coordinates, str], str]
+"""(value, its coordinates, where to load) -> the kernel variable holding it there."""
 
 
 def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[str]) -> KernelSource:
@@ -24,52 +30,38 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
     types = graph.types()
     shape = types[outputs[0]].shape
     inputs = reads_of(nodes)
-    check_dtypes(types, (*inputs, *outputs))
+    check_dtypes(types, inputs, INDEX_TYPES)
+    check_dtypes(types, outputs)
     lines = header(name, nodes, graph, inputs, len(outputs), "numel, BLOCK: tl.constexpr")
     lines += ["    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
               "    mask = index < numel"]
     lines += coordinates("index", shape, "c")
     pointer = {value: f"in{i}_ptr" for i, value in enumerate(inputs)}
     made_by = {value.name: node for node in nodes for value in node.outputs}
-    computed: dict[tuple[str, tuple[str, ...], str], str] = {}
+    computed: dict[tuple[str, Coordinates, str], str] = {}
 
     def fresh(expression: str, comment: str = "") -> str:
         variable = f"t{len(lines)}"
         lines.append(f"    {variable} = {expression}{comment}")
         return variable
 
-    def value_at(value: str, at: tuple[str, ...], where: str) -> str:
-        """The variable holding `value` at coordinates `at` (right-aligned), loading only where `where` holds."""
+    def value_at(value: str, at: Coordinates, where: str) -> str:
         key = (value, at, where)
-        if key in computed:
-            return computed[key]
-        node = made_by.get(value)
-        if node is None:
-            variable = f"t{len(lines)}"
-            lines.append(load(variable, pointer[value], types[value], offset(types[value], at), where))
-        elif moves := moved(node, types):
-            variable = read_through(value, moves[value], at, where)
-        else:
-            expression = EXPRESSIONS[node.op](operands(node.definition.schema, node.attrs,
-                                                        [value_at(n, at, where) for n in node.inputs]))
-            variable = fresh(expression, f"  # %{value} = {node.op}")
-        computed[key] = variable
-        return variable
-
-    def read_through(value: str, move: tuple, at: tuple[str, ...], where: str) -> str:
-        dim, pieces = move
-        rank = len(types[value].shape)
-        axis = len(at) - rank + dim
-        local = tuple("0" if size == 1 else at[len(at) - rank + i] for i, size in enumerate(types[value].shape))
-        coordinate = local[dim]
-        result = None
-        for source, first, end, shift in reversed(pieces):
-            inside = fresh(f"({coordinate} >= {first}) & ({coordinate} < {end})") if len(pieces) > 1 else None
-            guard = fresh(f"{where} & {inside}") if inside else where
-            shifted = (*local[:dim], f"({coordinate} + {shift})" if shift else coordinate, *local[dim + 1:])
-            piece = value_at(source, (*at[:axis - dim], *shifted), guard)
-            result = piece if result is None else fresh(f"tl.where({inside}, {piece}, {result})")
-        return result
+        if key not in computed:
+            node = made_by.get(value)
+            if node is None:
+                variable = f"t{len(lines)}"
+                lines.append(load(variable, pointer[value], types[value], offset(types[value], at), where))
+            elif node.op in EXPRESSIONS:
+                arguments = [value_at(n, at, where) for n in node.inputs]
+                expression = EXPRESSIONS[node.op](operands(node.definition.schema, node.attrs, arguments))
+                variable = fresh(expression, f"  # %{value} = {node.op}")
+            else:
+                local = tuple("0" if size == 1 else at[len(at) - len(types[value].shape) + dim]
+                              for dim, size in enumerate(types[value].shape))
+                variable = _read_through(node, value, local, where, types, value_at, fresh)
+            computed[key] = variable
+        return computed[key]
 
     names = tuple(f"c{dim}" for dim in range(len(shape)))
     for position, value in enumerate(outputs):
@@ -78,3 +70,105 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
     numel = math.prod(shape)
     return KernelSource(name, "\n".join(lines) + "\n", inputs, tuple(outputs), -(-numel // BLOCK), (numel,),
                         (("BLOCK", BLOCK),))
+
+
+def _read_through(node: Node, value: str, at: Coordinates, where: str, types: dict[str, TensorType],
+                  value_at: ValueAt, fresh: Callable[[str], str]) -> str:
+    """The move `node`'s result `value` at coordinates `at` (one per dim of its own shape), read from its operand."""
+    shape, source = types[value].shape, node.inputs[0]
+    rank = len(shape)
+    if node.op in ("slice.Tensor", "split.Tensor", "split_with_sizes", "cat"):
+        return _read_pieces(node, value, at, where, types, value_at, fresh)
+    if node.op == "unsqueeze":
+        dim = node.attrs["dim"] % rank
+        return value_at(source, at[:dim] + at[dim + 1:], where)
+    if node.op == "expand":
+        kept = types[source].shape
+        return value_at(source, tuple("0" if size == 1 else at[rank - len(kept) + dim] for dim, size in enumerate(kept)),
+                        where)
+    if node.op in ("permute", "transpose.int", "t"):
+        order = list(range(rank))
+        if node.op == "permute":
+            order = [dim % rank for dim in node.attrs["dims"]]
+        elif rank == 2 or node.op == "transpose.int":
+            first, second = (node.attrs["dim0"] % rank, node.attrs["dim1"] % rank) if node.op != "t" else (0, 1)
+            order[first], order[second] = order[second], order[first]
+        source_at = [""] * rank
+        for dim, taken in enumerate(order):
+            source_at[taken] = at[dim]
+        return value_at(source, tuple(source_at), where)
+    if node.op == "index.Tensor":
+        dim = next(position for position, slot in enumerate(node.attrs["indices"]) if slot is not None)
+        size = types[source].shape[dim]
+        raw = value_at(node.inputs[node.attrs["indices"][dim]], (at[dim],), where)
+        row = fresh(f"tl.where({raw} < 0, {raw} + {size}, {raw})")
+        return value_at(source, (*at[:dim], row, *at[dim + 1:]), where)
+    if node.op == "sum.dim_IntList":
+        return _read_sum(node, at, where, types, value_at, fresh)
+    flat = " + ".join(f"{coordinate} * {stride}" for coordinate, stride in zip(at, _row_major(shape)) if coordinate != "0")
+    flat = fresh(flat or "0")  # a view or reshape keeps the row-major order of elements
+    kept = types[source].shape
+    return value_at(source, tuple("0" if size == 1 else f"(({flat} // {stride}) % {size})"
+                                  for size, stride in zip(kept, _row_major(kept))), where)
+
+
+def _read_pieces(node: Node, value: str, at: Coordinates, where: str, types: dict[str, TensorType],
+                 value_at: ValueAt, fresh: Callable[[str], str]) -> str:
+    """A slice, split or cat: along one dim, result coordinates first <= c < end read an operand at c + shift."""
+    rank = len(types[value].shape)
+    dim = node.attrs.get("dim", 0) % rank
+    if node.op == "cat":
+        pieces, first = [], 0
+        for name in node.inputs:
+            pieces.append((name, first, first + types[name].shape[dim], -first))
+            first += types[name].shape[dim]
+    else:
+        source, size = node.inputs[0], types[node.inputs[0]].shape[dim]
+        if node.op == "slice.Tensor":
+            start = node.attrs.get("start") or 0
+            start = min(max(start + size if start < 0 else start, 0), size)
+        else:
+            split = node.attrs.get("split_sizes") or [node.attrs["split_size"]] * -(-size // node.attrs["split_size"])
+            position = node.result_positions[[v.name for v in node.outputs].index(value)]
+            start = sum(split[:position])
+        pieces = [(source, 0, types[value].shape[dim], start)]
+    result = None
+    for source, first, end, shift in reversed(pieces):
+        inside = fresh(f"({at[dim]} >= {first}) & ({at[dim]} < {end})") if len(pieces) > 1 else None
+        guard = fresh(f"{where} & {inside}") if inside else where
+        shifted = (*at[:dim], f"({at[dim]} + {shift})" if shift else at[dim], *at[dim + 1:])
+        piece = value_at(source, shifted, guard)
+        result = piece if result is None else fresh(f"tl.where({inside}, {piece}, {result})")
+    return result
+
+
+def _read_sum(node: Node, at: Coordinates, where: str, types: dict[str, TensorType], value_at: ValueAt,
+              fresh: Callable[[str], str]) -> str:
+    """A sum over a few elements: each result coordinate adds its operand at every combination of the summed dims."""
+    kept = types[node.inputs[0]].shape
+    dims = sorted({dim % len(kept) for dim in node.attrs.get("dim") or range(len(kept))})
+    keepdim = node.attrs.get("keepdim", False)
+    outer = iter(at)
+    base = []
+    for dim in range(len(kept)):
+        if dim in dims:
+            base.append(None)
+            if keepdim:
+                next(outer)
+        else:
+            base.append(next(outer))
+    terms = []
+    for combination in itertools.product(*(range(kept[dim]) for dim in dims)):
+        chosen = dict(zip(dims, combination))
+        terms.append(value_at(node.inputs[0], tuple(str(chosen[dim]) if dim in chosen else base[dim]
+                                                     for dim in range(len(kept))), where))
+    return fresh(" + ".join(terms))
+
+
+def _row_major(shape: Sequence[int]) -> list[int]:
+    """The strides of a contiguous tensor of `shape`, in elements."""
+    strides, inner = [], 1
+    for size in reversed(shape):
+        strides.append(inner)
+        inner *= size
+    return strides[::-1]

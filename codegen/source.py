@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from ..ir import Graph, Node, TensorType
 from ..ir.expressions import FLOATS, TRITON_TYPES
 
@@ -24,11 +26,12 @@ class KernelSource:
     num_warps: int = 4
 
 
-def check_dtypes(types: Mapping[str, TensorType], values: Iterable[str]) -> None:
-    """Raise ValueError unless every value has a dtype generated kernels load and store."""
+def check_dtypes(types: Mapping[str, TensorType], values: Iterable[str], extra: Iterable[torch.dtype] = ()) -> None:
+    """Raise ValueError unless every value has a dtype generated kernels load and store (or one of `extra`)."""
+    allowed = (*TRITON_TYPES, *extra)
     for value in values:
-        if types[value].dtype not in TRITON_TYPES:
-            raise ValueError(f"generated kernels handle {', '.join(map(str, TRITON_TYPES))}, not {types[value]}")
+        if types[value].dtype not in allowed:
+            raise ValueError(f"generated kernels handle {', '.join(map(str, allowed))}, not {types[value]}")
 
 
 def header(name: str, nodes: Sequence[Node], graph: Graph, inputs: Sequence[str], outputs: int,

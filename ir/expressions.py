@@ -202,39 +202,41 @@ def fusible(node: Node, types: Mapping[str, TensorType]) -> bool:
     return emit(operands(node.definition.schema, node.attrs, variables)) is not None
 
 
-Piece = tuple[str, int, int, int]
-"""(input value, first, end, shift): a result's elements at first <= c < end along its moved dim are the
-input's elements at c + shift there (all other coordinates the same)."""
 
-MOVES = frozenset({"slice.Tensor", "split.Tensor", "split_with_sizes", "cat"})
-"""Ops a pointwise kernel computes by reading its operand elsewhere along one dim rather than by an expression."""
+MOVES = frozenset({"slice.Tensor", "split.Tensor", "split_with_sizes", "cat", "unsqueeze", "expand", "view",
+                   "_unsafe_view", "reshape", "permute", "transpose.int", "t", "index.Tensor", "sum.dim_IntList"})
+"""Ops a pointwise kernel computes by reading its operand at other coordinates rather than by an expression:
+views, cat, a gather along one dim, and a sum over a few elements of non-trailing dims."""
+
+MATERIALIZED = frozenset({"cat", "index.Tensor", "sum.dim_IntList"})
+"""The moves whose results are new dense tensors, which a kernel may store (a view's may not be)."""
+
+INDEX_TYPES = (torch.int32, torch.int64)
+
+MAX_SUMMED = 8
+"""A sum a pointwise kernel unrolls adds at most this many elements per result."""
 
 
-def moved(node: Node, types: Mapping[str, TensorType]) -> dict[str, tuple[int, tuple[Piece, ...]]] | None:
-    """For a slice (step 1), split or cat of values a pointwise kernel handles: each result's moved dim and the
-    pieces it is read from; None for any other node."""
-    if node.op not in MOVES or any(t.dtype not in TRITON_TYPES for t in (*(types[n] for n in node.inputs),
-                                                                          *(v.type for v in node.outputs))):
-        return None
-    rank = len(node.outputs[0].type.shape)
-    dim = node.attrs.get("dim", 0) % rank
-    if node.op == "cat":
-        if any(len(types[name].shape) != rank for name in node.inputs):
-            return None  # cat's legacy empty 1-D operands
-        pieces, first = [], 0
-        for name in node.inputs:
-            size = types[name].shape[dim]
-            pieces.append((name, first, first + size, -first))
-            first += size
-        return {node.outputs[0].name: (dim, tuple(pieces))}
-    source, size = node.inputs[0], types[node.inputs[0]].shape[dim]
+def movable(node: Node, types: Mapping[str, TensorType]) -> bool:
+    """Whether a pointwise kernel can read through this node (see MOVES): values of the kernel's dtypes, index
+    tensors of int32 or int64, a slice of step 1, a cat of equal ranks, one 1-D index, a short sum."""
+    if node.op not in MOVES:
+        return False
+    slots = {slot for slot in node.attrs.get("indices", ()) if slot is not None}
+    indices = [types[node.inputs[slot]] for slot in sorted(slots)]
+    values = [types[name] for position, name in enumerate(node.inputs) if position not in slots]
+    if any(t.dtype not in TRITON_TYPES for t in (*values, *(v.type for v in node.outputs))):
+        return False
     if node.op == "slice.Tensor":
-        start = node.attrs.get("start") or 0
-        if node.attrs.get("step", 1) != 1:
-            return None
-        start = min(max(start + size if start < 0 else start, 0), size)
-        return {node.outputs[0].name: (dim, ((source, 0, node.outputs[0].type.shape[dim], start),))}
-    sizes = node.attrs["split_sizes"] if node.op == "split_with_sizes" else [node.attrs["split_size"]] * -(-size // node.attrs["split_size"])
-    starts = [sum(sizes[:position]) for position in range(len(sizes))]
-    return {value.name: (dim, ((source, 0, value.type.shape[dim], starts[position]),))
-            for value, position in zip(node.outputs, node.result_positions)}
+        return node.attrs.get("step", 1) == 1
+    if node.op == "cat":
+        return all(len(t.shape) == len(node.outputs[0].type.shape) for t in values)
+    if node.op == "index.Tensor":
+        return (len(indices) == 1 and indices[0].dtype in INDEX_TYPES and len(indices[0].shape) == 1
+                and len(node.attrs["indices"]) <= len(values[0].shape))
+    if node.op == "sum.dim_IntList":
+        source = values[0].shape
+        dims = {dim % len(source) for dim in node.attrs.get("dim") or range(len(source))} if source else set()
+        return (node.attrs.get("dtype") in (None, node.outputs[0].type.dtype) and bool(dims)
+                and math.prod(source[dim] for dim in dims) <= MAX_SUMMED)
+    return True

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..ir import Graph, Node, TensorType
-from ..ir.expressions import MOVES, fusible, moved
+from ..ir.expressions import MATERIALIZED, MOVES, fusible, movable
 from ..ir.reductions import REDUCTIONS, reduced_dims
 from .cost import CostModel
 from .cost.model import permuted
@@ -192,18 +192,22 @@ def _merge_along_edges(graph: Graph, dag: nx.DiGraph, members: dict[int, list[No
 
 def _fuse_through_moves(graph: Graph, dag: nx.DiGraph, members: dict[int, list[Node]], spaces: dict[int, _Space],
                         group_id: dict[str, int], types: Mapping[str, TensorType]) -> None:
-    """A slice, split or cat read only by one pointwise group joins it, with the pointwise groups whose results
-    only it reads: their elements are computed where the group reads them (a rotary embedding's `cat(-x2, x1)`
-    between its multiplies, a split of a masked matmul result into SwiGLU's halves)."""
+    """A move (a view, cat, gather or short sum) read only by one pointwise group joins it, with the pointwise
+    groups whose results only it reads: their elements are computed where the group reads them (a rotary
+    embedding's `cat(-x2, x1)`, a split of a masked expert matmul into SwiGLU's halves, the repeat of rotated
+    keys for grouped-query attention, the weighted sum of each token's experts gathered back in order)."""
     producer = {value.name: node for node in graph.nodes for value in node.outputs}
     readers = _readers(graph)
     order = {node.name: index for index, node in enumerate(graph.nodes)}
-    for node in graph.nodes:
+    for node in reversed(graph.nodes):  # a chain of moves joins from the group reading its last one
         results = [value.name for value in node.outputs]
-        if node.name in group_id or moved(node, types) is None or any(name in graph.outputs for name in results):
+        if node.name in group_id or not movable(node, types):
             continue
         targets = {group_id.get(reader) for name in results for reader in readers.get(name, ())}
-        target = targets.pop() if len(targets) == 1 else None
+        target = targets.pop() if len(targets) == 1 and not any(name in graph.outputs for name in results) else None
+        if target is None and node.op in MATERIALIZED:  # its result is stored: it can head a kernel of its own
+            target = max(members, default=-1) + 1
+            members[target], spaces[target] = [], _Space(node.outputs[0].type.shape, 0, {})
         if target is None or spaces[target].reduced:
             continue
         absorbed: list[int] = []
@@ -215,13 +219,13 @@ def _fuse_through_moves(graph: Graph, dag: nx.DiGraph, members: dict[int, list[N
             if all(readers.get(value.name, set()) <= inside and value.name not in graph.outputs
                    for member in members[source] for value in member.outputs):
                 absorbed.append(source)
-        if not absorbed and node.op != "cat":
-            continue  # a slice or split of a value read from memory anyway is a view already
         nodes = sorted([*members[target], node, *(m for source in absorbed for m in members[source])],
                        key=lambda member: order[member.name])
         names = {member.name for member in nodes}
         space = _through_moves(nodes, types, _outputs_of(nodes, readers, graph.outputs))
         if space is None or _closes_a_cycle(dag, names, *names):
+            if not members[target]:
+                del members[target], spaces[target]
             continue
         members[target], spaces[target] = nodes, space
         for source in absorbed:
@@ -231,12 +235,12 @@ def _fuse_through_moves(graph: Graph, dag: nx.DiGraph, members: dict[int, list[N
 
 
 def _through_moves(nodes: Sequence[Node], types: Mapping[str, TensorType], outputs: Sequence[str]) -> _Space | None:
-    """The space of a pointwise group that reads through slices, splits or cats: every node an expression or a
-    move, its outputs of one shape, none a slice's or split's (whose type is a strided view)."""
+    """The space of a pointwise group that reads through moves: every node an expression or a move, its outputs
+    of one shape, none a view's (whose type may be strided)."""
     made_by = {value.name: node for node in nodes for value in node.outputs}
     shapes = {types[name].shape for name in outputs}
-    if (len(shapes) != 1 or any(made_by[name].op in MOVES - {"cat"} for name in outputs)
-            or not all(fusible(node, types) or moved(node, types) is not None for node in nodes)):
+    if (len(shapes) != 1 or any(made_by[name].op in MOVES - MATERIALIZED for name in outputs)
+            or not all(fusible(node, types) or movable(node, types) for node in nodes)):
         return None
     return _Space(shapes.pop(), 0, {value.name: False for node in nodes for value in node.outputs})
 
@@ -266,7 +270,7 @@ def verify_fusion(plan: FusionPlan, graph: Graph) -> None:
     seen: dict[str, str] = {}
     for group in plan.groups:
         members = [nodes[name] for name in group.nodes]
-        through_moves = any(node.op in MOVES for node in members)
+        through_moves = not group.reduced and not all(fusible(node, types) for node in members)
         space = _through_moves(members, types, group.outputs) if through_moves else _replay(members, types, read)
         if space is None or (space.shape, space.reduced) != (group.shape, group.reduced):
             raise FusionError(f"group {group.name} holds a node its {group.kind} kernel over {group.shape} "
