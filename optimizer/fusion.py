@@ -232,6 +232,27 @@ def _fuse_through_moves(graph: Graph, dag: nx.DiGraph, members: dict[int, list[N
             del members[source], spaces[source]
         for name in names:
             group_id[name] = target
+    for nodes in members.values():
+        for view in _views_of_inputs(nodes, types):
+            nodes.remove(view)
+            del group_id[view.name]
+
+
+def _views_of_inputs(nodes: list[Node], types: Mapping[str, TensorType]) -> list[Node]:
+    """The views in a group that only re-address what it reads from outside, found from its inputs inward:
+    the kernel reads such a view through its strides, cheaper than computing coordinates through it."""
+    views: list[Node] = []
+    made = {value.name for node in nodes for value in node.outputs}
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            if (node not in views and node.op in MOVES - MATERIALIZED and movable(node, types)
+                    and not any(name in made for name in node.inputs)):
+                views.append(node)
+                made -= {value.name for value in node.outputs}
+                changed = True
+    return views
 
 
 def _through_moves(nodes: Sequence[Node], types: Mapping[str, TensorType], outputs: Sequence[str]) -> _Space | None:
