@@ -49,6 +49,8 @@ def bind_into(node: Node, given: Sequence[bool], over_first: bool = False) -> Gi
         overload, names = out_overload(definition.target)
         build = bind_arguments(definition.schema, node.attrs)
         order = [positions.index(position) for position in range(len(positions))]
+        if definition.target == torch.ops.aten.linear.default:
+            return lambda inputs, outs: (_linear_into(*build(inputs), outs[0]),)
 
         def write(inputs, outs):
             args, kwargs = build(inputs)
@@ -65,3 +67,13 @@ def bind_into(node: Node, given: Sequence[bool], over_first: bool = False) -> Gi
         return tuple(results)
 
     return copy_in
+
+
+def _linear_into(args: list, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+    """linear into `out`. ATen's linear.out on a batched input runs a matmul and then adds the bias in a second
+    kernel; flattened to rows it is one addmm, with the bias added in the GEMM's epilogue."""
+    x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+    if bias is None or x.dim() == 2 or not out.is_contiguous():
+        return torch.ops.aten.linear.out(x, weight, bias, out=out)
+    torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), out=out.view(-1, out.shape[-1]))
+    return out

@@ -10,7 +10,10 @@ from ember import models
 from ember.optimizer.arena import plan_arena
 from ember.optimizer.liveness import buffers
 from ember.optimizer.memory_verify import verify_plan
+from ember.ir import Node, Value
+from ember.ir.types import type_of
 from ember.runtime import executor
+from ember.runtime.arena import bind_into
 from ember.runtime.executor import _allocate, given_memory
 from ember.tolerance import result_tolerance
 
@@ -211,3 +214,19 @@ def test_the_arena_serves_calls_inside_and_outside_inference_mode(first, second)
     with second():
         b = program(*inputs)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_a_batched_linear_with_bias_writes_into_its_slot_as_one_addmm(strided):
+    """ATen's linear.out on a 3-D input runs a matmul, then adds the bias in a second kernel; into the arena it
+    runs as one addmm over the rows, with the same result."""
+    x = torch.randn(3, 10 if strided else 5, 7)[:, ::2 if strided else 1]
+    weight, bias = torch.randn(9, 7), torch.randn(9)
+    want = torch.nn.functional.linear(x, weight, bias)
+    node = Node("n", "linear", ("x", "w", "b"), {}, (Value("out", type_of(want)),))
+    out = torch.full_like(want, float("nan"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        (got,) = bind_into(node, [True])([x, weight, bias], [out])
+    ops = [event.name for event in profiler.events()]
+    assert got is out and "aten::addmm" in ops and "aten::add_" not in ops
+    torch.testing.assert_close(got, want)
