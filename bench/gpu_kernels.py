@@ -1,6 +1,6 @@
 """GPU-only checks of what the CPU tests run in the interpreter: generated pointwise and row-reduction
 kernels compiled by the real Triton, on odd sizes, non-contiguous and broadcast inputs, in every float
-dtype, rows from 7 to 5000 columns; and the device-side grouped matmul against the per-expert loop.
+dtype, rows from 7 to 5000 columns, kernels reading through cats, splits, repeats and gathers; and the device-side grouped matmul against the per-expert loop.
 Usage: python bench/gpu_kernels.py [--out bench/results]
 """
 from __future__ import annotations
@@ -109,6 +109,35 @@ def check_attention() -> list[dict]:
     return rows
 
 
+class Moves(nn.Module):
+    """Kernels that read through moves: rotary's cat(-x2, x1) on a transposed view, rotated keys repeated for
+    grouped-query attention, a masked matmul result split into SwiGLU's halves, experts gathered back and summed."""
+
+    def forward(self, x, cos, sin, up, rows, experts, weights, order):
+        x = x.transpose(1, 2)
+        half = x.shape[-1] // 2
+        rotated = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        batch, heads, length, width = rotated.shape
+        repeated = rotated[:, :, None].expand(batch, heads, 3, length, width).reshape(batch, heads * 3, length, width)
+        gate, value = up.masked_fill(rows, 0.0).split(up.shape[-1] // 2, dim=-1)
+        combined = (experts * weights.unsqueeze(-1))[order].view(-1, 2, experts.shape[-1]).sum(dim=1)
+        return repeated, torch.nn.functional.silu(gate) * value, combined.to(experts.dtype)
+
+
+def check_moves() -> list[dict]:
+    rows = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        def normal(*shape):
+            return torch.randn(*shape, device="cuda", dtype=dtype)
+        order = torch.randperm(202, device="cuda")
+        order[5] -= 202  # a negative index
+        inputs = (normal(3, 77, 5, 38), normal(77, 38), normal(77, 38), normal(101, 2 * 131),
+                  (torch.arange(101, device="cuda") >= 90)[:, None], normal(202, 129),
+                  torch.rand(202, device="cuda"), order)
+        rows.append(compare(f"kernels through moves {str(dtype).removeprefix('torch.')}", Moves(), inputs))
+    return rows
+
+
 def check_grouped_mm() -> dict:
     torch.manual_seed(0)
     x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
@@ -130,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
-    rows = check_chains() + check_rows() + check_attention() + [check_grouped_mm()]
+    rows = check_chains() + check_rows() + check_moves() + check_attention() + [check_grouped_mm()]
     lines = ["Fused kernels and eager against float64 (attention and grouped_mm: against torch's own result)",
              f"{'check':44} {'max err':>10} {'eager err':>10} {'limit':>10} {'groups':>6}  ok"]
     lines += [f"{r['check']:44} {r['max_err']:10.3g} {r['eager_err']:10.3g} {r['limit']:10.3g} {r['groups']:6d}  "

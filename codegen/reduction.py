@@ -47,6 +47,15 @@ def _power_of_two(count: int) -> int:
     return 1 << max(count - 1, 0).bit_length()
 
 
+def launch_shape(rows: int, columns: int) -> tuple[int, int, int]:
+    """(rows per program, columns padded to a power of two, warps) of a row kernel: a whole row per program,
+    about ELEMENTS_PER_PROGRAM elements in all, and more warps for wider blocks."""
+    block_columns = _power_of_two(columns)
+    block_rows = min(_power_of_two(rows), max(1, ELEMENTS_PER_PROGRAM // block_columns))
+    elements = block_rows * block_columns
+    return block_rows, block_columns, 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+
+
 def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[str],
                   shape: tuple[int, ...], reduced: int) -> KernelSource:
     """The kernel computing `nodes` over `shape`, whose last `reduced` dims are the columns, storing `outputs`."""
@@ -55,8 +64,7 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
     check_dtypes(types, (*inputs, *outputs))
     rows_shape, columns_shape = shape[:len(shape) - reduced], shape[len(shape) - reduced:]
     rows, columns = math.prod(rows_shape), math.prod(columns_shape)
-    block_columns = _power_of_two(columns)
-    block_rows = min(_power_of_two(rows), max(1, ELEMENTS_PER_PROGRAM // block_columns))
+    block_rows, block_columns, warps = launch_shape(rows, columns)
     row_names = [f"r{dim}" for dim in range(len(rows_shape))]
     full_names = row_names + [f"k{dim}" for dim in range(len(columns_shape))]
     lines = header(name, nodes, graph, inputs, len(outputs), "rows, ROWS: tl.constexpr, COLUMNS: tl.constexpr")
@@ -105,6 +113,5 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
         place, mask = address(value_type, per_row[value], value_type.shape)
         result = variable[value] if per_row[value] else f"tl.broadcast_to({variable[value]}, (ROWS, COLUMNS))"
         lines.append(f"    tl.store(out{position}_ptr + {place}, {result}.to({TRITON_TYPES[value_type.dtype]}), mask={mask})")
-    warps = 4 if block_rows * block_columns <= 2048 else 8 if block_rows * block_columns <= 8192 else 16
     return KernelSource(name, "\n".join(lines) + "\n", inputs, tuple(outputs), -(-rows // block_rows), (rows,),
                         (("ROWS", block_rows), ("COLUMNS", block_columns)), warps)
