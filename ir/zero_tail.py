@@ -2,7 +2,7 @@
 
 torch's grouped GEMM leaves those rows as they were; ember's grouped_mm defines them as zero. A masked
 fill over the whole result would read and write every element (46 µs a call on Mixtral's up-projection on an
-H200); this kernel reads the last offset on the device and stores zeros only where a row is past it.
+H200); this kernel reads the last offset on the device, and only the programs holding rows past it store zeros.
 """
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ def _kernel() -> Any:
     def zero_rows_from(out_ptr, offsets_ptr, last: tl.constexpr, rows, columns, row_stride,
                        BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
         first = tl.load(offsets_ptr + last).to(tl.int64)
-        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
-        column = tl.program_id(1).to(tl.int64) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)[None, :]
-        mask = (row >= first) & (row < rows) & (column < columns)
-        zeros = tl.zeros((BLOCK_ROWS, BLOCK_COLUMNS), dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + row * row_stride + column, zeros, mask=mask)
+        start = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
+        if start + BLOCK_ROWS > first:  # a block of routed rows only stores nothing: it ends here
+            row = start + tl.arange(0, BLOCK_ROWS)[:, None]
+            zeros = tl.zeros((BLOCK_ROWS, BLOCK_COLUMNS), dtype=out_ptr.dtype.element_ty)
+            for column_start in range(0, columns, BLOCK_COLUMNS):
+                column = column_start + tl.arange(0, BLOCK_COLUMNS)[None, :]
+                mask = (row >= first) & (row < rows) & (column < columns)
+                tl.store(out_ptr + row * row_stride + column, zeros, mask=mask)
 
     return zero_rows_from
 
@@ -39,7 +42,7 @@ def zero_rows_from_last_offset(out: torch.Tensor, offsets: torch.Tensor) -> torc
         raise ValueError(f"expected a row-contiguous 2-D result and 1-D offsets, got {tuple(out.shape)} "
                          f"strides {out.stride()} and offsets of shape {tuple(offsets.shape)}")
     rows, columns = out.shape
-    grid = (-(-rows // BLOCK_ROWS), -(-columns // BLOCK_COLUMNS))
+    grid = (-(-rows // BLOCK_ROWS),)
     _kernel()[grid](out, offsets, offsets.numel() - 1, rows, columns, out.stride(0),
                     BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
     return out
