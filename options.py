@@ -28,7 +28,9 @@ class Options:
         True on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter; for tests, slow).
     cuda_graphs: on a GPU, capture a call in a CUDA graph and replay it (inputs copied in; the last few
         steps, which make the outputs, run after it, and outputs made inside it are copied out); needs the
-        arena. A program that cannot be captured runs step by step, with one warning.
+        arena. A program that cannot be captured runs step by step, with one warning. None (default): capture
+        when the cost model predicts the host's dispatch takes at least half the device's time (a launch-bound
+        model); kernels that keep the device busy gain nothing from a graph but pay its pool and input copies.
     mode: torch.compile's mode, accepted for compatibility and recorded in the report.
     """
 
@@ -40,7 +42,7 @@ class Options:
     arena: bool = True
     plan_time_limit: float = 10.0
     fusion: bool | None = None
-    cuda_graphs: bool = True
+    cuda_graphs: bool | None = None
     mode: str = "default"
 
     def __post_init__(self) -> None:

@@ -71,9 +71,10 @@ def bind_into(node: Node, given: Sequence[bool], over_first: bool = False) -> Gi
 
 def _linear_into(args: list, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
     """linear into `out`. ATen's linear.out on a batched input runs a matmul and then adds the bias in a second
-    kernel; flattened to rows it is one addmm, with the bias added in the GEMM's epilogue."""
+    kernel; its functional form flattens a contiguous 3-D input to rows for one addmm, bias in the GEMM's
+    epilogue, and so does this (the same rounding as the call it replaces)."""
     x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
-    if bias is None or x.dim() == 2 or not out.is_contiguous():
+    if bias is None or x.dim() != 3 or not x.is_contiguous() or not out.is_contiguous():
         return torch.ops.aten.linear.out(x, weight, bias, out=out)
-    torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), out=out.view(-1, out.shape[-1]))
+    torch.addmm(bias, x.view(-1, x.shape[-1]), weight.t(), out=out.view(-1, out.shape[-1]))
     return out

@@ -27,10 +27,13 @@ class CompileReport:
     """The arena: size, lower bound, plan status and gap, planning time (empty when compiled without one)."""
     fusion: Mapping[str, Any] = field(default_factory=dict)
     """Fused groups kept and turned down, with the predicted times behind each decision (empty without fusion)."""
+    cuda_graphs: Mapping[str, Any] = field(default_factory=dict)
+    """Whether a call on a GPU is captured and replayed, and why: asked for, or the cost model's predicted host
+    and device time."""
 
 
 def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Mapping[str, Any] | None = None,
-                    fusion: Mapping[str, Any] | None = None) -> CompileReport:
+                    fusion: Mapping[str, Any] | None = None, cuda_graphs: Mapping[str, Any] | None = None) -> CompileReport:
     """Count native and extern nodes of the final graph."""
     native: dict[str, int] = {}
     extern: dict[str, int] = {}
@@ -39,7 +42,8 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Ma
         counts[key] = counts.get(key, 0) + 1
     total = len(graph.nodes)
     coverage = 1.0 if total == 0 else sum(native.values()) / total
-    return CompileReport(total, coverage, extern, dict(stage_seconds), native, dict(memory or {}), dict(fusion or {}))
+    return CompileReport(total, coverage, extern, dict(stage_seconds), native, dict(memory or {}), dict(fusion or {}),
+                         dict(cuda_graphs or {}))
 
 
 class Program:

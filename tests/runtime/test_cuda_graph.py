@@ -6,6 +6,8 @@ from torch import nn
 
 import ember
 from ember import models
+from ember.api import HOST_SHARE, graph_capture
+from ember.frontend import from_module
 from ember.runtime.executor import MAX_TAIL_STEPS, _carried, tail_start
 
 
@@ -53,3 +55,36 @@ def test_an_output_viewing_a_result_starts_the_tail_where_that_result_is_made():
     nodes = {node.name: node for node in program.graph.nodes}
     assert nodes[steps[split].node].op == "linear" and steps[split].node != steps[0].node
     assert nodes[steps[-1].node].definition.kind == "view"
+
+
+class WideLayers(nn.Module):
+    """Two big matrix products: the device is busy far longer than the host takes to launch them."""
+
+    def forward(self, x, w1, w2):
+        return torch.relu(x @ w1) @ w2
+
+
+class ManySmallOps(nn.Module):
+    """A long chain of tiny ops: launching them costs the host more than running them costs the device."""
+
+    def forward(self, x):
+        for _ in range(20):
+            x = torch.sin(x) * 1.5 + x.exp().mean(-1, keepdim=True)
+        return x
+
+
+def test_graphs_are_captured_where_the_cost_model_predicts_the_host_is_the_bottleneck():
+    wide = from_module(WideLayers(), (torch.randn(4096, 2048), torch.randn(2048, 4096), torch.randn(4096, 2048))).graph
+    small = from_module(ManySmallOps(), (torch.randn(3, 5),)).graph
+    for graph, capture in ((wide, False), (small, True)):
+        decision = graph_capture(graph, ember.Options())
+        assert decision["capture"] is capture and decision["decided_by"] == "cost model"
+        assert (decision["host_us"] >= HOST_SHARE * decision["device_us"]) is capture
+        assert graph_capture(graph, ember.Options(cuda_graphs=not capture)) == {
+            "capture": not capture, "decided_by": "options"}
+
+
+def test_a_program_off_the_gpu_is_never_captured():
+    program = ember.compile(ManySmallOps(), (torch.randn(3, 5),), ember.Options(cuda_graphs=True))
+    assert program.report.cuda_graphs == {"capture": False, "decided_by": "not on a GPU"}
+    assert not program.executor.cuda_graphs
