@@ -29,8 +29,9 @@ class Options:
     cuda_graphs: on a GPU, capture a call in a CUDA graph and replay it (inputs copied in; the last few
         steps, which make the outputs, run after it, and outputs made inside it are copied out); needs the
         arena. A program that cannot be captured runs step by step, with one warning. None (default): capture
-        when the cost model predicts the host's dispatch takes at least half the device's time (a launch-bound
-        model); kernels that keep the device busy gain nothing from a graph but pay its pool and input copies.
+        unless the cost model predicts the host's dispatch takes under a tenth of the device's time (see
+        api.HOST_SHARE); kernels that keep the device that busy gain nothing from a graph but pay its pool
+        and input copies.
     mode: torch.compile's mode, accepted for compatibility and recorded in the report.
     """
 
