@@ -1,4 +1,5 @@
-"""Where the GPU time goes, per kernel: ember (step by step) against torch.compile (default: the kernels reduce-overhead replays) on one model.
+"""Where the GPU time goes, per kernel: ember (step by step) against torch.compile (default: the kernels reduce-overhead replays) on one model,
+and ember's kernels by the ATen op that launched them.
 
 torch.profiler over a few calls after warm-up; prints and saves the top kernels by total device time,
 so a speed gap can be named kernel by kernel.
@@ -17,6 +18,33 @@ from ember import models
 from common import environment, write_results
 
 CALLS = 5
+
+
+def launched_by(run, count: int) -> list[tuple[str, float, int]]:
+    """[(op that launched kernels, device µs per call, kernels per call)]: the top-level ops of one profiled
+    call, by the device time of the kernels under them."""
+    with torch.no_grad():
+        run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+            run()
+            torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for event in trace.events():
+        if event.cpu_parent is None or not event.cpu_parent.name.startswith(("aten::", "ember::")):
+            kernels = [kernel for child in _descendants(event) for kernel in child.kernels]
+            if kernels and event.name.startswith(("aten::", "ember::")):
+                entry = totals.setdefault(event.name, [0.0, 0])
+                entry[0] += sum(kernel.duration for kernel in kernels)
+                entry[1] += len(kernels)
+    ranked = sorted(totals.items(), key=lambda item: item[1][0], reverse=True)[:count]
+    return [(name, us, launches) for name, (us, launches) in ranked]
+
+
+def _descendants(event):
+    yield event
+    for child in event.cpu_children:
+        yield from _descendants(child)
 
 
 def top_kernels(run, count: int) -> tuple[float, list[tuple[str, float, int]]]:
@@ -52,6 +80,11 @@ def main() -> None:
         result[name] = {"device_ms": total, "kernels": kernels}
         lines.append(f"{name}: {total:.3f} ms of kernels per call")
         lines += [f"  {us:9.1f} µs  ×{launches:<4d} {kernel}" for kernel, us, launches in kernels]
+        if name == "ember":
+            ops = launched_by(run, args.top)
+            result["ember_ops"] = ops
+            lines.append("ember, by the ATen op that launched them:")
+            lines += [f"  {us:9.1f} µs  ×{launches:<4d} {op}" for op, us, launches in ops]
     write_results(args.out, f"profile_{args.model}", {**environment(torch.device("cuda")), **result}, "\n".join(lines))
 
 
