@@ -102,7 +102,8 @@ def _read_through(node: Node, value: str, at: Coordinates, where: str, types: di
         size = types[source].shape[dim]
         raw = value_at(node.inputs[node.attrs["indices"][dim]], (at[dim],), where)
         row = fresh(f"tl.where({raw} < 0, {raw} + {size}, {raw})")
-        return value_at(source, (*at[:dim], row, *at[dim + 1:]), where)
+        inside = fresh(f"{where} & ({row} >= 0) & ({row} < {size})")  # no read outside the operand
+        return value_at(source, (*at[:dim], row, *at[dim + 1:]), inside)
     if node.op == "sum.dim_IntList":
         return _read_sum(node, at, where, types, value_at, fresh)
     flat = " + ".join(f"{coordinate} * {stride}" for coordinate, stride in zip(at, _row_major(shape)) if coordinate != "0")
