@@ -202,7 +202,6 @@ def fusible(node: Node, types: Mapping[str, TensorType]) -> bool:
     return emit(operands(node.definition.schema, node.attrs, variables)) is not None
 
 
-
 MOVES = frozenset({"slice.Tensor", "split.Tensor", "split_with_sizes", "cat", "unsqueeze", "expand", "view",
                    "_unsafe_view", "reshape", "permute", "transpose.int", "t", "index.Tensor", "sum.dim_IntList"})
 """Ops a pointwise kernel computes by reading its operand at other coordinates rather than by an expression:
@@ -212,6 +211,7 @@ MATERIALIZED = frozenset({"cat", "index.Tensor", "sum.dim_IntList"})
 """The moves whose results are new dense tensors, which a kernel may store (a view's may not be)."""
 
 INDEX_TYPES = (torch.int32, torch.int64)
+"""The dtypes of the index tensor a pointwise kernel gathers with."""
 
 MAX_SUMMED = 8
 """A sum a pointwise kernel unrolls adds at most this many elements per result."""
@@ -238,5 +238,5 @@ def movable(node: Node, types: Mapping[str, TensorType]) -> bool:
         source = values[0].shape
         dims = {dim % len(source) for dim in node.attrs.get("dim") or range(len(source))} if source else set()
         return (node.attrs.get("dtype") in (None, node.outputs[0].type.dtype) and bool(dims)
-                and math.prod(source[dim] for dim in dims) <= MAX_SUMMED)
+                and 1 <= math.prod(source[dim] for dim in dims) <= MAX_SUMMED)
     return True

@@ -2,13 +2,16 @@
 
 Kinds so far:
 - pointwise chains: every node an op with a Triton expression, all results of one shape, broadcast inputs allowed;
+  a pointwise group also reads through moves (views, cats, a 1-D gather, short sums; ir.expressions.MOVES) that
+  only it reads, taking in the groups whose results only those moves read;
 - reductions over trailing dims (sum, mean, softmax, log-softmax, layer norm) with their pointwise producers
   and consumers: results either of the reduced input's shape ("full") or one value per row, so a residual
   add, an RMS norm written out op by op, or add + layer norm becomes one kernel holding whole rows.
 A node joins the group of one of its producers when that keeps the graph acyclic (no path leaves the group
 and comes back into the node) and its shapes fit the group's iteration space. Each group of two or more
 nodes (or a lone node reading a permuted view, which ATen copies slowly) is then priced by the cost model,
-fused and unfused, and kept only when fusing is predicted faster; both numbers are recorded for `inspect`. The plan is plain data; the graph is untouched.
+fused and unfused, and kept only when fusing is predicted faster; both numbers are recorded for `inspect`.
+The plan is plain data; the graph is untouched.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -347,3 +349,45 @@ def test_a_sum_over_many_elements_is_not_unrolled():
 
     graph, plan = _plan(WideSum(), torch.randn(4, 9, 5))
     assert all("sum.dim_IntList" not in _ops(graph, group) for group in plan.groups)
+
+
+MOVE_STEPS = {
+    "roll": lambda x, order: torch.cat((x[..., 2:], x[..., :2]), dim=-1),
+    "rotate half": lambda x, order: torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+    if x.shape[-1] % 2 == 0 else x.flip(-1).neg(),
+    "repeat and sum back": lambda x, order: x[:, None].expand(x.shape[0], 3, *x.shape[1:]).reshape(
+        x.shape[0] * 3, *x.shape[1:]).view(x.shape[0], 3, *x.shape[1:]).sum(dim=1) * 0.5,
+    "gather rows": lambda x, order: x[order],
+    "transpose twice": lambda x, order: (x.transpose(0, 1) * 1.5).transpose(0, 1),
+    "split halves": lambda x, order: torch.cat(x.split((1, x.shape[0] - 1), dim=0)[::-1], dim=0),
+    "sin": lambda x, order: torch.sin(x),
+    "scale and shift": lambda x, order: x * 0.75 + 0.25,
+}
+
+
+class MoveChain(nn.Module):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def forward(self, x, order):
+        for step in self.steps:
+            x = MOVE_STEPS[step](x, order)
+        return torch.tanh(x)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.sampled_from(sorted(MOVE_STEPS)), min_size=1, max_size=5),
+       shape=st.tuples(st.integers(2, 7), st.integers(1, 5), st.integers(3, 9)),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_random_chains_of_moves_and_pointwise_ops_match_eager(steps, shape, dtype):
+    """Property: whatever moves a kernel reads through, in whatever order, it computes what eager does."""
+    x = torch.randn(*shape, dtype=dtype)
+    order = torch.randperm(shape[0])
+    model = MoveChain(steps)
+    with torch.no_grad():
+        program = ember.compile(model, (x, order), ember.Options(fusion=True))
+        got, eager = program(x, order), model(x, order)
+        exact = model(x.double(), order)
+    assert (got.double() - exact).abs().max() <= max((eager.double() - exact).abs().max(),
+                                                      tolerance_for(dtype, scale=exact.abs().max()))
