@@ -5,6 +5,7 @@ padding mask is), torch's scaled_dot_product_attention runs a math path of a doz
 float32 copies: on an H200, BERT's attention was most of ember's kernel time (bench/results/profile_bert.txt).
 Written out, the scores' scale, the mask and a softmax that gives 0 on a fully masked row are one row
 kernel of the fusion pass, between two cuBLAS batched matmuls, as Inductor's lowering does.
+A boolean mask of the fused attention that remains is made additive once for all the layers reading it.
 """
 from __future__ import annotations
 
@@ -146,3 +147,37 @@ def _write(node: Node, write: _Writer, mask: str | None) -> None:
     out = write("permute", (write("view", (out,), {"size": result.type.shape}),), {"dims": order})
     dense = write("_to_copy", (out,), rounded)
     write("permute", (dense,), {"dims": [order.index(dim) for dim in range(len(order))]}, name=result.name)
+
+
+def convert_attention_masks(graph: Graph) -> Graph:
+    """A boolean mask of fused attention on the GPU, made additive (0 where kept, -inf where not, in the query's
+    dtype) once for every attention reading it: torch converts it so inside each call (three kernels a layer
+    on Llama) before its fused kernels, which take the additive mask alike. Math-path attention is written
+    out before this pass and reads its boolean mask as is."""
+    types = graph.types()
+    converted: dict[tuple[str, torch.dtype], str] = {}
+    nodes: list[Node] = []
+    for node in graph.nodes:
+        if not _converts_its_mask(node, types):
+            nodes.append(node)
+            continue
+        mask, dtype = node.inputs[3], types[node.inputs[0]].dtype
+        if (mask, dtype) not in converted:
+            write = _Writer(node, types)
+            zero = write("full", (), {"size": (), "fill_value": 0.0, "dtype": dtype, "layout": torch.strided,
+                                      "device": torch.device(types[mask].device), "pin_memory": False},
+                         name=f"{mask}_zero_{str(dtype).removeprefix('torch.')}")
+            converted[(mask, dtype)] = write("where.ScalarOther", (mask, zero), {"other": float("-inf")},
+                                             name=f"{mask}_additive_{str(dtype).removeprefix('torch.')}")
+            nodes += write.nodes
+            types.update(write.types)
+        nodes.append(dataclasses.replace(node, inputs=(*node.inputs[:3], converted[(mask, dtype)], *node.inputs[4:])))
+    if not converted:
+        return graph
+    return dataclasses.replace(graph, nodes=tuple(nodes))
+
+
+def _converts_its_mask(node: Node, types: Mapping[str, TensorType]) -> bool:
+    """Attention on the GPU with a boolean mask, which torch turns additive on every call."""
+    return (node.op == "scaled_dot_product_attention" and len(node.inputs) > 3 and types[node.inputs[3]].dtype == torch.bool
+            and types[node.inputs[0]].device == "cuda" and types[node.inputs[0]].dtype.is_floating_point)

@@ -9,7 +9,9 @@ from torch import nn
 import ember
 from ember.api import compile_graph
 from ember.frontend import from_module
-from ember.optimizer.attention import decompose_attention, runs_math_path
+from ember.ir import Graph, Node, TensorType, Value
+from ember.ir.types import contiguous_strides
+from ember.optimizer.attention import convert_attention_masks, decompose_attention, runs_math_path
 from ember.optimizer.cost import CostModel, load_profile
 from ember.optimizer.fusion import plan_fusion
 from ember import models
@@ -77,3 +79,39 @@ def test_attention_stays_whole_where_a_fused_kernel_takes_it_or_it_cannot_be_wri
     assert not runs_math_path(next(n for n in graph.nodes if n.op == "scaled_dot_product_attention"), graph.types())
     grouped = from_module(Attention(enable_gqa=True), (*_qkv(torch.float32)[:1], *(x[:, :, :1] for x in _qkv(torch.float32)[1:]))).graph
     assert decompose_attention(grouped, select=lambda node, types: True) is grouped
+
+
+def _typed(shape, dtype=torch.bfloat16, device="cuda"):
+    return TensorType(tuple(shape), dtype, contiguous_strides(tuple(shape)), device)
+
+
+def _layers_sharing_a_mask(device: str) -> Graph:
+    q, k, v = (Value(name, _typed((1, 4, 5, 16), device=device)) for name in "qkv")
+    mask = Value("mask", _typed((1, 1, 5, 5), torch.bool, device))
+    nodes = tuple(Node(f"a{i}", "scaled_dot_product_attention", ("q", "k", "v", "mask"), {"scale": 0.25},
+                       (Value(f"a{i}", _typed((1, 4, 5, 16), device=device)),)) for i in range(3))
+    return Graph((q, k, v, mask), (), nodes, ("a0", "a1", "a2"))
+
+
+def test_a_boolean_mask_of_fused_attention_is_made_additive_once_for_every_layer():
+    graph = convert_attention_masks(_layers_sharing_a_mask("cuda"))
+    graph.verify()
+    ops = [node.op for node in graph.nodes]
+    assert ops == ["full", "where.ScalarOther"] + ["scaled_dot_product_attention"] * 3
+    additive = graph.nodes[1].outputs[0]
+    assert additive.type.dtype == torch.bfloat16 and additive.type.shape == (1, 1, 5, 5)
+    assert all(node.inputs[3] == additive.name for node in graph.nodes[2:])
+
+
+def test_masks_off_the_gpu_are_left_to_torch():
+    graph = _layers_sharing_a_mask("cpu")
+    assert convert_attention_masks(graph) is graph
+
+
+def test_torch_reads_the_additive_mask_as_it_reads_the_boolean_one():
+    q, k, v = (torch.randn(2, 3, 7, 8, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.rand(2, 1, 7, 7) < 0.7
+    mask[..., 0] = True
+    additive = torch.where(mask, torch.zeros((), dtype=torch.bfloat16), float("-inf"))
+    boolean = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(boolean, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive))
