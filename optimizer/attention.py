@@ -5,7 +5,8 @@ padding mask is), torch's scaled_dot_product_attention runs a math path of a doz
 float32 copies: on an H200, BERT's attention was most of ember's kernel time (bench/results/profile_bert.txt).
 Written out, the scores' scale, the mask and a softmax that gives 0 on a fully masked row are one row
 kernel of the fusion pass, between two cuBLAS batched matmuls, as Inductor's lowering does.
-A boolean mask of the fused attention that remains is made additive once for all the layers reading it.
+A boolean mask of the fused attention that remains is made additive once for all the layers reading it, and
+keys and values repeated for grouped-query heads are read unrepeated where torch's fused kernels take them so.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 from ..ir import OP_TABLE, Graph, Node, TensorType, Value
 from ..ir.types import contiguous_strides
+from .canonicalize import eliminate_dead_code
 
 Select = Callable[[Node, Mapping[str, TensorType]], bool]
 
@@ -181,3 +183,49 @@ def _converts_its_mask(node: Node, types: Mapping[str, TensorType]) -> bool:
     """Attention on the GPU with a boolean mask, which torch turns additive on every call."""
     return (node.op == "scaled_dot_product_attention" and len(node.inputs) > 3 and types[node.inputs[3]].dtype == torch.bool
             and types[node.inputs[0]].device == "cuda" and types[node.inputs[0]].dtype.is_floating_point)
+
+
+def takes_grouped_heads(node: Node, types: Mapping[str, TensorType]) -> bool:
+    """Whether torch, on this machine's GPU, runs this attention (asking for grouped-query heads) on a fused
+    kernel rather than its math path."""
+    return types[node.inputs[0]].device == "cuda" and torch.cuda.is_available() and not runs_math_path(node, types)
+
+
+def group_query_heads(graph: Graph, select: Select = takes_grouped_heads) -> Graph:
+    """Attention reading keys and values repeated for grouped-query heads (transformers' repeat_kv: unsqueeze,
+    expand, a contiguous copy, a view) reads them as they are, with `enable_gqa`, where `select` accepts it
+    (by default, where torch runs that on a fused kernel): two copies of the keys and values a layer saved."""
+    producer = {value.name: node for node in graph.nodes for value in node.outputs}
+    types = graph.types()
+    replaced: dict[str, Node] = {}
+    for node in graph.nodes:
+        if node.op != "scaled_dot_product_attention" or node.attrs.get("enable_gqa", False):
+            continue
+        key, value = (_repeated_heads(name, producer, types) for name in node.inputs[1:3])
+        if key is None or value is None:
+            continue
+        grouped = dataclasses.replace(node, inputs=(node.inputs[0], key, value, *node.inputs[3:]),
+                                      attrs={**node.attrs, "enable_gqa": True})
+        if select(grouped, types):
+            replaced[node.name] = grouped
+    if not replaced:
+        return graph
+    return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(replaced.get(n.name, n) for n in graph.nodes)))
+
+
+def _repeated_heads(name: str, producer: Mapping[str, Node], types: Mapping[str, TensorType]) -> str | None:
+    """The [batch, heads, length, features] value that `name` repeats along its heads, if it is repeat_kv's
+    view of a contiguous copy of the value expanded along a new dim after the heads."""
+    chain = []
+    for op in ("_unsafe_view", "clone", "expand", "unsqueeze"):
+        node = producer.get(name)
+        if node is None or node.op not in ((op, "view", "reshape") if op == "_unsafe_view" else (op,)):
+            return None
+        chain.append(node)
+        name = node.inputs[0]
+    source, repeated = types[name].shape, types[chain[0].outputs[0].name].shape
+    expanded = chain[2].outputs[0].type.shape
+    if (len(source) != 4 or chain[3].attrs["dim"] % 5 != 2 or expanded[:2] + expanded[3:] != source
+            or repeated != (source[0], source[1] * expanded[2], *source[2:])):
+        return None
+    return name

@@ -11,7 +11,7 @@ from ember.api import compile_graph
 from ember.frontend import from_module
 from ember.ir import Graph, Node, TensorType, Value
 from ember.ir.types import contiguous_strides
-from ember.optimizer.attention import convert_attention_masks, decompose_attention, runs_math_path
+from ember.optimizer.attention import convert_attention_masks, decompose_attention, group_query_heads, runs_math_path
 from ember.optimizer.cost import CostModel, load_profile
 from ember.optimizer.fusion import plan_fusion
 from ember import models
@@ -115,3 +115,24 @@ def test_torch_reads_the_additive_mask_as_it_reads_the_boolean_one():
     additive = torch.where(mask, torch.zeros((), dtype=torch.bfloat16), float("-inf"))
     boolean = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(boolean, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive))
+
+
+def test_repeated_keys_and_values_are_read_unrepeated_by_grouped_query_attention():
+    """transformers' repeat_kv copies keys and values per query head; attention that takes grouped heads reads
+    them as they are: the copies go, and the model computes what eager does."""
+    model, inputs = models.load("llama", "tiny")
+    graph = from_module(model, inputs).graph
+    grouped = group_query_heads(graph, select=lambda node, types: True)
+    grouped.verify()
+    attention = [node for node in grouped.nodes if node.op == "scaled_dot_product_attention"]
+    assert attention and all(node.attrs["enable_gqa"] for node in attention)
+    assert not any(node.op == "clone" for node in grouped.nodes) and any(node.op == "clone" for node in graph.nodes)
+    with torch.no_grad():
+        got = compile_graph(grouped, ember.Options())(*inputs)
+        want = model(*inputs)
+    assert models.max_error(want, got) <= result_tolerance(want)
+
+
+def test_grouped_query_attention_is_asked_of_torch_and_off_the_gpu_left_as_written():
+    graph = from_module(*models.load("llama", "tiny")).graph
+    assert group_query_heads(graph) is graph
