@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..ir import OP_TABLE, Graph, Node, TensorType, Value
 from ..ir.types import contiguous_strides
@@ -29,11 +30,12 @@ def runs_math_path(node: Node, types: Mapping[str, TensorType]) -> bool:
     on tensors of the node's input types)."""
     if types[node.inputs[0]].device != "cuda" or not torch.cuda.is_available():
         return False
-    tensors = [torch.empty_strided(types[name].shape, types[name].layout, dtype=types[name].dtype, device="cuda")
-               for name in node.inputs]
-    choice = torch._fused_sdp_choice(*tensors[:3], tensors[3] if len(tensors) > 3 else None,
-                                     node.attrs.get("dropout_p", 0.0), node.attrs.get("is_causal", False),
-                                     scale=node.attrs.get("scale"), enable_gqa=node.attrs.get("enable_gqa", False))
+    with unset_fake_temporarily():  # torch.compile's backend runs under fake tensors; torch asks real ones
+        tensors = [torch.empty_strided(types[name].shape, types[name].layout, dtype=types[name].dtype, device="cuda")
+                   for name in node.inputs]
+        choice = torch._fused_sdp_choice(*tensors[:3], tensors[3] if len(tensors) > 3 else None,
+                                         node.attrs.get("dropout_p", 0.0), node.attrs.get("is_causal", False),
+                                         scale=node.attrs.get("scale"), enable_gqa=node.attrs.get("enable_gqa", False))
     return choice == int(torch.nn.attention.SDPBackend.MATH)
 
 
@@ -104,10 +106,11 @@ class _Writer:
 
 
 def _viewable(value: TensorType, shape: tuple[int, ...]) -> bool:
-    try:
-        torch.empty_strided(value.shape, value.layout, device="meta").view(shape)
-    except RuntimeError:
-        return False
+    with unset_fake_temporarily():  # a fake tensor refuses a view with ValueError, a meta one with RuntimeError
+        try:
+            torch.empty_strided(value.shape, value.layout, device="meta").view(shape)
+        except RuntimeError:
+            return False
     return True
 
 

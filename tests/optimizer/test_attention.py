@@ -5,13 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ember
 from ember.api import compile_graph
 from ember.frontend import from_module
 from ember.ir import Graph, Node, TensorType, Value
 from ember.ir.types import contiguous_strides
-from ember.optimizer.attention import convert_attention_masks, decompose_attention, group_query_heads, runs_math_path
+from ember.optimizer.attention import (_viewable, convert_attention_masks, decompose_attention, group_query_heads,
+                                      runs_math_path)
 from ember.optimizer.cost import CostModel, load_profile
 from ember.optimizer.fusion import plan_fusion
 from ember import models
@@ -136,3 +138,11 @@ def test_repeated_keys_and_values_are_read_unrepeated_by_grouped_query_attention
 def test_grouped_query_attention_is_asked_of_torch_and_off_the_gpu_left_as_written():
     graph = from_module(*models.load("llama", "tiny")).graph
     assert group_query_heads(graph) is graph
+
+
+def test_whether_a_value_can_be_viewed_is_answered_under_torch_compiles_fake_tensors_too():
+    """The backend runs the passes while torch.compile's fake mode is active, where a view fails differently."""
+    heads_second = TensorType((2, 4, 13, 16), torch.float32, (832, 16, 64, 1))
+    with FakeTensorMode():
+        assert not _viewable(heads_second, (8, 13, 16))
+        assert _viewable(TensorType((2, 4, 13, 16), torch.float32), (8, 13, 16))
