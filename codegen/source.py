@@ -67,6 +67,9 @@ def offset(value_type: TensorType, names: Sequence[str]) -> str:
 
 
 def load(variable: str, pointer: str, value_type: TensorType, address: str, mask: str) -> str:
-    """A load statement; floating values become float32."""
+    """A load statement; floating values become float32. An address no coordinate reaches (a value of one
+    element, or read at one) is spread to the mask's shape, as Triton wants of a masked load."""
     cast = ".to(tl.float32)" if value_type.dtype in FLOATS else ""
+    if not any(character.isalpha() for character in address):
+        address = f"{mask}.to(tl.int64) * 0 + {address}"
     return f"    {variable} = tl.load({pointer} + {address}, mask={mask}, other=0){cast}"

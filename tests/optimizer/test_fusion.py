@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 import torch
 from torch import nn
@@ -376,18 +376,33 @@ class MoveChain(nn.Module):
         return torch.tanh(x)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(steps=["gather rows", "split halves"], shape=(2, 1, 3))  # loads at no coordinate
 @given(steps=st.lists(st.sampled_from(sorted(MOVE_STEPS)), min_size=1, max_size=5),
-       shape=st.tuples(st.integers(2, 7), st.integers(1, 5), st.integers(3, 9)),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_random_chains_of_moves_and_pointwise_ops_match_eager(steps, shape, dtype):
-    """Property: whatever moves a kernel reads through, in whatever order, it computes what eager does."""
-    x = torch.randn(*shape, dtype=dtype)
-    order = torch.randperm(shape[0])
+       shape=st.tuples(st.integers(2, 7), st.integers(1, 5), st.integers(3, 9)))
+def test_random_chains_of_moves_and_pointwise_ops_match_eager(steps, shape):
+    """Property: whatever moves a kernel reads through, in whatever order, it computes what eager does. In
+    float32, where a wrong coordinate shows far above rounding (half precision is checked per pattern above,
+    against float64, and on the GPU by bench/gpu_kernels.py)."""
+    generator = torch.Generator().manual_seed(len(steps) * 100 + sum(shape))
+    x = torch.randn(*shape, generator=generator)
+    order = torch.randperm(shape[0], generator=generator)
     model = MoveChain(steps)
     with torch.no_grad():
         program = ember.compile(model, (x, order), ember.Options(fusion=True))
         got, eager = program(x, order), model(x, order)
-        exact = model(x.double(), order)
-    assert (got.double() - exact).abs().max() <= max((eager.double() - exact).abs().max(),
-                                                      tolerance_for(dtype, scale=exact.abs().max()))
+    assert models.max_error(eager, got) <= result_tolerance(eager)
+
+
+def test_a_kernel_reads_a_one_element_input_into_every_lane():
+    """A value of one element has an address no coordinate reaches; Triton wants it spread like the mask."""
+    class ScaledSoftmax(nn.Module):
+        def forward(self, x, s):
+            return torch.softmax(x * s, -1) + s, torch.sin(x) * s
+
+    x, s = torch.randn(5, 7), torch.randn(1)
+    with torch.no_grad():
+        program = ember.compile(ScaledSoftmax(), (x, s), ember.Options(fusion=True))
+        for got, want in zip(program(x, s), ScaledSoftmax()(x, s)):
+            torch.testing.assert_close(got, want)
+    assert program.report.fusion["groups"] == 2
