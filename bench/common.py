@@ -19,7 +19,10 @@ def environment(device: torch.device) -> dict[str, str]:
 
 
 def write_results(out: str, stem: str, result: dict, table: str) -> None:
-    """`out/stem.json` and `out/stem.txt`, then the table on stdout."""
+    """`out/stem.json` and `out/stem.txt` (the table under a line naming the device, torch and triton), then
+    the table on stdout."""
+    if "device" in result and not table.startswith("#"):
+        table = f"# {result['device']}, torch {result['torch']}, triton {result['triton']}\n{table}"
     Path(out).mkdir(parents=True, exist_ok=True)
     Path(out, f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     Path(out, f"{stem}.txt").write_text(table + "\n")
