@@ -58,9 +58,10 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     seconds = dict(stage_seconds or {})
     graph = optimize(graph, options, seconds)
     fusion, work = None, None
+    cost = CostModel(load_profile(FUSION_PROFILE))
     if _fuses(graph, options):
         started = time.perf_counter()
-        fusion = plan_fusion(graph, CostModel(load_profile(FUSION_PROFILE)))
+        fusion = plan_fusion(graph, cost)
         if options.verify or options.debug:
             verify_fusion(fusion, graph)
         work = lower_schedule(graph, fusion, options.debug_dir)
@@ -70,7 +71,7 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
         arena = plan_arena(graph, fusion=fusion, time_limit=options.plan_time_limit, verify=options.debug)
         seconds["plan_arena"] = arena.seconds
     started = time.perf_counter()
-    capture = graph_capture(graph, options) if _on_gpu(graph) else {"capture": False, "decided_by": "not on a GPU"}
+    capture = graph_capture(graph, options, cost) if _on_gpu(graph) else {"capture": False, "decided_by": "not on a GPU"}
     report = coverage_report(graph, seconds, arena.summary() if arena else None, fusion_summary(fusion), capture)
     program = Program(graph, report, layout=arena.layout if arena else None, work=work,
                       cuda_graphs=capture["capture"], check_inputs=options.check_inputs, **program_args)
@@ -79,12 +80,12 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     return program
 
 
-def graph_capture(graph: Graph, options: Options) -> dict[str, Any]:
-    """Whether calls on a GPU are captured in a CUDA graph: as `options.cuda_graphs` says, or when the cost model
-    predicts the host's dispatch of the graph's ops takes at least HOST_SHARE of the device's time for them."""
+def graph_capture(graph: Graph, options: Options, cost: CostModel) -> dict[str, Any]:
+    """Whether calls on a GPU are captured in a CUDA graph: as `options.cuda_graphs` says, or when `cost` predicts
+    the host's dispatch of the graph's ops takes at least HOST_SHARE of the device's time for them."""
     if options.cuda_graphs is not None:
         return {"capture": options.cuda_graphs, "decided_by": "options"}
-    costs = CostModel(load_profile(FUSION_PROFILE)).nodes(graph).values()
+    costs = cost.nodes(graph).values()
     host, device = sum(cost.dispatch_us for cost in costs), sum(cost.kernel_us for cost in costs)
     return {"capture": host >= HOST_SHARE * device, "decided_by": "cost model", "host_us": host, "device_us": device}
 

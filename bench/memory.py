@@ -106,8 +106,9 @@ def walk(program, inputs, visit) -> None:
             arenas[index] = None
 
 
-def largest_transients(program, inputs, count: int = 3) -> list[str]:
-    """The steps that allocate most beyond their planned memory while they run (fresh results, workspaces)."""
+def step_allocations(program, inputs) -> list[tuple[int, int, str]]:
+    """For each step of a call, step by step: (bytes its peak rose above what was allocated before it, bytes it
+    left allocated, what it runs)."""
     nodes = {node.name: node for node in program.graph.nodes}
     found = []
 
@@ -117,12 +118,19 @@ def largest_transients(program, inputs, count: int = 3) -> list[str]:
         torch.cuda.reset_peak_memory_stats()
         results = run()
         torch.cuda.synchronize()
-        what = nodes[step.node].op if step.node in nodes else f"fused group {step.node}"
-        found.append((torch.cuda.max_memory_allocated() - before, what))
+        node = nodes.get(step.node)
+        what = (node.target or node.op) if node is not None else f"fused group {step.node}"
+        found.append((torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before, what))
         return results
 
     walk(program, inputs, visit)
-    return [f"{size / 2**20:.1f} MiB {what}" for size, what in sorted(found, reverse=True)[:count]]
+    return found
+
+
+def largest_transients(program, inputs, count: int = 3) -> list[str]:
+    """The steps that allocate most beyond their planned memory while they run (fresh results, workspaces)."""
+    found = sorted(((peak, what) for peak, _, what in step_allocations(program, inputs)), reverse=True)
+    return [f"{size / 2**20:.1f} MiB {what}" for size, what in found[:count]]
 
 
 UNINITIALISED = {"empty.memory_format", "empty_permuted", "empty_strided", "new_empty"}

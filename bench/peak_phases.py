@@ -13,7 +13,7 @@ import torch
 import ember
 from ember import models
 
-from memory import walk
+from memory import step_allocations
 
 
 def phases(name: str, cuda_graphs: bool) -> list[str]:
@@ -46,23 +46,10 @@ def workspaces(name: str, count: int = 4) -> list[str]:
     """The steps that allocate most beyond their results while they run, step by step."""
     torch.manual_seed(0)
     model, inputs = models.load(name, "suite", device="cuda")
-    found = []
     with torch.no_grad():
         program = ember.compile(model, inputs, ember.Options(cuda_graphs=False))
-        nodes = {node.name: node for node in program.graph.nodes}
-
-        def visit(step, run, args):
-            torch.cuda.synchronize()
-            start = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            results = run()
-            torch.cuda.synchronize()
-            made = torch.cuda.memory_allocated() - start
-            what = nodes[step.node].target or nodes[step.node].op if step.node in nodes else f"group {step.node}"
-            found.append(((torch.cuda.max_memory_allocated() - start - max(made, 0)) / 2**20, made / 2**20, what))
-            return results
-
-        walk(program, inputs, visit)
+        found = [((peak - max(made, 0)) / 2**20, made / 2**20, what)
+                 for peak, made, what in step_allocations(program, inputs)]
     return [f"{extra:.1f} MiB beyond {made:.1f} MiB made: {what}" for extra, made, what in sorted(found, key=lambda f: -f[0])[:count]]
 
 

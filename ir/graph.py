@@ -58,6 +58,13 @@ class Node:
         return self.op == "_to_copy" and set(self.attrs) <= {"dtype", "memory_format", "non_blocking"}
 
     @property
+    def returns_view(self) -> bool:
+        """Whether the node's results view its first input's memory: a view op, or an extern op whose schema says
+        its result aliases an input (view_as_complex)."""
+        return self.definition.kind == "view" or any(
+            result.alias_info is not None for result in self.definition.schema.returns)
+
+    @property
     def fills_given_memory(self) -> bool:
         """Whether the node can write its results into memory it is handed (an ATen out= overload of a fully
         typed op that writes there directly, or a cast) rather than return memory of its own: only such results

@@ -73,8 +73,7 @@ def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, alignment: int
     for node in graph.nodes:
         if node.name in grouped:
             continue
-        aliases = any(result.alias_info is not None for result in node.definition.schema.returns)
-        if not node.fills_given_memory and not aliases:  # views (extern ones too) own no memory
+        if not node.fills_given_memory and not node.returns_view:
             outside.update(value.name for value in node.outputs)
     all_buffers = buffers(graph, fusion)
     step_count = len(steps_of(graph, fusion))

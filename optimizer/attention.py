@@ -220,9 +220,9 @@ def _repeated_heads(name: str, producer: Mapping[str, Node], types: Mapping[str,
     """The [batch, heads, length, features] value that `name` repeats along its heads, if it is repeat_kv's
     view of a contiguous copy of the value expanded along a new dim after the heads."""
     chain = []
-    for op in ("_unsafe_view", "clone", "expand", "unsqueeze"):
+    for ops in (("_unsafe_view", "view", "reshape"), ("clone",), ("expand",), ("unsqueeze",)):
         node = producer.get(name)
-        if node is None or node.op not in ((op, "view", "reshape") if op == "_unsafe_view" else (op,)):
+        if node is None or node.op not in ops:
             return None
         chain.append(node)
         name = node.inputs[0]

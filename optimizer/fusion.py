@@ -148,12 +148,13 @@ def plan_fusion(graph: Graph, cost: CostModel) -> FusionPlan:
         members[joined].append(node)
         group_id[node.name] = joined
     _merge_along_edges(graph, dag, members, spaces, group_id, types, read)
-    _fuse_through_moves(graph, dag, members, spaces, group_id, types)
+    readers = _readers(graph)
+    _fuse_through_moves(graph, dag, members, spaces, group_id, types, readers)
     kept, rejected = [], []
     for index, nodes in members.items():
         if len(nodes) < 2 and not any(permuted(types[name]) for name in nodes[0].inputs):
             continue
-        group = _priced(f"fused_{len(kept) + len(rejected)}", nodes, spaces[index], graph, cost)
+        group = _priced(f"fused_{len(kept) + len(rejected)}", nodes, spaces[index], graph, cost, readers)
         (kept if group.fused_us < group.unfused_us else rejected).append(group)
     plan = FusionPlan(tuple(kept), tuple(rejected), _schedule(graph, dag, kept))
     log.info("fusion: %d groups kept (%d nodes), %d turned down", len(kept), sum(len(g.nodes) for g in kept), len(rejected))
@@ -194,13 +195,13 @@ def _merge_along_edges(graph: Graph, dag: nx.DiGraph, members: dict[int, list[No
 
 
 def _fuse_through_moves(graph: Graph, dag: nx.DiGraph, members: dict[int, list[Node]], spaces: dict[int, _Space],
-                        group_id: dict[str, int], types: Mapping[str, TensorType]) -> None:
+                        group_id: dict[str, int], types: Mapping[str, TensorType],
+                        readers: Mapping[str, set[str]]) -> None:
     """A move (a view, cat, gather or short sum) read only by one pointwise group joins it, with the pointwise
     groups whose results only it reads: their elements are computed where the group reads them (a rotary
     embedding's `cat(-x2, x1)`, a split of a masked expert matmul into SwiGLU's halves, the repeat of rotated
     keys for grouped-query attention, the weighted sum of each token's experts gathered back in order)."""
     producer = {value.name: node for node in graph.nodes for value in node.outputs}
-    readers = _readers(graph)
     order = {node.name: index for index, node in enumerate(graph.nodes)}
     for node in reversed(graph.nodes):  # a chain of moves joins from the group reading its last one
         results = [value.name for value in node.outputs]
@@ -342,12 +343,10 @@ def reads_of(nodes: Sequence[Node]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for node in nodes for name in node.inputs if name not in inside))
 
 
-def _priced(name: str, nodes: list[Node], space: _Space, graph: Graph, cost: CostModel) -> FusionGroup:
+def _priced(name: str, nodes: list[Node], space: _Space, graph: Graph, cost: CostModel,
+            readers: Mapping[str, set[str]]) -> FusionGroup:
     types = graph.types()
-    inside = {node.name for node in nodes}
-    written = {value.name for node in nodes for value in node.outputs}
-    read_after = {n for other in graph.nodes if other.name not in inside for n in other.inputs} | set(graph.outputs)
-    outputs = tuple(value.name for node in nodes for value in node.outputs if value.name in read_after & written)
+    outputs = _outputs_of(nodes, readers, graph.outputs)
     unfused = sum(cost.node(node, types).kernel_us for node in nodes)
     fused = cost.group(nodes, graph).kernel_us
     return FusionGroup(name, tuple(node.name for node in nodes), reads_of(nodes), outputs, space.shape,

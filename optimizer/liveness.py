@@ -37,8 +37,8 @@ the op's in-place variant) or "other")."""
 
 
 def _how(node: Node) -> str:
-    if node.definition.kind == "view" or any(result.alias_info is not None for result in node.definition.schema.returns):
-        return "view"  # also an extern op returning a view of its input (view_as_complex)
+    if node.returns_view:
+        return "view"
     if node.definition.kind != "pointwise" or node.is_cast or node.is_extern:
         return "other"
     if node.fills_given_memory:

@@ -29,7 +29,7 @@ def _schedule(graph: Graph) -> list[Node]:
     base: dict[str, str] = {}          # value -> the buffer that owns its bytes (views share their base's)
     owned: dict[str, int] = {}         # buffer -> bytes
     for node in nodes:
-        is_view = node.definition.kind == "view"
+        is_view = node.returns_view
         for value in node.outputs:
             if is_view and node.inputs and node.inputs[0] in base:
                 base[value.name] = base[node.inputs[0]]

@@ -219,7 +219,7 @@ def tail_start(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | None) 
     made = {name: index for index, step in enumerate(steps) for name in step.outputs}
     over = dict(layout.reuses) if layout else {}
     over.update((name, step.inputs[0]) for step in steps if step.node in nodes and step.inputs
-                and nodes[step.node].definition.kind == "view" for name in step.outputs)
+                and nodes[step.node].returns_view for name in step.outputs)
 
     def maker(name: str) -> int:
         while over.get(name) in made:
