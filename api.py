@@ -15,7 +15,7 @@ from .errors import CompileError
 from .frontend import from_module
 from .ir import Graph, VerifyError
 from .optimizer import PIPELINE, REORDER
-from .codegen import lower_schedule
+from .codegen import lower_schedule, precompile
 from .optimizer.arena import plan_arena
 from .optimizer.fusion import fusion_summary, plan_fusion, verify_fusion
 from .optimizer.cost import CostModel, DeviceProfile, load_profile
@@ -66,6 +66,10 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
             verify_fusion(fusion, graph)
         work = lower_schedule(graph, fusion, options.debug_dir)
         seconds["fusion"] = time.perf_counter() - started
+        if _on_gpu(graph):
+            started = time.perf_counter()
+            precompile(work, graph.types(), _gpu_device(graph))
+            seconds["kernels"] = time.perf_counter() - started
     arena = None
     if options.arena:
         arena = plan_arena(graph, fusion=fusion, time_limit=options.plan_time_limit, verify=options.debug)
@@ -93,6 +97,12 @@ def graph_capture(graph: Graph, options: Options, cost: CostModel) -> dict[str, 
 def _on_gpu(graph: Graph) -> bool:
     return any(value.type.device == "cuda" for value in graph.inputs) or any(
         tensor.is_cuda for tensor in graph.weights.values())
+
+
+def _gpu_device(graph: Graph) -> torch.device:
+    """The GPU the graph's weights live on (the current one for a graph without weights on a GPU)."""
+    weights = [tensor.device for tensor in graph.weights.values() if tensor.is_cuda]
+    return weights[0] if weights else torch.device("cuda", torch.cuda.current_device())
 
 
 def _fuses(graph: Graph, options: Options) -> bool:

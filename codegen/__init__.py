@@ -1,7 +1,7 @@
 """ember's code generation: Triton source per fusion group, a kernel cache on disk, kernel handles."""
-from .kernels import GroupKernel, Kernel, generate_group, lower_schedule
+from .kernels import GroupKernel, Kernel, generate_group, lower_schedule, precompile
 from .pointwise import generate
 from .reduction import generate_rows
 from .source import KernelSource
 
-__all__ = ["GroupKernel", "Kernel", "KernelSource", "generate", "generate_group", "generate_rows", "lower_schedule"]
+__all__ = ["GroupKernel", "Kernel", "KernelSource", "generate", "generate_group", "generate_rows", "lower_schedule", "precompile"]

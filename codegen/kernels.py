@@ -1,19 +1,24 @@
 """Kernel handles the runtime calls: compiled once, launched on tensors."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..ir import Graph, Node, Value
+from ..ir import Graph, Node, TensorType, Value
 from ..optimizer.fusion import FusionGroup, FusionPlan
 from .cache import load_kernel
 from .pointwise import generate
 from .reduction import generate_rows
 from .source import KernelSource
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -31,6 +36,15 @@ class Kernel:
         if self.source.programs == 0:
             return
         self._launch(*inputs, *outputs, *self.source.scalars, **self._options)
+
+    def warm_up(self, dtypes: Sequence[torch.dtype]) -> None:
+        """Compile for 16-byte aligned pointers to `dtypes` (inputs, then outputs), as a launch on the arena's
+        buffers would, without launching."""
+        if self.source.programs == 0:
+            return
+        load_kernel(self.source.name, self.source.source).warmup(
+            *dtypes, *self.source.scalars, grid=(self.source.programs,), **dict(self.source.constants),
+            num_warps=self.source.num_warps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,3 +82,21 @@ def lower_schedule(graph: Graph, fusion: FusionPlan, debug_dir: str | None = Non
         work.append(GroupKernel(name, source.inputs, tuple(Value(v, types[v]) for v in groups[name].outputs),
                                 Kernel(source)))
     return tuple(work)
+
+
+def precompile(work: Sequence[Node | GroupKernel], types: Mapping[str, TensorType], device: torch.device) -> None:
+    """Compile the kernels of `work` for `device` now, on a thread each (Triton compiles a kernel on one core, and
+    much of that in ptxas, outside Python), rather than one after another at the first call. Without Triton's
+    AsyncCompileMode this does nothing; a kernel that fails here compiles at its launch, which raises there."""
+    import triton
+
+    kernels = [step for step in work if isinstance(step, GroupKernel)]
+    if not kernels or not hasattr(triton, "AsyncCompileMode"):
+        return
+    with ThreadPoolExecutor(max_workers=min(len(kernels), os.cpu_count() or 1)) as pool, \
+            torch.cuda.device(device), triton.AsyncCompileMode(pool, ignore_errors=True):
+        for step in kernels:
+            try:
+                step.kernel.warm_up([types[name].dtype for name in step.inputs] + [value.type.dtype for value in step.outputs])
+            except Exception as error:  # noqa: BLE001 - the launch compiles it again and reports the error there
+                log.warning("kernel %s did not precompile (%s): it compiles at its first launch", step.name, error)

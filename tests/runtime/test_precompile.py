@@ -1,0 +1,58 @@
+"""Kernels are compiled at compile time, all at once, as their launches will want them (no GPU: Triton is faked)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from triton.runtime._async_compile import active_mode
+
+import ember
+from ember import models
+from ember.codegen import GroupKernel, kernels, precompile
+
+
+class FakeJit:
+    """Stands for a @triton.jit function: records each warm-up, and whether Triton's async compile mode was on."""
+
+    def __init__(self, calls: list, fails: bool = False):
+        self.calls, self.fails = calls, fails
+
+    def warmup(self, *args, grid, **kwargs):
+        if self.fails:
+            raise RuntimeError("no such kernel")
+        self.calls.append((args, grid, kwargs, active_mode.get() is not None))
+
+
+def _work():
+    program = ember.compile(*models.load("gpt2"), {"fusion": True})
+    return program.graph, [step for step in program.executor.work if isinstance(step, GroupKernel)]
+
+
+def test_every_kernel_is_compiled_once_for_the_dtypes_and_meta_parameters_it_is_launched_with(monkeypatch):
+    graph, work = _work()
+    calls = []
+    monkeypatch.setattr(kernels, "load_kernel", lambda name, source: FakeJit(calls))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    types = graph.types()
+    precompile(work, types, torch.device("cuda", 0))
+    assert len(calls) == len(work) > 5
+    for step, (args, grid, kwargs, in_async_mode) in zip(work, calls):
+        source = step.kernel.source
+        dtypes = [types[name].dtype for name in source.inputs] + [types[name].dtype for name in source.outputs]
+        assert list(args) == [*dtypes, *source.scalars]
+        assert grid == (source.programs,)
+        assert kwargs == {**dict(source.constants), "num_warps": source.num_warps}
+        assert in_async_mode
+
+
+def test_a_kernel_that_does_not_precompile_is_left_to_its_launch(monkeypatch, caplog):
+    graph, work = _work()
+    calls = []
+    failing = work[1].kernel.source.name
+    monkeypatch.setattr(kernels, "load_kernel", lambda name, source: FakeJit(calls, fails=name == failing))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    with caplog.at_level(logging.WARNING, logger="ember.codegen.kernels"):
+        precompile(work, graph.types(), torch.device("cuda", 0))
+    assert len(calls) == len(work) - 1
+    assert f"kernel {work[1].name} did not precompile (no such kernel)" in caplog.text
