@@ -3,11 +3,10 @@
 Shapes are static per Program and the weights are held by reference, so one capture serves every later
 call: inputs are copied into the captured input buffers and the graph is replayed. Memory a captured step
 allocates (arenas included) comes from the graph's own pool, once, and the next replay overwrites it; so
-the last few steps, those that make the outputs, run after the replay on their own, into memory of the
-caller's (reading what the graph left in its pool, arenas still open included), and any output still in
-the pool is copied out. A call that cannot be captured (an op that syncs
-with the host, such as routing that reads expert counts) leaves the Program running step by step, with one
-warning.
+the last few steps, those that make the outputs, run after the replay on their own, into memory outside
+that pool (reading what the graph left in it, arenas still open included), and any output still in the
+pool is copied out. A call that cannot be captured (an op that syncs with the host, such as routing that
+reads expert counts) leaves the Program running step by step, with one warning.
 """
 from __future__ import annotations
 
@@ -22,30 +21,60 @@ log = logging.getLogger(__name__)
 
 WARM_UP_CALLS = 2
 
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per device on which every ember graph warms up, is captured and replays.
+
+    One stream, not one per capture: cuBLAS keeps a workspace per stream for the life of the process, so a
+    stream per Program would hold one more workspace per Program."""
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
 
 class GraphedCall:
     """`run_prefix` captured on buffers shaped like `example`, what it returns (tensors in the graph's memory)
-    handed to `run_tail` after each replay; raises at construction if capture fails."""
+    handed to `run_tail` after each replay; raises at construction if capture fails.
+
+    A call runs on the capture stream, ordered after the caller's stream and before the caller's next work on
+    it, tail included: its matrix products then share the workspace cuBLAS made for the capture rather than
+    making one for the caller's stream. The tensors handed back are recorded on the caller's stream, so their
+    memory is not reused before the caller's work on them is done."""
 
     def __init__(self, run_prefix: Callable[[Sequence[torch.Tensor]], Any],
                  run_tail: Callable[[Sequence[torch.Tensor], Any], list[torch.Tensor]], example: Sequence[torch.Tensor]):
         self.inputs = [tensor.clone() for tensor in example]
         self.run_tail = run_tail
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # capture wants the lazy initialisations (cuBLAS handles, kernels) done
+        self.stream = capture_stream(self.inputs[0].device if self.inputs else torch.device("cuda", torch.cuda.current_device()))
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):  # capture wants the lazy initialisations (cuBLAS handles, kernels) done
             for _ in range(WARM_UP_CALLS):
                 run_prefix(self.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        # The graph bakes in the address of the cuBLAS workspace it uses: made afresh during capture, that
+        # workspace lives in the graph's own pool, so a later clearing of workspaces (torch.compile's
+        # reduce-overhead mode clears them) cannot hand it to other tensors while the graph still writes it.
+        torch._C._cuda_clearCublasWorkspaces()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=self.stream):
             self.carried = run_prefix(self.inputs)
         self.pool = {tensor.untyped_storage().data_ptr() for tensor in pytree.tree_leaves(self.carried)
                      if isinstance(tensor, torch.Tensor)}
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        for captured, given in zip(self.inputs, inputs):
-            captured.copy_(given)
-        self.graph.replay()
-        outputs = self.run_tail(inputs, self.carried)
-        return [output.clone() if output.untyped_storage().data_ptr() in self.pool else output for output in outputs]
+        caller = torch.cuda.current_stream()
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            for captured, given in zip(self.inputs, inputs):
+                captured.copy_(given)
+            self.graph.replay()
+            outputs = self.run_tail(inputs, self.carried)
+            outputs = [output.clone() if output.untyped_storage().data_ptr() in self.pool else output
+                       for output in outputs]
+        caller.wait_stream(self.stream)
+        for output in outputs:  # made on the capture stream, used on the caller's: freed only once the caller is done
+            if output.is_cuda:
+                output.record_stream(caller)
+        return outputs
