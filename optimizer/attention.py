@@ -1,4 +1,9 @@
-"""Attention that torch would run on its math path becomes two batched matmuls around one softmax kernel.
+"""Attention masks computed from no input are worked out first; attention that torch would still run on its
+math path becomes two batched matmuls around one softmax kernel.
+
+transformers builds a mask from aranges when a model is called without one: all-keeping (BERT) or causal
+(the decoders). Worked out at compile time, it is dropped or becomes `is_causal`, so torch's fused kernels
+take the attention, and the dozen small kernels that built the mask on every call go.
 
 When no fused attention kernel takes a call (float32 inputs; a mask broadcast along the keys, as BERT's
 padding mask is), torch's scaled_dot_product_attention runs a math path of a dozen small kernels and
@@ -37,6 +42,77 @@ def runs_math_path(node: Node, types: Mapping[str, TensorType]) -> bool:
                                          node.attrs.get("dropout_p", 0.0), node.attrs.get("is_causal", False),
                                          scale=node.attrs.get("scale"), enable_gqa=node.attrs.get("enable_gqa", False))
     return choice == int(torch.nn.attention.SDPBackend.MATH)
+
+
+FOLDED_MASK_ELEMENTS = 1 << 24
+"""The most elements of any value worked out to fold a constant attention mask; a larger mask is left as is."""
+
+_FOLDABLE_KINDS = ("pointwise", "view", "data", "reduction")
+
+
+def fold_constant_masks(graph: Graph) -> Graph:
+    """Each attention mask computed from nothing a call is given (transformers builds one from aranges when no
+    attention mask is passed), worked out now: one that keeps every key is dropped, one that is exactly the
+    causal triangle becomes `is_causal`. torch's fused kernels then take attention that such a mask sent down
+    its math path (BERT) or made read a mask in every layer (Llama); the nodes that built it go."""
+    producers = {value.name: node for node in graph.nodes for value in node.outputs}
+    mutated = {node.inputs[0] for node in graph.nodes if node.inputs and node.definition.schema.is_mutable}
+    known: dict[str, torch.Tensor | None] = {}
+    types = graph.types()
+    nodes = []
+    for node in graph.nodes:
+        if node.op != "scaled_dot_product_attention" or len(node.inputs) < 4 or node.attrs.get("is_causal", False):
+            nodes.append(node)
+            continue
+        mask = _constant(node.inputs[3], producers, mutated, known)
+        query, key = (types[name] for name in node.inputs[:2])
+        if mask is None:
+            nodes.append(node)
+        elif bool((mask if mask.dtype == torch.bool else mask == 0).all()):
+            nodes.append(dataclasses.replace(node, inputs=node.inputs[:3], attrs={**node.attrs, "attn_mask": None}))
+        elif _is_causal(mask, query.shape[-2], key.shape[-2]):
+            nodes.append(dataclasses.replace(node, inputs=node.inputs[:3],
+                                             attrs={**node.attrs, "attn_mask": None, "is_causal": True}))
+        else:
+            nodes.append(node)
+    if all(a is b for a, b in zip(nodes, graph.nodes)):
+        return graph
+    return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(nodes)))
+
+
+def _constant(name: str, producers: Mapping[str, Node], mutated: set[str], known: dict[str, torch.Tensor | None]
+              ) -> torch.Tensor | None:
+    """The value `name` worked out on the CPU by the op table's references, when it depends on no input,
+    parameter or random op, no op mutates it, and no value on the way is larger than FOLDED_MASK_ELEMENTS;
+    else None."""
+    if name in known:
+        return known[name]
+    node = producers.get(name)
+    known[name] = None  # until worked out: an input, a parameter or a value that cannot be
+    if node is None or node.is_extern or node.definition.kind not in _FOLDABLE_KINDS or name in mutated \
+            or node.op.startswith("empty") or any(math.prod(v.type.shape) > FOLDED_MASK_ELEMENTS for v in node.outputs):
+        return None
+    inputs = [_constant(value, producers, mutated, known) for value in node.inputs]
+    if any(value is None for value in inputs):
+        return None
+    attrs = {**node.attrs, "device": torch.device("cpu")} if "device" in node.attrs else node.attrs
+    with unset_fake_temporarily():  # the backend runs under fake tensors, inspect on meta ones: these are real, on the CPU
+        results = node.definition.bind(attrs)(inputs)
+    for value, position in zip(node.outputs, node.result_positions):
+        known[value.name] = results[position]
+    return known[name]
+
+
+def _is_causal(mask: torch.Tensor, rows: int, columns: int) -> bool:
+    """Whether `mask` (boolean, or additive: 0 kept, -inf not) is torch's causal masking of `rows` queries
+    against `columns` keys in every batch and head."""
+    if mask.shape[-2:] != (rows, columns):
+        return False
+    kept = mask if mask.dtype == torch.bool else mask == 0
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == float("-inf"))).all()):
+        return False
+    triangle = torch.ones(rows, columns, dtype=torch.bool).tril()
+    return bool((kept == triangle).all())
 
 
 def decompose_attention(graph: Graph, select: Select = runs_math_path) -> Graph:

@@ -12,8 +12,8 @@ from ember.api import compile_graph
 from ember.frontend import from_module
 from ember.ir import Graph, Node, TensorType, Value
 from ember.ir.types import contiguous_strides
-from ember.optimizer.attention import (_viewable, convert_attention_masks, decompose_attention, group_query_heads,
-                                      runs_math_path)
+from ember.optimizer.attention import (_viewable, convert_attention_masks, decompose_attention, fold_constant_masks,
+                                      group_query_heads, runs_math_path)
 from ember.optimizer.cost import CostModel, load_profile
 from ember.optimizer.fusion import plan_fusion
 from ember import models
@@ -146,3 +146,55 @@ def test_whether_a_value_can_be_viewed_is_answered_under_torch_compiles_fake_ten
     with FakeTensorMode():
         assert not _viewable(heads_second, (8, 13, 16))
         assert _viewable(TensorType((2, 4, 13, 16), torch.float32), (8, 13, 16))
+
+
+class BuiltMask(nn.Module):
+    """Attention whose mask is built from aranges in forward, as transformers builds one when given no mask."""
+
+    MASKS = {
+        "keeps every key": lambda i, j, dtype: (j >= 0).expand(i.shape[0], j.shape[1]),
+        "causal": lambda i, j, dtype: j <= i,
+        "causal, additive": lambda i, j, dtype: torch.where(j <= i, 0.0, float("-inf")).to(dtype),
+        "sliding window": lambda i, j, dtype: (j <= i) & (j > i - 3),
+        "diagonal shifted": lambda i, j, dtype: j <= i + 2,
+    }
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v):
+        rows, columns = torch.arange(q.shape[1])[:, None], torch.arange(k.shape[1])[None, :]
+        return Attention()(q, k, v, self.MASKS[self.kind](rows, columns, q.dtype)[None, None])
+
+
+@pytest.mark.parametrize("kind, inputs, causal", [
+    ("keeps every key", 3, False), ("causal", 3, True), ("causal, additive", 3, True),
+    ("sliding window", 4, False), ("diagonal shifted", 4, False),
+])
+def test_a_mask_built_from_no_input_is_dropped_or_made_causal_where_that_is_exact(kind, inputs, causal):
+    """A mask torch's own causal masking (top-left aligned) does not give exactly stays, as do its nodes."""
+    model, qkv = BuiltMask(kind), _qkv(torch.float32, 11, 11)
+    graph = from_module(model, qkv).graph
+    folded = fold_constant_masks(graph)
+    folded.verify()
+    (attention,) = [node for node in folded.nodes if node.op == "scaled_dot_product_attention"]
+    assert (len(attention.inputs), attention.attrs.get("is_causal", False)) == (inputs, causal)
+    assert (len(folded.nodes) < len(graph.nodes)) == (inputs == 3)
+    with torch.no_grad():
+        assert_close(ember.compile(model, qkv)(*qkv), model(*qkv))
+
+
+def test_a_mask_given_by_the_caller_stays():
+    graph = from_module(Attention(), (*_qkv(torch.float32), _padding_mask())).graph
+    assert fold_constant_masks(graph) is graph
+
+
+def test_transformers_masks_built_without_an_attention_mask_go():
+    """BERT's all-keeping mask sent its attention down torch's math path; the decoders' causal masks were read
+    by every layer."""
+    for name, causal in (("bert", False), ("gpt2", True), ("llama", True), ("mixtral", True)):
+        graph = fold_constant_masks(from_module(*models.load(name, "tiny")).graph)
+        attention = [node for node in graph.nodes if node.op == "scaled_dot_product_attention"]
+        assert attention and all(len(node.inputs) == 3 and node.attrs.get("is_causal", False) == causal
+                                 for node in attention), name
