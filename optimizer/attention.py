@@ -64,17 +64,14 @@ def fold_constant_masks(graph: Graph) -> Graph:
         if node.op != "scaled_dot_product_attention" or len(node.inputs) < 4 or node.attrs.get("is_causal", False):
             nodes.append(node)
             continue
-        mask = _constant(node.inputs[3], producers, mutated, known)
-        query, key = (types[name] for name in node.inputs[:2])
-        if mask is None:
-            nodes.append(node)
-        elif bool((mask if mask.dtype == torch.bool else mask == 0).all()):
-            nodes.append(dataclasses.replace(node, inputs=node.inputs[:3], attrs={**node.attrs, "attn_mask": None}))
-        elif _is_causal(mask, query.shape[-2], key.shape[-2]):
-            nodes.append(dataclasses.replace(node, inputs=node.inputs[:3],
-                                             attrs={**node.attrs, "attn_mask": None, "is_causal": True}))
-        else:
-            nodes.append(node)
+        with unset_fake_temporarily():  # the backend runs under fake tensors, inspect on meta ones: these are real
+            mask = _constant(node.inputs[3], producers, mutated, known)
+            keeps_all = mask is not None and bool((mask if mask.dtype == torch.bool else mask == 0).all())
+            causal = mask is not None and _is_causal(mask, types[node.inputs[0]].shape[-2], types[node.inputs[1]].shape[-2])
+        if keeps_all or causal:
+            node = dataclasses.replace(node, inputs=node.inputs[:3],
+                                       attrs={**node.attrs, "attn_mask": None, "is_causal": causal and not keeps_all})
+        nodes.append(node)
     if all(a is b for a, b in zip(nodes, graph.nodes)):
         return graph
     return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(nodes)))
@@ -96,8 +93,7 @@ def _constant(name: str, producers: Mapping[str, Node], mutated: set[str], known
     if any(value is None for value in inputs):
         return None
     attrs = {**node.attrs, "device": torch.device("cpu")} if "device" in node.attrs else node.attrs
-    with unset_fake_temporarily():  # the backend runs under fake tensors, inspect on meta ones: these are real, on the CPU
-        results = node.definition.bind(attrs)(inputs)
+    results = node.definition.bind(attrs)(inputs)
     for value, position in zip(node.outputs, node.result_positions):
         known[value.name] = results[position]
     return known[name]
