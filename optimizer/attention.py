@@ -24,6 +24,7 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..ir import OP_TABLE, Graph, Node, TensorType, Value
+from ..ir.ops import infer_by_tracing
 from ..ir.types import contiguous_strides
 from .canonicalize import eliminate_dead_code
 
@@ -69,9 +70,9 @@ def fold_constant_masks(graph: Graph) -> Graph:
             keeps_all = mask is not None and bool((mask if mask.dtype == torch.bool else mask == 0).all())
             causal = mask is not None and _is_causal(mask, types[node.inputs[0]].shape[-2], types[node.inputs[1]].shape[-2])
         if keeps_all or causal:
-            node = dataclasses.replace(node, inputs=node.inputs[:3],
-                                       attrs={**node.attrs, "attn_mask": None, "is_causal": causal and not keeps_all})
-        nodes.append(node)
+            nodes += _unmasked(node, types, causal and not keeps_all)
+        else:
+            nodes.append(node)
     if all(a is b for a, b in zip(nodes, graph.nodes)):
         return graph
     return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(nodes)))
@@ -213,17 +214,37 @@ def _write(node: Node, write: _Writer, mask: str | None) -> None:
                else write("_softmax", (scores,), {"dim": -1, "half_to_float": False}))
     out = write("bmm", (write.batched(weights), write.batched(value)), {})
     result = node.outputs[0]
+    if result.type.layout == contiguous_strides(result.type.shape) and result.type.dtype == torch.float32:
+        write("view", (out,), {"size": result.type.shape}, name=result.name)
+    else:
+        _copy_as(write, write("view", (out,), {"size": result.type.shape}), result)
+
+
+def _copy_as(write: _Writer, name: str, result: Value) -> None:
+    """A copy of `name` in `result`'s dtype and memory order (a dense one), named as `result`."""
     rounded = {"dtype": result.type.dtype, "memory_format": torch.contiguous_format}
-    if result.type.layout == contiguous_strides(result.type.shape):
-        if result.type.dtype == torch.float32:
-            write("view", (out,), {"size": result.type.shape}, name=result.name)
-        else:
-            write("_to_copy", (write("view", (out,), {"size": result.type.shape}),), rounded, name=result.name)
-        return
     order = sorted(range(len(result.type.shape)), key=lambda dim: -result.type.layout[dim])  # memory order
-    out = write("permute", (write("view", (out,), {"size": result.type.shape}),), {"dims": order})
-    dense = write("_to_copy", (out,), rounded)
+    if order == sorted(order):
+        write("_to_copy", (name,), rounded, name=result.name)
+        return
+    dense = write("_to_copy", (write("permute", (name,), {"dims": order}),), rounded)
     write("permute", (dense,), {"dims": [order.index(dim) for dim in range(len(order))]}, name=result.name)
+
+
+def _unmasked(node: Node, types: Mapping[str, TensorType], causal: bool) -> list[Node]:
+    """`node` without its mask (causal if so): its result has the layout the kernel torch now picks gives, so
+    where that is not the layout the masked call gave (which later nodes were typed on), a copy into it follows."""
+    unmasked = dataclasses.replace(node, inputs=node.inputs[:3], attrs={**node.attrs, "attn_mask": None, "is_causal": causal})
+    (traced, *_) = infer_by_tracing(node.definition, [types[name] for name in unmasked.inputs], unmasked.attrs)
+    result = node.outputs[0]
+    if traced.layout == result.type.layout:
+        return [unmasked]
+    made = Value(f"{result.name}_unmasked", traced)
+    write = _Writer(node, {**types, made.name: traced})
+    _copy_as(write, made.name, result)
+    if write.types[result.name].layout != result.type.layout:  # not a dense layout: keep the mask
+        return [node]
+    return [dataclasses.replace(unmasked, name=made.name, outputs=(made,)), *write.nodes]
 
 
 def convert_attention_masks(graph: Graph) -> Graph:

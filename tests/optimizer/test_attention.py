@@ -1,6 +1,8 @@
 """Attention on torch's math path, written out: matmul, one fused scale-mask-softmax kernel, matmul; same results."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from ember.api import compile_graph
 from ember.frontend import from_module
 from ember.ir import Graph, Node, TensorType, Value
 from ember.ir.types import contiguous_strides
-from ember.optimizer.attention import (_viewable, convert_attention_masks, decompose_attention, fold_constant_masks,
+from ember.optimizer.attention import (_unmasked, _viewable, convert_attention_masks, decompose_attention, fold_constant_masks,
                                       group_query_heads, runs_math_path)
 from ember.optimizer.cost import CostModel, load_profile
 from ember.optimizer.fusion import plan_fusion
@@ -200,3 +202,18 @@ def test_transformers_masks_built_without_an_attention_mask_go():
         attention = [node for node in graph.nodes if node.op == "scaled_dot_product_attention"]
         assert attention and all(len(node.inputs) == 3 and node.attrs.get("is_causal", False) == causal
                                  for node in attention), name
+
+
+def test_an_unmasked_attention_whose_kernel_lays_out_its_result_otherwise_is_copied_into_the_typed_layout():
+    """On the GPU the math path a mask forced gives a contiguous result and the fused kernel a query-like one:
+    the nodes after it were typed on the first, and generated kernels read by those strides."""
+    graph = from_module(BuiltMask("keeps every key"), _qkv(torch.float32, 11, 11)).graph
+    types = graph.types()
+    (node,) = [node for node in graph.nodes if node.op == "scaled_dot_product_attention"]
+    assert _unmasked(node, types, causal=False)[0].outputs == node.outputs  # the layout it had: no copy
+    result = node.outputs[0]
+    contiguous = Value(result.name, dataclasses.replace(result.type, strides=contiguous_strides(result.type.shape)))
+    nodes = _unmasked(dataclasses.replace(node, outputs=(contiguous,)), types, causal=False)
+    assert [n.op for n in nodes] == ["scaled_dot_product_attention", "_to_copy"]
+    assert nodes[0].outputs[0].type.layout == result.type.layout
+    assert nodes[-1].outputs[0].name == result.name and nodes[-1].outputs[0].type.layout == contiguous.type.layout
