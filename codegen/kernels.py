@@ -98,5 +98,5 @@ def precompile(work: Sequence[Node | GroupKernel], types: Mapping[str, TensorTyp
         for step in kernels:
             try:
                 step.kernel.warm_up([types[name].dtype for name in step.inputs] + [value.type.dtype for value in step.outputs])
-            except Exception as error:  # noqa: BLE001 - the launch compiles it again and reports the error there
+            except Exception as error:  # the launch compiles it again and reports the error there
                 log.warning("kernel %s did not precompile (%s): it compiles at its first launch", step.name, error)

@@ -66,13 +66,11 @@ def fold_constant_masks(graph: Graph) -> Graph:
             nodes.append(node)
             continue
         with unset_fake_temporarily():  # the backend runs under fake tensors, inspect on meta ones: these are real
-            mask = _constant(node.inputs[3], producers, mutated, known)
-            keeps_all = mask is not None and bool((mask if mask.dtype == torch.bool else mask == 0).all())
-            causal = mask is not None and _is_causal(mask, types[node.inputs[0]].shape[-2], types[node.inputs[1]].shape[-2])
-        if keeps_all or causal:
-            nodes += _unmasked(node, types, causal and not keeps_all)
-        else:
-            nodes.append(node)
+            kept = _kept(_constant(node.inputs[3], producers, mutated, known))
+            keeps_all = kept is not None and bool(kept.all())
+            causal = kept is not None and not keeps_all and _is_causal(
+                kept, types[node.inputs[0]].shape[-2], types[node.inputs[1]].shape[-2])
+        nodes += _unmasked(node, types, causal) if keeps_all or causal else [node]
     if all(a is b for a, b in zip(nodes, graph.nodes)):
         return graph
     return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(nodes)))
@@ -88,7 +86,7 @@ def _constant(name: str, producers: Mapping[str, Node], mutated: set[str], known
     node = producers.get(name)
     known[name] = None  # until worked out: an input, a parameter or a value that cannot be
     if node is None or node.is_extern or node.definition.kind not in _FOLDABLE_KINDS or name in mutated \
-            or node.op.startswith("empty") or any(math.prod(v.type.shape) > FOLDED_MASK_ELEMENTS for v in node.outputs):
+            or node.op.startswith("empty") or any(v.type.numel > FOLDED_MASK_ELEMENTS for v in node.outputs):
         return None
     inputs = [_constant(value, producers, mutated, known) for value in node.inputs]
     if any(value is None for value in inputs):
@@ -100,16 +98,19 @@ def _constant(name: str, producers: Mapping[str, Node], mutated: set[str], known
     return known[name]
 
 
-def _is_causal(mask: torch.Tensor, rows: int, columns: int) -> bool:
-    """Whether `mask` (boolean, or additive: 0 kept, -inf not) is torch's causal masking of `rows` queries
-    against `columns` keys in every batch and head."""
-    if mask.shape[-2:] != (rows, columns):
-        return False
-    kept = mask if mask.dtype == torch.bool else mask == 0
-    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == float("-inf"))).all()):
-        return False
-    triangle = torch.ones(rows, columns, dtype=torch.bool).tril()
-    return bool((kept == triangle).all())
+def _kept(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Where a worked-out mask keeps a key: a boolean one as is, an additive one where it is 0 (None when it
+    is not worked out, or adds anything but 0 and -inf, which no mask-free call computes)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == float("-inf"))).all()):
+        return None
+    return mask == 0
+
+
+def _is_causal(kept: torch.Tensor, rows: int, columns: int) -> bool:
+    """Whether `kept` is torch's causal masking of `rows` queries against `columns` keys in every batch and head."""
+    return kept.shape[-2:] == (rows, columns) and bool((kept == torch.ones(rows, columns, dtype=torch.bool).tril()).all())
 
 
 def decompose_attention(graph: Graph, select: Select = runs_math_path) -> Graph:

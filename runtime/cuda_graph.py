@@ -35,7 +35,7 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class GraphedCall:
-    """`run_prefix` captured on buffers shaped like `example`, what it returns (tensors in the graph's memory)
+    """`run_prefix` captured on `device` on buffers shaped like `example`, what it returns (tensors in the graph's memory)
     handed to `run_tail` after each replay; raises at construction if capture fails.
 
     A call runs on the capture stream, ordered after the caller's stream and before the caller's next work on
@@ -44,10 +44,11 @@ class GraphedCall:
     memory is not reused before the caller's work on them is done."""
 
     def __init__(self, run_prefix: Callable[[Sequence[torch.Tensor]], Any],
-                 run_tail: Callable[[Sequence[torch.Tensor], Any], list[torch.Tensor]], example: Sequence[torch.Tensor]):
+                 run_tail: Callable[[Sequence[torch.Tensor], Any], list[torch.Tensor]], example: Sequence[torch.Tensor],
+                 device: torch.device):
         self.inputs = [tensor.clone() for tensor in example]
         self.run_tail = run_tail
-        self.stream = capture_stream(self.inputs[0].device if self.inputs else torch.device("cuda", torch.cuda.current_device()))
+        self.stream = capture_stream(device)
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):  # capture wants the lazy initialisations (cuBLAS handles, kernels) done
             for _ in range(WARM_UP_CALLS):

@@ -165,7 +165,7 @@ class Executor:
                 return [env[name] for name in self.graph.outputs]
 
             try:
-                self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs)
+                self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs, device)
             except RuntimeError as error:
                 log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)",
                             str(error).splitlines()[0])

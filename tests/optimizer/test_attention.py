@@ -157,6 +157,7 @@ class BuiltMask(nn.Module):
         "keeps every key": lambda i, j, dtype: (j >= 0).expand(i.shape[0], j.shape[1]),
         "causal": lambda i, j, dtype: j <= i,
         "causal, additive": lambda i, j, dtype: torch.where(j <= i, 0.0, float("-inf")).to(dtype),
+        "causal, additive, finite": lambda i, j, dtype: torch.where(j <= i, 0.0, -1e4).to(dtype),
         "sliding window": lambda i, j, dtype: (j <= i) & (j > i - 3),
         "diagonal shifted": lambda i, j, dtype: j <= i + 2,
     }
@@ -172,7 +173,7 @@ class BuiltMask(nn.Module):
 
 @pytest.mark.parametrize("kind, inputs, causal", [
     ("keeps every key", 3, False), ("causal", 3, True), ("causal, additive", 3, True),
-    ("sliding window", 4, False), ("diagonal shifted", 4, False),
+    ("causal, additive, finite", 4, False), ("sliding window", 4, False), ("diagonal shifted", 4, False),
 ])
 def test_a_mask_built_from_no_input_is_dropped_or_made_causal_where_that_is_exact(kind, inputs, causal):
     """A mask torch's own causal masking (top-left aligned) does not give exactly stays, as do its nodes."""
