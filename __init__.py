@@ -2,20 +2,37 @@
 
     fast = torch.compile(model, backend="ember")      # as a torch.compile backend
     program = ember.compile(model, example_inputs)    # offline
-"""
-from importlib.metadata import PackageNotFoundError, version
 
-from .api import compile, inspect
+The names that need torch load on first use, so `import ember` (and `ember --help`) stays light.
+"""
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
 from .errors import ArtifactError, CompileError, EmberError, InputError, PlanError
 from .options import Options
-from .runtime import CompileReport, Program
 
 try:
     __version__ = version("ember")
 except PackageNotFoundError:
     __version__ = "0.0.0+unknown"
 
+_LAZY = {"compile": ".api", "inspect": ".api", "CompileReport": ".runtime", "Program": ".runtime"}
+"""Public names defined in modules that import torch: name -> module, imported when first asked for."""
+
 __all__ = [
     "ArtifactError", "CompileError", "CompileReport", "EmberError", "InputError", "Options", "PlanError", "Program",
     "compile", "inspect", "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ember' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -21,6 +21,7 @@ from .optimizer.fusion import fusion_summary, plan_fusion, verify_fusion
 from .optimizer.cost import CostModel, DeviceProfile, load_profile
 from .optimizer.inspect import Report, build_report
 from .options import Options
+from .progress import task
 from .runtime import Program
 from .runtime.program import coverage_report
 
@@ -61,14 +62,16 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     cost = CostModel(load_profile(FUSION_PROFILE))
     if _fuses(graph, options):
         started = time.perf_counter()
-        fusion = plan_fusion(graph, cost)
-        if options.verify or options.debug:
-            verify_fusion(fusion, graph)
-        work = lower_schedule(graph, fusion, options.debug_dir)
+        with task("fusion: planning groups and generating kernels"):
+            fusion = plan_fusion(graph, cost)
+            if options.verify or options.debug:
+                verify_fusion(fusion, graph)
+            work = lower_schedule(graph, fusion, options.debug_dir)
         seconds["fusion"] = time.perf_counter() - started
         if _on_gpu(graph):
             started = time.perf_counter()
-            precompile(work, graph.types(), _gpu_device(graph))
+            with task(f"compiling {len(fusion.groups)} Triton kernels"):
+                precompile(work, graph.types(), _gpu_device(graph))
             seconds["kernels"] = time.perf_counter() - started
     arena = None
     if options.arena:
@@ -125,11 +128,15 @@ def _fuses(graph: Graph, options: Options) -> bool:
 
 def optimize(graph: Graph, options: Options, seconds: dict[str, float]) -> Graph:
     """Every pass of the pipeline in order, timed into `seconds`, with a checkpoint after each."""
-    for index, transform in enumerate(PIPELINE + (REORDER if options.reorder else ()), start=1):
-        started = time.perf_counter()
-        before, graph = graph, transform(graph)
-        seconds[transform.__name__] = time.perf_counter() - started
-        checkpoint(graph, transform.__name__, options, index=index, changed=graph is not before)
+    transforms = PIPELINE + (REORDER if options.reorder else ())
+    with task("passes", total=len(transforms)) as update:
+        for index, transform in enumerate(transforms, start=1):
+            update(description=f"pass {index}/{len(transforms)}: {transform.__name__}")
+            started = time.perf_counter()
+            before, graph = graph, transform(graph)
+            seconds[transform.__name__] = time.perf_counter() - started
+            checkpoint(graph, transform.__name__, options, index=index, changed=graph is not before)
+            update(advance=1)
     return graph
 
 
@@ -147,7 +154,8 @@ def inspect(
     captured = from_module(model, example_inputs)
     checkpoint(captured.graph, "lower", options, index=0)
     graph = optimize(captured.graph, options, dict(captured.stage_seconds))
-    return build_report(graph, profile, model=type(model).__name__)
+    with task(f"pricing {len(graph.nodes)} nodes on {profile.name} and planning memory"):
+        return build_report(graph, profile, model=type(model).__name__)
 
 
 def checkpoint(graph: Graph, stage: str, options: Options, *, index: int, changed: bool = True) -> None:

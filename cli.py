@@ -1,4 +1,9 @@
-"""The `ember` command line: `ember demo` compiles the built-in decoder and shows what happened."""
+"""The `ember` command line: demo, inspect, optimize, calibrate.
+
+Only the standard library and argparse load before a command is chosen, so `ember --help` and `--version`
+answer at once; every failure prints one line (what went wrong, what to do) unless `--debug` asks for the
+traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,99 +12,192 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
-import torch
-from rich.console import Console
-from rich.table import Table
+log = logging.getLogger(__name__)
 
-from . import __version__, models
-from .api import compile as ember_compile
-from .api import inspect as ember_inspect
-from .api import optimize as optimize_graph
-from .frontend import from_module
-from .errors import EmberError
-from .optimizer.cost import load_profile, save_profile
-from .optimizer.cost.calibrate import calibrate
-from .optimizer.inspect import memory_summary, plot_memory, plot_roofline, render, write_graph
-from .optimizer.liveness import buffers, peak_live_bytes
-from .options import Options
-from .tolerance import result_tolerance
+BUILTIN_MODELS = ("demo", "mlp", "cnn", "unet", "gpt2", "llama", "llama_b1", "mixtral", "bert")
+"""The names `ember.models.BUILTIN` resolves (kept here so `--help` needs no torch; a test keeps them equal)."""
+SIZES = ("tiny", "suite")
+MODEL_HELP = (f"a built-in ({', '.join(BUILTIN_MODELS)}; gpt2, llama, llama_b1, mixtral and bert need transformers) "
+              "or package.module:function returning (model, example_inputs), looked up from the current directory first")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="ember", description="A compiler-style graph optimizer for PyTorch.")
-    parser.add_argument("--version", action="version", version=f"ember {__version__} (torch {torch.__version__})")
+    args = _parser().parse_args(argv)
+    debug = args.debug or os.environ.get("EMBER_LOG", "").lower() == "debug"
+    logging.basicConfig(level="DEBUG" if args.debug else os.environ.get("EMBER_LOG", "warning").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        _parser().print_help()
+        return 0
+    try:
+        from . import progress
+
+        with progress.shown(not args.quiet):
+            return COMMANDS[args.command](args)
+    except BrokenPipeError:  # `ember inspect gpt2 --json | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as error:  # every failure is one line; --debug shows where it came from
+        if debug:
+            raise
+        _error(_one_line(error))
+        return 2 if _is_ember_error(error) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="A compiler-style graph optimizer for PyTorch.",
+                                     epilog="EMBER_LOG=debug (or --debug) logs every stage and shows tracebacks.")
+    parser.add_argument("--version", action="version", version=_version_line())
+    parser.add_argument("--debug", action="store_true", help="log every stage and show the traceback of a failure")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display (it is off when stderr is not a terminal)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = commands.add_parser("demo", help="compile a small built-in model and check it against eager")
-    demo.add_argument("model", nargs="?", default="demo",
-                      help=f"model spec: {', '.join(models.BUILTIN)} or package.module:function (default: demo)")
+    demo = commands.add_parser("demo", help="compile a small built-in model both ways and check it against eager")
+    demo.add_argument("model", nargs="?", default="demo", help=f"{MODEL_HELP} (default: demo)")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    demo.add_argument("--size", choices=models.SIZES, default="tiny", help="built-in model size (default: tiny)")
+    demo.add_argument("--size", choices=SIZES, default="tiny", help="built-in model size (default: tiny)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     inspect = commands.add_parser("inspect", help="where time and memory go, by the cost model, node by node")
-    inspect.add_argument("model", help=f"model spec: {', '.join(models.BUILTIN)} or package.module:function")
+    inspect.add_argument("model", help=MODEL_HELP)
     inspect.add_argument("--device", default="h100", help="profile name (h100, h200, a100, cpu, a calibrated one) or profile.json")
-    inspect.add_argument("--size", choices=models.SIZES, default="suite", help="built-in model size (default: suite)")
+    inspect.add_argument("--size", choices=SIZES, default="suite", help="built-in model size (default: suite)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--all", action="store_true", help="list every node, not only the ten costliest")
-    inspect.add_argument("--plot", metavar="PNG", help="write a roofline plot")
-    inspect.add_argument("--graph", metavar="HTML|SVG", help="write the graph coloured by predicted time")
-    inspect.add_argument("--plot-memory", metavar="PNG", help="write live memory over time and the arena plan")
+    inspect.add_argument("--plot", metavar="PNG", help="write a roofline plot (needs matplotlib)")
+    inspect.add_argument("--graph", metavar="HTML|SVG", help="write the graph coloured by predicted time (interactive HTML, or SVG)")
+    inspect.add_argument("--plot-memory", metavar="PNG", help="write live memory over time and the arena plan (needs matplotlib)")
     optimize = commands.add_parser("optimize", help="run the passes and plan the arena; show and export the result")
-    optimize.add_argument("model", help=f"model spec: {', '.join(models.BUILTIN)} or package.module:function")
-    optimize.add_argument("--size", choices=models.SIZES, default="suite", help="built-in model size (default: suite)")
+    optimize.add_argument("model", help=MODEL_HELP)
+    optimize.add_argument("--size", choices=SIZES, default="suite", help="built-in model size (default: suite)")
     optimize.add_argument("--reorder", action="store_true", help="reorder operators to lower the peak")
-    optimize.add_argument("--time-limit", type=float, default=10.0, help="seconds for the memory planner (default: 10)")
+    optimize.add_argument("--time-limit", type=_positive_seconds, default=10.0, help="seconds for the memory planner (default: 10)")
     optimize.add_argument("--json", action="store_true", help="print the memory summary as JSON")
-    optimize.add_argument("--plot-memory", metavar="PNG", help="write live memory over time and the arena plan")
+    optimize.add_argument("--plot-memory", metavar="PNG", help="write live memory over time and the arena plan (needs matplotlib)")
     optimize.add_argument("--out", metavar="DIR", help="write the optimized IR (graph.ir.txt) and the plan (memory_plan.json)")
     calibrate = commands.add_parser("calibrate", help="measure this device's ceilings and save them as a profile")
     calibrate.add_argument("--out", help="where to write the profile JSON (default: the user cache directory)")
     calibrate.add_argument("--name", help="profile name (default: from the device name)")
     calibrate.add_argument("--quick", action="store_true", help="smaller sizes: seconds, not a minute")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("EMBER_LOG", "warning").upper(), format="%(levelname)s %(name)s: %(message)s")
-    if args.command is None:
-        parser.print_help()
-        return 0
+    calibrate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    return parser
+
+
+def _version_line() -> str:
+    """`ember X (torch Y, triton Z)` from the installed metadata, without importing torch."""
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    return f"ember {installed('ember')} (torch {installed('torch')}, triton {installed('triton')})"
+
+
+def _positive_seconds(text: str) -> float:
     try:
-        if args.command == "inspect":
-            return run_inspect(args)
-        if args.command == "optimize":
-            return run_optimize(args)
-        if args.command == "calibrate":
-            return run_calibrate(args)
-        return run_demo(args.model, args.device, args.size, as_json=args.json)
-    except EmberError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}")
-        return 2
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("give a time limit above 0 seconds")
+    return seconds
+
+
+def _error(message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}")
+
+
+def _is_ember_error(error: BaseException) -> bool:
+    from .errors import EmberError
+
+    return isinstance(error, EmberError)
+
+
+def _one_line(error: BaseException) -> str:
+    """An ember error's own message; anything else named as a fault in ember, with the way to its traceback."""
+    text = " ".join(str(error).split())
+    if _is_ember_error(error):
+        return text
+    return (f"internal error: {type(error).__name__}: {text[:300]} (run again with --debug for the traceback, "
+            "and please report it)")
+
+
+def _device(requested: str | None) -> Any:
+    """The torch device a command runs on: as asked, or CUDA when present; a clear error where it is not."""
+    import torch
+
+    from .errors import InputError
+
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise InputError(f"unknown device {requested!r}: use cpu or cuda (or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"ember runs on cpu or cuda, not {device.type!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {requested} asked for CUDA, but this torch ({torch.__version__}) sees no CUDA GPU: "
+                         "run with --device cpu, or install a CUDA build of torch on a machine with a GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _load(spec: str, size: str, device: Any = None) -> tuple[Any, tuple]:
+    from . import models
+    from .progress import task
+
+    with task(f"building {spec}"):
+        return models.load(spec, size, device=device)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Capture the model (built-ins on the meta device: no weights needed), price it, render the report."""
+    from rich.console import Console
+
+    from .api import inspect as ember_inspect
+    from .optimizer.cost import load_profile
+    from .optimizer.inspect import plot_memory, plot_roofline, render, write_graph
+
     profile = load_profile(args.device)
-    model, inputs = models.load(args.model, args.size, device="meta" if args.model in models.BUILTIN else None)
+    model, inputs = _load(args.model, args.size, "meta" if args.model in BUILTIN_MODELS else None)
     report = ember_inspect(model, inputs, device=profile)
     if args.json:
         print(report.to_json())
     else:
         render(report, Console(width=None if sys.stdout.isatty() else 160), all_rows=args.all)
+    err = Console(stderr=True)
     if args.plot:
-        Console(stderr=True).print(f"roofline: {plot_roofline(report, profile, args.plot)}")
+        err.print(f"roofline: {plot_roofline(report, profile, args.plot)}")
     if args.graph:
-        Console(stderr=True).print(f"graph: {write_graph(report, args.graph)}")
+        err.print(f"graph: {write_graph(report, args.graph)}")
     if args.plot_memory:
-        path = plot_memory(report.graph, report.memory, report.plan, args.plot_memory, report.model)
-        Console(stderr=True).print(f"memory plot: {path}")
+        err.print(f"memory plot: {plot_memory(report.graph, report.memory, report.plan, args.plot_memory, report.model)}")
     return 0
 
 
 def run_optimize(args: argparse.Namespace) -> int:
     """Capture and optimize the model (built-ins on the meta device), plan its arena, show and export the plan."""
-    model, inputs = models.load(args.model, args.size, device="meta" if args.model in models.BUILTIN else None)
+    from rich.console import Console
+
+    from .api import optimize as optimize_graph
+    from .frontend import from_module
+    from .optimizer.inspect import memory_summary, plot_memory
+    from .optimizer.liveness import buffers, peak_live_bytes
+    from .options import Options
+
+    model, inputs = _load(args.model, args.size, "meta" if args.model in BUILTIN_MODELS else None)
     options = Options(reorder=args.reorder, plan_time_limit=args.time_limit)
     captured = from_module(model, inputs)
     graph = optimize_graph(captured.graph, options, dict(captured.stage_seconds))
@@ -110,9 +208,9 @@ def run_optimize(args: argparse.Namespace) -> int:
         print(json.dumps(memory, indent=2))
     else:
         _print_memory(type(model).__name__, memory)
+    err = Console(stderr=True)
     if args.plot_memory:
-        path = plot_memory(graph, memory, plan, args.plot_memory, type(model).__name__)
-        Console(stderr=True).print(f"memory plot: {path}")
+        err.print(f"memory plot: {plot_memory(graph, memory, plan, args.plot_memory, type(model).__name__)}")
     if args.out:
         directory = Path(args.out)
         directory.mkdir(parents=True, exist_ok=True)
@@ -120,53 +218,83 @@ def run_optimize(args: argparse.Namespace) -> int:
         rows = [{"name": b.name, "bytes": b.size_bytes, "start": b.start, "end": b.end, "offset": offset}
                 for b, offset in zip(buffers(graph), plan.offsets)]
         (directory / "memory_plan.json").write_text(json.dumps({**memory, "buffers": rows}, indent=2) + "\n")
-        Console(stderr=True).print(f"wrote {directory / 'graph.ir.txt'} and {directory / 'memory_plan.json'}")
+        err.print(f"wrote {directory / 'graph.ir.txt'} and {directory / 'memory_plan.json'}")
     return 0
 
 
 def _print_memory(model: str, memory: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .units import format_bytes
+
     table = Table(title=f"{model}: activation memory ({memory['nodes']} nodes)")
     table.add_column("")
-    table.add_column("MiB", justify="right")
+    table.add_column("size", justify="right")
     table.add_column("× lower bound", justify="right")
     bound = max(memory["lower_bound_bytes"], 1)
     for key, label in (("eager_order_peak_bytes", "peak live, eager order"), ("lower_bound_bytes", "lower bound (this order)"),
                        ("no_reuse_bytes", "no reuse"), ("greedy_bytes", "greedy by size / first fit"),
                        ("planned_bytes", "planned (search + MIP)")):
-        table.add_row(label, f"{memory[key] / 2**20:,.2f}", f"{memory[key] / bound:.3f}")
-    Console().print(table)
-    Console().print(f"plan: {memory['plan_status']}, gap {memory['plan_gap']:.2%}, solved in {memory['plan_seconds']:.2f} s; "
-                    f"weights {memory['weights_bytes'] / 2**20:,.1f} MiB")
+        table.add_row(label, format_bytes(memory[key]), f"{memory[key] / bound:.3f}")
+    console = Console()
+    console.print(table)
+    console.print(f"plan: {memory['plan_status']}, gap {memory['plan_gap']:.2%}, solved in {memory['plan_seconds']:.2f} s; "
+                  f"weights {format_bytes(memory['weights_bytes'])}")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """Measure this machine's device and save the profile where `--device NAME` finds it."""
+    from rich.console import Console
+
+    from .optimizer.cost import save_profile
+    from .optimizer.cost.calibrate import calibrate
+
     console = Console()
-    with console.status("measuring matmul, copy, launch and attention ceilings…"):
-        profile = calibrate(quick=args.quick, name=args.name)
+    profile = calibrate(_device(args.device), quick=args.quick, name=args.name)
     path = save_profile(profile, args.out)
-    peaks = ", ".join(f"{unit} {key} {value:,.1f}" for unit, rates in profile.peak_tflops.items() for key, value in rates.items())
+    peaks = ", ".join(f"{unit} {key} {value:,.3f}" for unit, rates in profile.peak_tflops.items() for key, value in rates.items())
     console.print(f"[bold]{profile.name}[/]: {profile.description}")
     console.print(f"peaks (TFLOP/s): {peaks}")
-    console.print(f"bandwidth: {profile.memory_bandwidth_gbps:,.0f} GB/s DRAM, {profile.l2_bandwidth_gbps:,.0f} GB/s L2; "
+    console.print(f"bandwidth: {profile.memory_bandwidth_gbps:,.1f} GB/s DRAM, {profile.l2_bandwidth_gbps:,.1f} GB/s L2; "
                   f"launch {profile.launch_overhead_us:.1f} µs; attention at {profile.attention_efficiency:.0%} of peak")
     console.print(f"saved {path}; use it with --device {profile.name if args.out is None else path}")
     return 0
 
 
-def run_demo(spec: str, device: str | None, size: str = "tiny", *, as_json: bool = False) -> int:
-    """Compile `spec` with ember.compile and torch.compile(backend="ember"); compare both with eager."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def run_demo(args: argparse.Namespace) -> int:
+    """Compile the model with ember.compile and torch.compile(backend="ember"); compare both with eager."""
+    return demo(args.model, args.device, args.size, as_json=args.json)
+
+
+def demo(spec: str, device: str | None = None, size: str = "tiny", *, as_json: bool = False) -> int:
+    """Compile `spec` both ways on `device`, compare each with eager, print what happened; 0 when both match."""
+    import torch
+
+    from . import models
+    from .api import compile as ember_compile
+    from .errors import CompileError
+    from .progress import task
+    from .tolerance import result_tolerance
+
+    device = _device(device)
     torch.manual_seed(0)
-    model, inputs = models.load(spec, size)
+    model, inputs = _load(spec, size)
     model = model.to(device)
     inputs = tuple(value.to(device) if isinstance(value, torch.Tensor) else value for value in inputs)
     with torch.no_grad():
-        expected = model(*inputs)
+        with task(f"running {spec} eagerly"):
+            try:
+                expected = model(*inputs)
+            except Exception as error:
+                raise CompileError(f"{spec} fails on its own example inputs in eager PyTorch, before ember: "
+                                   f"{type(error).__name__}: {error}") from error
         program = ember_compile(model, inputs)
-        compiled_error = models.max_error(expected, program(*inputs))
+        with task("running the Program"):
+            compiled_error = models.max_error(expected, program(*inputs))
         started = time.perf_counter()
-        backend_error = models.max_error(expected, torch.compile(model, backend="ember")(*inputs))
+        with task('torch.compile(backend="ember"): first call'):
+            backend_error = models.max_error(expected, torch.compile(model, backend="ember")(*inputs))
         backend_seconds = time.perf_counter() - started
     report = program.report
     limit = result_tolerance(expected)
@@ -185,6 +313,12 @@ def run_demo(spec: str, device: str | None, size: str = "tiny", *, as_json: bool
 
 
 def _print_demo(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import __version__
+    from .units import format_bytes
+
     console = Console()
     console.print(f"[bold]ember {__version__}[/] compiled [cyan]{result['model']}[/] on {result['device']}")
     summary = Table(show_header=False, box=None)
@@ -197,8 +331,8 @@ def _print_demo(result: dict) -> None:
     summary.add_row("tolerance", f"{result['tolerance']:.3g}")
     memory = result["memory"]
     if memory:
-        summary.add_row("activation memory", f"peak {memory['peak_bytes'] / 2**10:,.1f} KiB per call (lower bound "
-                        f"{memory['lower_bound_bytes'] / 2**10:,.1f} KiB): {memory['arenas']} arena(s) for "
+        summary.add_row("activation memory", f"peak {format_bytes(memory['peak_bytes'])} per call (lower bound "
+                        f"{format_bytes(memory['lower_bound_bytes'])}): {memory['arenas']} arena(s) for "
                         f"{memory['resident_values']} values, {memory['status']}; {memory['reused_values']} written over "
                         f"their input; {memory['fresh_values']} allocated by their step")
     console.print(summary)
@@ -210,6 +344,11 @@ def _print_demo(result: dict) -> None:
     console.print(stages)
     verdict = "[bold green]PASS[/]: ember matches eager" if result["passed"] else "[bold red]FAIL[/]: error above tolerance"
     console.print(verdict)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": run_demo, "inspect": run_inspect, "optimize": run_optimize, "calibrate": run_calibrate,
+}
 
 
 if __name__ == "__main__":

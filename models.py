@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -165,7 +168,8 @@ def gpt2(size: str = "tiny") -> ModelAndInputs:
     """transformers' GPT-2 LM: 2 layers of width 64 (tiny); GPT-2 small, batch 8, 512 tokens (suite)."""
     t = _transformers()
     if size == "tiny":
-        config, batch, length = t.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=211, n_positions=64), 2, 13
+        config, batch, length = t.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=211, n_positions=64,
+                                                  bos_token_id=0, eos_token_id=0), 2, 13
     else:
         config, batch, length = t.GPT2Config(), 8, 512
     config.bos_token_id = config.eos_token_id = 0
@@ -245,17 +249,48 @@ def _build(spec: str, size: str) -> ModelAndInputs:
     if spec in BUILTIN:
         return BUILTIN[spec](size)
     module_name, colon, function_name = spec.partition(":")
-    if not colon:
+    if not colon or not module_name or not function_name:
         raise CompileError(f"unknown model {spec!r}: use one of {', '.join(BUILTIN)} or package.module:function")
+    function = _resolve(spec, module_name, function_name)
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise CompileError(f"cannot load model {spec!r}: {error}") from error
-    result = function()
+        inspect.signature(function).bind()
+    except TypeError as error:
+        raise CompileError(f"{spec} must be callable without arguments and return (model, example_inputs): {error}") from None
+    except ValueError:  # a builtin without a signature: call it and see
+        pass
+    try:
+        result = function()
+    except Exception as error:
+        raise CompileError(f"{spec} raised {type(error).__name__}: {error}") from error
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
         raise CompileError(f"{spec} must return (model, example_inputs), got {type(result).__name__}")
     model, example_inputs = result
+    if isinstance(example_inputs, list):  # a list of arguments, as ember.compile takes one
+        example_inputs = tuple(example_inputs)
     return model, example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _resolve(spec: str, module_name: str, function_name: str) -> Callable[[], Any]:
+    """`module:function`, with the current directory searched first, as `python -m` would."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise CompileError(f"cannot load model {spec!r}: {error} (searched the current directory {cwd} and "
+                           "the installed packages)") from error
+    except Exception as error:
+        raise CompileError(f"cannot load model {spec!r}: importing {module_name} raised "
+                           f"{type(error).__name__}: {error}") from error
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise CompileError(f"cannot load model {spec!r}: {module_name} has no function {function_name!r}")
+    return function
 
 
 def max_error(expected: Any, actual: Any) -> float:

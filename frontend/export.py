@@ -1,7 +1,10 @@
 """The offline frontend: torch.export a model, decompose to ember's ATen set, lower to IR."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -14,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import CompileError
 from ..ir import Graph
+from ..progress import task
 from .decompositions import ember_decompositions
 from .lower import lower_fx
 
@@ -53,15 +57,19 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 def capture(model: torch.nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
     """torch.export the model and decompose it with ember's table; CompileError when export cannot."""
     args, kwargs = normalize_inputs(example_inputs)
+    chatter = io.StringIO()
     try:
-        exported = torch.export.export(model, args, kwargs)
+        with contextlib.redirect_stderr(chatter):  # torch prints the partial graph of a failed export, twice
+            exported = torch.export.export(model, args, kwargs)
     except Exception as error:
+        log.debug("torch.export said:\n%s", chatter.getvalue())
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CompileError(
-            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {cause}\n"
-            "ember.compile needs one whole graph. torch.compile(model, backend=\"ember\") splits the model "
-            "at graph breaks and compiles the pieces it can."
+            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {cause} — "
+            "ember.compile needs the model as one graph; torch.compile(model, backend=\"ember\") splits it at "
+            "graph breaks and compiles the pieces it can"
         ) from error
+    sys.stderr.write(chatter.getvalue())
     with warnings.catch_warnings():  # torch 2.13's own run_decompositions trips its pytree deprecation
         warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated", category=FutureWarning)
         return exported.run_decompositions(ember_decompositions())
@@ -70,7 +78,8 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> torch.export.Exporte
 def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:
     """Capture `model` on `example_inputs` and lower it to an ember Graph."""
     started = time.perf_counter()
-    exported = capture(model, example_inputs)
+    with task(f"capturing {type(model).__name__} with torch.export"):
+        exported = capture(model, example_inputs)
     captured_at = time.perf_counter()
     signature = exported.graph_signature
     placeholders = [node for node in exported.graph.nodes if node.op == "placeholder"]
@@ -85,7 +94,8 @@ def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:
             user_positions.append(node.name)
         else:
             raise CompileError(f"export input {spec.arg} of kind {spec.kind.name} is not supported by ember")
-    graph = lower_fx(exported.graph_module, weights)
+    with task(f"lowering {len(exported.graph.nodes)} FX nodes to ember's IR"):
+        graph = lower_fx(exported.graph_module, weights)
     constant_inputs = {
         position: node.meta.get("val")
         for position, node in enumerate(n for n in placeholders if n.name in user_positions)

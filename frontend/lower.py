@@ -229,10 +229,20 @@ def _is_scalar(value: Any) -> bool:
 def _scalar(fx_node: fx.Node, value: Any) -> Any:
     """A scalar known at capture time; symbolic ones need the graph specialised first."""
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        raise SymbolicShapeError(f"node {fx_node.name} is the symbolic scalar {value}")
+        raise SymbolicShapeError(
+            f"node {fx_node.name} is a number only known at run time ({value}{_source(fx_node)}), such as a "
+            "tensor's .item() or int(tensor): ember.compile needs static shapes and tensor results, so keep it a "
+            "tensor, or use torch.compile(model, backend=\"ember\"), which runs such code eagerly")
     if value is None or isinstance(value, (int, float, bool)):
         return value
     raise CompileError(f"input {fx_node.name} is a {type(value).__name__}; ember takes tensors and Python scalars")
+
+
+def _source(fx_node: fx.Node) -> str:
+    """"; file:line `code`" for the model's source line where the trace recorded it, else nothing."""
+    trace = (fx_node.meta.get("stack_trace") or "").strip().splitlines()
+    where = re.match(r'\s*File "(.*)", line (\d+)', trace[-2]) if len(trace) >= 2 else None
+    return f"; {where[1]}:{where[2]} `{trace[-1].strip()}`" if where else ""
 
 
 def _tensor_type(fx_node: fx.Node, value: torch.Tensor) -> TensorType:

@@ -13,12 +13,14 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pulp
 
 from ..errors import PlanError
+from ..progress import task
+from ..units import format_bytes
 from .memory_search import pack
 from .memory_verify import overlapping_pair
 
@@ -91,15 +93,22 @@ def plan_intervals(
     deadline = started + time_limit
     windows = time_windows(aligned.starts, aligned.ends)
     unplanned = len(aligned.sizes)
-    for window in windows:  # each gets its share, by buffers, of the time the ones before it left
-        window_deadline = time.perf_counter() + len(window) / unplanned * (deadline - time.perf_counter())
-        unplanned -= len(window)
-        sub = _Problem(*(tuple(values[i] for i in window) for values in (aligned.sizes, aligned.starts, aligned.ends)))
-        sub_offsets, sub_bound, sub_status = _plan_window(sub, alignment, method, window_deadline)
-        for index, offset in zip(window, sub_offsets):
-            offsets[index] = offset
-        proven = max(proven, sub_bound)
-        statuses.append(sub_status)
+    with task(f"planning memory: {len(aligned.sizes)} buffers", total=len(windows)) as update:
+        for number, window in enumerate(windows, start=1):  # each gets its share, by buffers, of the time left
+            window_deadline = time.perf_counter() + len(window) / unplanned * (deadline - time.perf_counter())
+            unplanned -= len(window)
+            sub = _Problem(*(tuple(values[i] for i in window) for values in (aligned.sizes, aligned.starts, aligned.ends)))
+
+            def incumbent(best_bytes: int, bound_bytes: int, number: int = number) -> None:
+                update(description=f"planning memory: window {number}/{len(windows)}, best {format_bytes(best_bytes)}, "
+                                   f"bound {format_bytes(bound_bytes)}")
+
+            sub_offsets, sub_bound, sub_status = _plan_window(sub, alignment, method, window_deadline, incumbent)
+            for index, offset in zip(window, sub_offsets):
+                offsets[index] = offset
+            proven = max(proven, sub_bound)
+            statuses.append(sub_status)
+            update(advance=1)
     status = "optimal" if all(s == "optimal" for s in statuses) else "feasible" if "feasible" in statuses else "heuristic"
     return _finish(aligned, tuple(offsets), bound, proven, method, status, started)
 
@@ -174,8 +183,9 @@ def _arena(offsets: Sequence[int], sizes: Sequence[int]) -> int:
 # ---------------------------------------------------------------------------------------------
 # One window: the best heuristic, the search, then the MIP
 
-def _plan_window(problem: _Problem, alignment: int, method: str, deadline: float) -> tuple[list[int], int, str]:
-    """(offsets, proven bound, status) of one time window."""
+def _plan_window(problem: _Problem, alignment: int, method: str, deadline: float,
+                 incumbent: Callable[[int, int], None] = lambda best_bytes, bound_bytes: None) -> tuple[list[int], int, str]:
+    """(offsets, proven bound, status) of one time window; `incumbent(best, bound)` hears of each improvement."""
     sizes, starts, ends = problem.sizes, problem.starts, problem.ends
     bound = lower_bound(sizes, starts, ends)
     offsets = min((greedy_by_size(sizes, starts, ends), first_fit(sizes, starts, ends)), key=lambda o: _arena(o, sizes))
@@ -187,7 +197,8 @@ def _plan_window(problem: _Problem, alignment: int, method: str, deadline: float
              if starts[i] <= ends[j] and starts[j] <= ends[i]]
     with_mip = len(pairs) <= MIP_MAX_PAIRS
     search_s = (SEARCH_SHARE if with_mip else 0.99) * (deadline - time.perf_counter())  # 1%: what follows it
-    searched, proven = _search_capacities(problem, offsets, bound, alignment, time.perf_counter() + search_s)
+    incumbent(_arena(offsets, sizes), bound)
+    searched, proven = _search_capacities(problem, offsets, bound, alignment, time.perf_counter() + search_s, incumbent)
     status = "heuristic" if searched is offsets else "feasible"
     if _arena(searched, sizes) <= proven:
         return searched, proven, "optimal"
@@ -195,15 +206,17 @@ def _plan_window(problem: _Problem, alignment: int, method: str, deadline: float
     if not with_mip or remaining < 0.05:
         log.info("window of %d buffers (%d pairs) keeps its %s plan", len(sizes), len(pairs), status)
         return searched, proven, status
+    incumbent(_arena(searched, sizes), proven)
     solved, mip_bound, mip_status = _solve_mip(problem, pairs, searched, alignment, remaining)
     proven = max(proven, mip_bound)
+    incumbent(_arena(solved, sizes), proven)
     if _arena(solved, sizes) <= proven:
         return solved, proven, "optimal"
     return solved, proven, status if mip_status == "heuristic" else mip_status  # "heuristic": the MIP failed
 
 
-def _search_capacities(problem: _Problem, offsets: list[int], bound: int, alignment: int,
-                       deadline: float) -> tuple[list[int], int]:
+def _search_capacities(problem: _Problem, offsets: list[int], bound: int, alignment: int, deadline: float,
+                       incumbent: Callable[[int, int], None]) -> tuple[list[int], int]:
     """The tightest packing the search finds by `deadline` (`offsets` if none beats it), and a proven bound.
 
     The lower bound first, with BOUND_SHARE of the time; then passes over the capacities below the best
@@ -238,6 +251,7 @@ def _search_capacities(problem: _Problem, offsets: list[int], bound: int, alignm
             step //= 2
             if step < resolution:
                 probe_s *= 2
+        incumbent(_arena(best, sizes), low * alignment)
     return best, low * alignment
 
 
