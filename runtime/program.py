@@ -1,16 +1,24 @@
-"""Program: a compiled model, callable like the original, with the report of how it was built."""
+"""Program: a compiled model, callable like the original, with the report of how it was built.
+
+The report prints as tables (rich, or plain text with `print`), so a user sees what compiling did at a glance.
+"""
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
 from torch.utils import _pytree as pytree
 
 from ..errors import InputError
 from ..codegen import GroupKernel
 from ..ir import ArenaLayout, Graph, Node, TensorType
+from ..units import format_bytes, format_us
 from .executor import Executor
 
 
@@ -30,6 +38,100 @@ class CompileReport:
     cuda_graphs: Mapping[str, Any] = field(default_factory=dict)
     """Whether a call on a GPU is captured and replayed, and why: asked for, or the cost model's predicted host
     and device time."""
+
+    def __rich__(self) -> Group:
+        return render_compile_report(self)
+
+    def __str__(self) -> str:
+        console = Console(file=io.StringIO(), width=TEXT_WIDTH, force_terminal=False, color_system=None)
+        console.print(self)
+        return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()) + "\n"
+
+
+TEXT_WIDTH = 100
+"""Columns of `str(report)`: wide enough for every table, narrow enough for a log."""
+
+LISTED_OPS = 8
+"""Native ops named in the summary, most frequent first; the rest are counted."""
+
+
+def render_compile_report(report: CompileReport) -> Group:
+    """The report as tables: a summary (nodes, coverage, memory, fusion, CUDA graphs), time per stage, extern ops."""
+    summary = _table("ember compile report", show_header=False)
+    summary.add_column("what", style="bold")
+    summary.add_column("value")
+    native = sum(report.native_ops.values())
+    extern = sum(report.extern_ops.values())
+    summary.add_row("nodes", f"{report.node_count} ({native} native, {extern} extern)")
+    summary.add_row("op coverage", f"{report.op_coverage:.1%} of nodes run natively")
+    if report.native_ops:
+        summary.add_row("native ops", _counts(report.native_ops, LISTED_OPS))
+    for what, value in _memory_rows(report.memory):
+        summary.add_row(what, value)
+    for what, value in _fusion_rows(report.fusion):
+        summary.add_row(what, value)
+    summary.add_row("CUDA graphs", _cuda_graphs_line(report.cuda_graphs))
+    stages = _table("time per stage")
+    stages.add_column("stage")
+    stages.add_column("time", justify="right")
+    stages.add_column("share", justify="right")
+    total_s = sum(report.stage_seconds.values())
+    for stage, seconds in report.stage_seconds.items():
+        stages.add_row(stage, format_us(seconds * 1e6), f"{seconds / total_s:.1%}" if total_s else "-")
+    stages.add_section()
+    stages.add_row("total", format_us(total_s * 1e6), "100.0%" if total_s else "-", style="bold")
+    parts = [summary, stages]
+    if report.extern_ops:
+        externs = _table("extern ops (ATen)")
+        externs.add_column("op")
+        externs.add_column("nodes", justify="right")
+        for op, count in sorted(report.extern_ops.items(), key=lambda item: (-item[1], item[0])):
+            externs.add_row(op, str(count))
+        parts.append(externs)
+    return Group(*parts)
+
+
+def _table(title: str, *, show_header: bool = True) -> Table:
+    return Table(title=title, title_justify="left", title_style="bold", box=box.ROUNDED, show_header=show_header)
+
+
+def _counts(counts: Mapping[str, int], listed: int) -> str:
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    text = ", ".join(f"{op} ×{count}" for op, count in ranked[:listed])
+    return text + (f", and {len(ranked) - listed} more" if len(ranked) > listed else "")
+
+
+def _memory_rows(memory: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if not memory:
+        return [("arena", "none (compiled with arena=False)")]
+    return [
+        ("arena", f"{format_bytes(memory['arena_bytes'])} ({memory['arenas']} arena{'s' * (memory['arenas'] != 1)})"),
+        ("peak memory", f"{format_bytes(memory['peak_bytes'])} predicted, lower bound "
+                        f"{format_bytes(memory['lower_bound_bytes'])}"),
+        ("memory plan", f"{memory['status']}, gap {memory['gap']:.1%}, solved in {format_us(memory['plan_seconds'] * 1e6)}"),
+    ]
+
+
+def _fusion_rows(fusion: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if not fusion:
+        return [("fusion", "off (no generated kernels)")]
+    rows = [("fusion", f"{fusion['groups']} group(s) kept ({fusion['fused_nodes']} nodes), "
+                       f"{fusion['rejected']} turned down")]
+    kept = [decision for decision in fusion["decisions"] if decision["kept"]]
+    if kept:
+        rows.append(("fused time", f"{format_us(sum(d['unfused_us'] for d in kept))} unfused → "
+                                   f"{format_us(sum(d['fused_us'] for d in kept))} fused (kept groups, predicted)"))
+    return rows
+
+
+def _cuda_graphs_line(cuda_graphs: Mapping[str, Any]) -> str:
+    if not cuda_graphs:
+        return "not decided"
+    line = ("captured" if cuda_graphs["capture"] else "not captured") + f" ({cuda_graphs['decided_by']})"
+    if "host_us" in cuda_graphs:
+        line += (f": predicted host dispatch {format_us(cuda_graphs['host_us'])}, "
+                 f"device {format_us(cuda_graphs['device_us'])}")
+    return line
 
 
 def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Mapping[str, Any] | None = None,

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import json
+import re
+from xml.etree import ElementTree
 
 import pytest
 import torch
+from matplotlib.text import Text
 
 import ember
 from ember import models
 from ember.optimizer.cost import load_profile
-from ember.optimizer.inspect import plot_roofline, write_graph
+from ember.optimizer.inspect import layout_graph, plot_roofline, write_graph
+from ember.units import format_bytes
+
+SVG = {"svg": "http://www.w3.org/2000/svg"}
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +76,72 @@ def test_roofline_and_graph_files_are_written(report, tmp_path):
     assert "<svg" in page and "linear" in page and "GPT2LMHeadModel" in page
     svg = write_graph(report, tmp_path / "graph.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    ElementTree.fromstring(svg.split("?>", 1)[1])
     with pytest.raises(ValueError, match=".html or .svg"):
         write_graph(report, tmp_path / "graph.dot")
+
+
+def test_the_costliest_roofline_points_are_named(report, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    plot_roofline(report, load_profile("h100"), tmp_path / "roofline.png")
+    labels = [text.get_text() for text in closed[0].axes[0].texts]
+    assert len(labels) == 10 and "linear" in labels  # the LM head: the costliest, alone at its point
+    assert "scaled_dot_product_attention +11 alike" in labels  # one label for the twelve layers' attention
+    boxes = [Text.get_window_extent(text) for text in closed[0].axes[0].texts]  # the words, not the arrow
+    overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    assert not overlaps
+    plt.close("all")
+
+
+def test_every_node_is_labelled_in_the_svg_with_a_title(report, tmp_path):
+    root = ElementTree.fromstring(write_graph(report, tmp_path / "graph.svg").read_text().split("?>", 1)[1])
+    nodes = root.findall(".//svg:g[@data-i]", SVG)
+    assert len(nodes) == len(report.rows)
+    for node, row in zip(nodes, report.rows):
+        assert node.find("svg:text[@class='name']", SVG).text == row.name
+        title = node.find("svg:title", SVG).text
+        assert f"node: {row.name}\nop: {row.op}" in title and "predicted: " in title and "fusion group: " in title
+    fused = [node for node in nodes if "fused" in node.get("class").split()]
+    assert len(fused) == len(report.fusion_groups) == report.fusion["fused_nodes"]
+
+
+def test_the_layout_is_layered_downwards_without_overlaps(report):
+    layout = layout_graph(report.graph)
+    assert len(layout.x_px) == len(report.rows)
+    assert all(layout.y_px[child] > layout.y_px[parent] for parent, child in layout.edges)
+    by_layer = {}
+    for index, y in enumerate(layout.y_px):
+        by_layer.setdefault(y, []).append(index)
+    for members in by_layer.values():
+        spans = sorted((layout.x_px[i], layout.x_px[i] + layout.width_px[i]) for i in members)
+        assert all(right <= next_left for (_, right), (next_left, _) in zip(spans, spans[1:]))
+    assert min(layout.x_px) >= 0 and max(x + w for x, w in zip(layout.x_px, layout.width_px)) <= layout.total_width_px
+
+
+def test_the_html_page_carries_every_node_and_needs_no_network(report, tmp_path):
+    page = write_graph(report, tmp_path / "graph.html").read_text()
+    data = json.loads(re.search(r"<script type='application/json' id='ember-data'>(.*?)</script>", page).group(1))
+    assert [node["name"] for node in data["nodes"]] == [row.name for row in report.rows]
+    head = dict(data["nodes"][report.costliest(1)[0].index]["details"])
+    assert head["output"] == "[8,512,50257] bf16" and head["predicted"].startswith("3.") and "ms" in head["predicted"]
+    assert not re.search(r"""(src|href)\s*=|@import|<link|https?://""", page)
 
 
 def test_text_rendering_names_the_parts(report):
     text = str(report)
     for expected in ("GPT2LMHeadModel on h100", "time by op kind", "the 10 costliest nodes", "activations peak", "arena plan"):
         assert expected in text
+    assert f"weights {format_bytes(report.memory['weights_bytes'])};" in text and "237.35 MiB" in text
+
+
+def test_small_sizes_print_in_the_unit_that_fits():
+    report = ember.inspect(torch.nn.Linear(5, 3), (torch.randn(2, 5),), device="h100")
+    text = str(report)
+    assert "0.00 MiB" not in text and "0.0 MiB" not in text
+    assert format_bytes((5 * 3 + 3) * 4) == "72 B" and "weights 72 B;" in text
 
 
 def test_inspect_accepts_a_profile_path_and_a_cpu_model(tmp_path):
