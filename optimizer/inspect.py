@@ -341,8 +341,9 @@ FONT = "DejaVu Sans Mono, Menlo, Consolas, monospace"
 
 
 def layout_graph(graph: Graph) -> GraphLayout:
-    """A layered drawing of the DAG: each node one layer below its latest input (sources just above their first
-    reader), ordered in its layer by where its inputs sit, so a chain reads as a column and branches side by side."""
+    """A layered drawing of the DAG: each node just above its first reader (an output below its latest input), so a
+    value computed early for a late reader is drawn by that reader; in its layer, ordered by where its inputs sit, so
+    a chain reads as a column and branches side by side."""
     index = {value.name: position for position, node in enumerate(graph.nodes) for value in node.outputs}
     parents = [sorted({index[name] for name in node.inputs if name in index}) for node in graph.nodes]
     children: list[list[int]] = [[] for _ in graph.nodes]
@@ -353,8 +354,8 @@ def layout_graph(graph: Graph) -> GraphLayout:
     for position, sources in enumerate(parents):
         layer[position] = 1 + max((layer[parent] for parent in sources), default=-1)
     for position in reversed(range(len(graph.nodes))):
-        if not parents[position] and children[position]:
-            layer[position] = max(0, min(layer[child] for child in children[position]) - 1)
+        if children[position]:
+            layer[position] = min(layer[child] for child in children[position]) - 1
     widths = [max(60.0, CHAR_WIDTH_PX * min(max(len(node.name), len(_op_label(node))), LABEL_CHARS) + 16)
               for node in graph.nodes]
     layers: list[list[int]] = [[] for _ in range(max(layer, default=-1) + 1)]
@@ -723,7 +724,15 @@ PAGE_SCRIPT = """
     row.addEventListener('click', () => focus(+row.dataset.i));
   }
   const r = svg.getBoundingClientRect();
-  fit(Math.min((r.width - 20) / data.width, (r.height - 20) / data.height) >= 0.5);
+  if (Math.min((r.width - 20) / data.width, (r.height - 20) / data.height) >= 0.5 || !data.nodes.length) {
+    fit(true);
+  } else {
+    const first = data.nodes[0];
+    at.k = Math.max(Math.min((r.width - 20) / data.width, 1.25), 0.6);
+    at.x = r.width / 2 - (first.x + first.w / 2) * at.k;
+    at.y = 0;
+    apply();
+  }
   document.documentElement.dataset.emberReady = String(boxes.length);
   if (location.hash === '#selftest') {
     const before = scene.getAttribute('transform');
