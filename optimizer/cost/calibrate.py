@@ -2,58 +2,115 @@
 
 Large matmuls per dtype give the peaks, a device-to-device copy the bandwidths, a one-element op the
 launch overhead, and a grid of matmul shapes the efficiency points the cost model interpolates.
+Other work on the machine only ever adds time, so every figure is the fastest of repeated blocks.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
-from .model import ATTENTION_HEADS, CostModel, MatmulShape
+from ...progress import task
+from .model import ATTENTION_HEADS, TENSOR_CORE_DTYPES, CostModel, MatmulShape
 from .profile import DTYPE_KEYS, DeviceProfile
 
 log = logging.getLogger(__name__)
 
 GPU_GRID = {"m": (16, 256, 2048, 8192), "n": (1024, 4096, 16384), "k": (1024, 4096)}
 CPU_GRID = {"m": (8, 64, 256), "n": (64, 256), "k": (64, 256)}
+STABLE_WITHIN = 0.01
+"""A block counts as an improvement when it beats the fastest so far by more than this fraction."""
 
 
-def time_us(fn: Callable[[], object], device: torch.device, *, min_block_us: float = 2000.0, blocks: int = 5) -> float:
-    """Median over `blocks` of the mean time per call, each block long enough to dwarf timer noise."""
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How long `time_us` keeps measuring one thing: `blocks` blocks at least, then until `blocks` in a
+    row no longer improve on the fastest, or `budget_s` has passed."""
+
+    blocks: int = 5
+    budget_s: float = 0.5
+
+
+QUICK = Timing(blocks=3, budget_s=0.1)
+THOROUGH = Timing()
+
+
+def time_us(fn: Callable[[], object], device: torch.device, *, min_block_us: float | None = None,
+            blocks: int = THOROUGH.blocks, budget_s: float = THOROUGH.budget_s) -> float:
+    """Least mean time per call over blocks of back-to-back calls.
+
+    The least, not the median: another process can only slow a block down, so the fastest is the one
+    nearest the call's own cost. Blocks last `min_block_us` (default 200 µs on the CPU, where the
+    clock costs nanoseconds; 2 ms on a GPU, to dwarf the synchronisation); after `blocks` of them more
+    follow until `blocks` in a row no longer improve on the fastest, or `budget_s` has passed.
+    """
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    synchronize()
+    block_us = min_block_us if min_block_us is not None else (2000.0 if device.type == "cuda" else 200.0)
+    single_us = min(_block_us(fn, 1, synchronize) for _ in range(3))
+    reps = max(1, math.ceil(block_us / max(single_us, 0.1)))
+    deadline = time.perf_counter() + budget_s
+    fastest_us, taken, unimproved = math.inf, 0, 0
+    while taken < blocks or (unimproved < blocks and time.perf_counter() < deadline):
+        sample_us = _block_us(fn, reps, synchronize) / reps
+        unimproved = 0 if sample_us < fastest_us * (1 - STABLE_WITHIN) else unimproved + 1
+        fastest_us = min(fastest_us, sample_us)
+        taken += 1
+    return fastest_us
+
+
+def _block_us(fn: Callable[[], object], reps: int, synchronize: Callable[[], object]) -> float:
+    """Wall time of `reps` back-to-back calls, the device drained at the end."""
     started = time.perf_counter()
-    fn()
-    synchronize()
-    single_us = max((time.perf_counter() - started) * 1e6, 1.0)
-    reps = max(1, math.ceil(min_block_us / single_us))
-    for _ in range(min(reps, 10)):
+    for _ in range(reps):
         fn()
     synchronize()
-    samples = []
-    for _ in range(blocks):
-        started = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        synchronize()
-        samples.append((time.perf_counter() - started) * 1e6 / reps)
-    return statistics.median(samples)
+    return (time.perf_counter() - started) * 1e6
 
 
-def device_time_us(fn: Callable[[], object], device: torch.device, *, copies: int = 20) -> float:
+def host_time_us(fn: Callable[[], object], device: torch.device, timing: Timing = THOROUGH) -> float:
+    """Time per call as `time_us` measures it; on the CPU the faster of all threads and one thread.
+
+    A parallel region waits for its slowest thread, and on a busy machine another process can hold
+    that thread off its core for a whole scheduler slice: every multi-threaded call then takes
+    milliseconds (a layer norm of 64 numbers read 12 ms). One thread never waits on another, so it bounds the
+    op from above; on a quiet machine all threads win where they help.
+    """
+    measure = functools.partial(time_us, fn, device, blocks=timing.blocks, budget_s=timing.budget_s)
+    if device.type == "cuda" or torch.get_num_threads() == 1:
+        return measure()
+    threaded_us = measure()
+    with _threads(1):
+        return min(threaded_us, measure())
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Run the body with `count` intra-op threads, restoring the number after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def device_time_us(fn: Callable[[], object], device: torch.device, *, copies: int = 20,
+                   timing: Timing = THOROUGH) -> float:
     """Device time per call with the host out of the way: `copies` calls captured in a CUDA graph and
-    replayed. On the CPU, where there is no such separation, the plain time per call."""
+    replayed. On the CPU, where there is no such separation, the host time per call."""
     if device.type != "cuda":
-        return time_us(fn, device)
+        return host_time_us(fn, device, timing=timing)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -64,28 +121,33 @@ def device_time_us(fn: Callable[[], object], device: torch.device, *, copies: in
     with torch.cuda.graph(graph):
         for _ in range(copies):
             fn()
-    return time_us(graph.replay, device) / copies
+    return time_us(graph.replay, device, blocks=timing.blocks, budget_s=timing.budget_s) / copies
 
 
 def calibrate(device: str | torch.device | None = None, *, quick: bool = False, name: str | None = None) -> DeviceProfile:
     """Measure the device (CUDA when present, else the CPU) and return its profile."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    size = (2048 if quick else 8192) if gpu else (128 if quick else 512)
-    matmul_dtypes = (torch.bfloat16, torch.float16, torch.float32) if gpu else (torch.float32,)
-    peaks: dict[str, dict[str, float]] = {"tensor": {}, "cuda": {}}
-    for dtype in matmul_dtypes:
-        tflops = _matmul_tflops(size, size, size, dtype, device)
-        unit = "tensor" if dtype in (torch.bfloat16, torch.float16) else "cuda"
-        peaks[unit][DTYPE_KEYS[dtype]] = tflops
-        log.info("matmul %d^3 %s: %.1f TFLOP/s", size, dtype, tflops)
-    if not peaks["tensor"]:
-        del peaks["tensor"]
+    timing = QUICK if quick else THOROUGH
+    sizes = _peak_sizes(gpu, quick)
+    graded = next(iter(sizes))
+    with task("calibrating: matmul peaks", total=sum(map(len, sizes.values()))) as update:
+        squares = {dtype: _fastest_square(edges, dtype, device, timing, update) for dtype, edges in sizes.items()}
+    grid_tflops = _grid_tflops(CPU_GRID if not gpu or quick else GPU_GRID, graded, device, timing)
+    peaks: dict[str, dict[str, float]] = {}
+    for dtype, (_, tflops) in squares.items():
+        peaks.setdefault(_unit(dtype, gpu), {})[DTYPE_KEYS[dtype]] = tflops
+    # The peak is the fastest rate seen: a grid shape that beats the squares (one fitting in cache) raises it.
+    peak_tflops = max([squares[graded][1]] + [point[3] for point in grid_tflops])
+    peaks[_unit(graded, gpu)][DTYPE_KEYS[graded]] = peak_tflops
     properties = torch.cuda.get_device_properties(device) if gpu else None
     l2_bytes = properties.L2_cache_size if gpu else 2 * 2**20
     dram_bytes = (2**28 if quick else 2**30) if gpu else 2**26
-    memory_bandwidth = _copy_gbps(dram_bytes, device)
-    l2_bandwidth = max(_copy_gbps(max(l2_bytes // 4, 2**16), device), memory_bandwidth)
+    with task("calibrating: bandwidth", total=2) as update:
+        memory_bandwidth = _copy_gbps(dram_bytes, device, timing)
+        update(advance=1)
+        l2_bandwidth = max(_copy_gbps(max(l2_bytes // 4, 2**16), device, timing), memory_bandwidth)
+        update(advance=1)
     sm_count = properties.multi_processor_count if gpu else (os.cpu_count() or 1)
     draft = DeviceProfile(
         name=name or _default_name(device), peak_tflops=peaks, memory_bandwidth_gbps=memory_bandwidth,
@@ -94,24 +156,94 @@ def calibrate(device: str | torch.device | None = None, *, quick: bool = False, 
         matmul_base_efficiency=1.0, description=f"calibrated on {_device_name(device)} with torch {torch.__version__}",
         source="calibrated",
     )
-    # The peak is the large square matmul itself: choose the base so the analytic model gives 1 there.
-    base = 1.0 / CostModel(draft).analytic_efficiency(MatmulShape(1, size, size, size))
-    points = _matmul_grid(draft, matmul_dtypes[0], CPU_GRID if not gpu or quick else GPU_GRID, device)
-    attention = _attention_points(draft, device, quick)
-    misaligned = _misaligned_factor(device, quick) if gpu else 1.0
-    representatives = _representatives(device)
-    floors = {kind: round(device_time_us(fn, device), 2) for kind, fn in representatives.items() if kind != "view"} if gpu else {}
-    # Host dispatch last and twice, keeping the faster: a cold process reads slow.
-    first, second = ({kind: round(time_us(fn, device, min_block_us=5000.0), 2) for kind, fn in representatives.items()}
-                     for _ in range(2))
-    dispatch = {kind: min(first[kind], second[kind]) for kind in first}
-    dispatch["default"] = dispatch["pointwise"]
-    floors["default"] = floors.get("pointwise", 0.0)
+    points = tuple((m, n, k, _fraction(tflops / peak_tflops)) for m, n, k, tflops in grid_tflops)
+    size, tflops = squares[graded]
+    base = _base_efficiency(draft, size, tflops / peak_tflops)
+    attention = _attention_points(draft, device, quick, timing)
+    misaligned = _misaligned_factor(device, quick, timing) if gpu else 1.0
+    floors, dispatch = _dispatch_and_floors(device, timing)
     return dataclasses.replace(
-        draft, matmul_base_efficiency=base, matmul_efficiency={DTYPE_KEYS[matmul_dtypes[0]]: points},
+        draft, matmul_base_efficiency=base, matmul_efficiency={DTYPE_KEYS[graded]: points},
         misaligned_matmul_factor=misaligned, attention_points=attention, dispatch_us=dispatch, kernel_floor_us=floors,
         attention_efficiency=statistics.median(point[3] for point in attention),
     )
+
+
+def _peak_sizes(gpu: bool, quick: bool) -> dict[torch.dtype, tuple[int, ...]]:
+    """Matmul dtype -> square edges its peak is the fastest of; the first dtype is the one the shape grid grades.
+
+    On the CPU fp32 needs at least 512, below which the call's overhead and the threads' start-up still
+    show (128³ reached a tenth of the rate). The others run far slower (fp64 at a third of the rate,
+    16-bit at a hundredth without AVX-512 BF16/FP16), so one smaller edge gives their rate: roughly when
+    quick (16-bit matmuls reached 2.9 GFLOP/s at 128³, 1.1 at 512³), closely otherwise.
+    """
+    if gpu:
+        edges = (2048,) if quick else (8192,)
+        return {torch.bfloat16: edges, torch.float16: edges, torch.float32: edges}
+    other = (128,) if quick else (512,)
+    return {torch.float32: (512, 1024) if quick else (1024, 2048), torch.float64: other, torch.bfloat16: other,
+            torch.float16: other}
+
+
+def _unit(dtype: torch.dtype, gpu: bool) -> str:
+    """The peak_tflops unit a matmul of `dtype` runs on: tensor cores for 16-bit on a GPU, else the general cores."""
+    return "tensor" if gpu and dtype in TENSOR_CORE_DTYPES else "cuda"
+
+
+def _fastest_square(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device, timing: Timing,
+                    update: Callable[..., None]) -> tuple[int, float]:
+    """(edge, TFLOP/s) of the fastest square matmul of the given edges."""
+    rates = {}
+    for size in sizes:
+        rates[size] = _matmul_tflops(size, size, size, dtype, device, timing)
+        log.info("matmul %d^3 %s: %.3f TFLOP/s", size, dtype, rates[size])
+        update(advance=1)
+    return max(rates.items(), key=lambda item: item[1])
+
+
+def _grid_tflops(grid: dict, dtype: torch.dtype, device: torch.device,
+                 timing: Timing) -> list[tuple[int, int, int, float]]:
+    """(m, n, k, TFLOP/s) for every shape of the grid."""
+    shapes = [(m, n, k) for m in grid["m"] for n in grid["n"] for k in grid["k"]]
+    rates = []
+    with task("calibrating: matmul shapes", total=len(shapes)) as update:
+        for m, n, k in shapes:
+            rates.append((m, n, k, _matmul_tflops(m, n, k, dtype, device, timing)))
+            update(advance=1)
+    return rates
+
+
+def _dispatch_and_floors(device: torch.device, timing: Timing) -> tuple[dict[str, float], dict[str, float]]:
+    """Per op kind: the smallest kernel's device time (GPU only) and the host's time to issue one op."""
+    representatives = _representatives(device)
+    gpu = device.type == "cuda"
+    floors, dispatch = {}, {}
+    with task("calibrating: dispatch", total=(2 if gpu else 1) * len(representatives)) as update:
+        if gpu:
+            for kind, fn in representatives.items():
+                if kind != "view":
+                    floors[kind] = round(device_time_us(fn, device, timing=timing), 2)
+                update(advance=1)
+        # Host dispatch last, once the process is warm.
+        for kind, fn in representatives.items():
+            dispatch[kind] = round(host_time_us(fn, device, timing=timing), 2)
+            update(advance=1)
+    dispatch["default"] = dispatch["pointwise"]
+    floors["default"] = floors.get("pointwise", 0.0)
+    return floors, dispatch
+
+
+def _fraction(value: float) -> float:
+    """An efficiency as the profile stores it: in (0, 1], four decimals."""
+    return min(1.0, max(1e-4, round(value, 4)))
+
+
+def _base_efficiency(draft: DeviceProfile, size: int, fraction: float) -> float:
+    """The base efficiency that makes the analytic model give the measured `fraction` of peak for the
+    size³ matmul, at most 1: the analytic shape terms (tiles, waves, K loop) already take some of it."""
+    shape_terms = CostModel(dataclasses.replace(draft, matmul_base_efficiency=1.0)).analytic_efficiency(
+        MatmulShape(1, size, size, size))
+    return _fraction(fraction / shape_terms)
 
 
 def _launch_us(device: torch.device) -> float:
@@ -145,41 +277,33 @@ def _representatives(device: torch.device) -> dict[str, Callable[[], object]]:
     return representatives
 
 
-def _misaligned_factor(device: torch.device, quick: bool) -> float:
+def _misaligned_factor(device: torch.device, quick: bool, timing: Timing) -> float:
     """Efficiency of a bf16 matmul with an odd N (GPT-2's 50257-word vocabulary) against N padded to 64."""
     m, k = (1024, 768) if quick else (4096, 768)
     odd, padded = 50257, 50304
-    odd_tflops = _matmul_tflops(m, odd, k, torch.bfloat16, device)
-    padded_tflops = _matmul_tflops(m, padded, k, torch.bfloat16, device)
+    with task("calibrating: misaligned matmul", total=2) as update:
+        odd_tflops = _matmul_tflops(m, odd, k, torch.bfloat16, device, timing)
+        update(advance=1)
+        padded_tflops = _matmul_tflops(m, padded, k, torch.bfloat16, device, timing)
+        update(advance=1)
     return round(min(1.0, odd_tflops / padded_tflops), 4)
 
 
-def _matmul_tflops(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> float:
+def _matmul_tflops(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, timing: Timing) -> float:
     """Device-side rate of one matmul shape (CUDA-graph replay on a GPU)."""
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(k, n, dtype=dtype, device=device)
-    return 2 * m * n * k / device_time_us(lambda: a @ b, device) / 1e6
+    return 2 * m * n * k / device_time_us(lambda: a @ b, device, timing=timing) / 1e6
 
 
-def _copy_gbps(nbytes: int, device: torch.device) -> float:
+def _copy_gbps(nbytes: int, device: torch.device, timing: Timing) -> float:
     """Device-to-device copy rate, counting bytes read plus written."""
     source = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     target = torch.empty_like(source)
-    return 2 * source.nbytes / time_us(lambda: target.copy_(source), device) / 1e3
+    return 2 * source.nbytes / host_time_us(lambda: target.copy_(source), device, timing=timing) / 1e3
 
 
-def _matmul_grid(draft: DeviceProfile, dtype: torch.dtype, grid: dict, device: torch.device) -> tuple:
-    peak = draft.peak_flops("tensor" if dtype in (torch.bfloat16, torch.float16) else "cuda", dtype)
-    points = []
-    for m in grid["m"]:
-        for n in grid["n"]:
-            for k in grid["k"]:
-                achieved = _matmul_tflops(m, n, k, dtype, device) * 1e12
-                points.append((m, n, k, round(min(achieved / peak, 1.0), 4)))
-    return tuple(points)
-
-
-def _attention_points(draft: DeviceProfile, device: torch.device, quick: bool) -> tuple:
+def _attention_points(draft: DeviceProfile, device: torch.device, quick: bool, timing: Timing) -> tuple:
     """Fraction of peak scaled_dot_product_attention reaches, per variant, sequence length and head dim.
 
     "mask" passes a contiguous boolean causal mask of shape (batch, 1, L, L), as transformers' models do
@@ -192,19 +316,21 @@ def _attention_points(draft: DeviceProfile, device: torch.device, quick: bool) -
     batch, heads = 4, ATTENTION_HEADS // 4
     peak = draft.peak_flops("tensor" if gpu else "cuda", dtype)
     points = []
-    for length in lengths:
-        mask = torch.ones(batch, 1, length, length, dtype=torch.bool, device=device).tril()
-        for head_dim in head_dims:
-            q, k, v = (torch.randn(batch, heads, length, head_dim, dtype=dtype, device=device) for _ in range(3))
-            flops = 4 * batch * heads * length * length * head_dim
-            variants = {
-                "plain": (lambda: F.scaled_dot_product_attention(q, k, v), flops),
-                "causal": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), flops / 2),
-                "mask": (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), flops),
-            }
-            for variant, (fn, useful_flops) in variants.items():
-                seconds = device_time_us(fn, device, copies=5) / 1e6
-                points.append((variant, length, head_dim, round(min(1.0, useful_flops / seconds / peak), 4)))
+    with task("calibrating: attention", total=3 * len(lengths) * len(head_dims)) as update:
+        for length in lengths:
+            mask = torch.ones(batch, 1, length, length, dtype=torch.bool, device=device).tril()
+            for head_dim in head_dims:
+                q, k, v = (torch.randn(batch, heads, length, head_dim, dtype=dtype, device=device) for _ in range(3))
+                flops = 4 * batch * heads * length * length * head_dim
+                variants = {
+                    "plain": (lambda: F.scaled_dot_product_attention(q, k, v), flops),
+                    "causal": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), flops / 2),
+                    "mask": (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), flops),
+                }
+                for variant, (fn, useful_flops) in variants.items():
+                    seconds = device_time_us(fn, device, copies=5, timing=timing) / 1e6
+                    points.append((variant, length, head_dim, _fraction(useful_flops / seconds / peak)))
+                    update(advance=1)
     return tuple(points)
 
 
