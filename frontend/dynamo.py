@@ -1,8 +1,11 @@
-"""The `ember` torch.compile backend: aot_autograd lowers each dynamo graph to ATen, ember compiles the forward.
+"""The `ember` torch.compile backend: each dynamo graph becomes the same Program `ember.compile` would make.
 
-Backward graphs run eagerly (training is not compiled yet), with one warning. Graphs with symbolic
-shapes are specialised per concrete input shape at call time. Anything ember cannot compile runs
-eagerly with one warning: torch.compile(backend="ember") always runs the model.
+A graph run without autograd is captured by torch.export, with dynamo's parameters and buffers lifted back
+into weights, and goes through exactly the export path's pipeline (so both entry points reach one program).
+A graph that autograd records, or that export cannot take, goes through aot_autograd: ember compiles the
+forward (parameters still held as weights) and the backward runs eagerly, with one warning. Graphs with
+symbolic shapes are compiled once per concrete input shape. Anything ember cannot compile runs eagerly with
+one warning: torch.compile(backend="ember") always runs the model.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+from torch._guards import TracingContext
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -31,9 +35,19 @@ def ember_backend(
 ) -> Callable[..., Any]:
     """torch.compile backend: `torch.compile(model, backend="ember", options={...})`."""
     opts = Options.from_mapping(options, mode=mode)
+    if not _records_grad(example_inputs):
+        try:
+            return ExportedRunner(gm, list(example_inputs), opts)
+        except CompileError as error:
+            log.info("compiling a graph through aot_autograd, as torch.export cannot take it: %s", error)
+    # What aot_autograd's forward graph takes, in order: the module's own parameters and buffers (none when
+    # dynamo inlines modules), then dynamo's inputs, parameters among them. Real tensors, unlike the fakes
+    # the forward compiler is handed.
+    full_args = [*dict(gm.named_parameters(remove_duplicate=False)).values(),
+                 *dict(gm.named_buffers(remove_duplicate=False)).values(), *example_inputs]
 
     def forward_compiler(fx_gm: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        return compile_forward(fx_gm, opts)
+        return compile_forward(fx_gm, opts, static_weights(fx_gm, full_args))
 
     def backward_compiler(fx_gm: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
         _warn_once("ember compiles inference only: the backward pass runs eagerly")
@@ -45,44 +59,186 @@ def ember_backend(
     )
 
 
-def compile_forward(fx_gm: fx.GraphModule, options: Options) -> Callable[..., Any]:
-    """An ember-compiled callable for an ATen forward graph, or the graph itself if ember cannot compile it."""
+def _records_grad(example_inputs: Sequence[Any]) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(value, torch.Tensor) and value.requires_grad
+                                           for value in example_inputs)
+
+
+def _is_static(value: Any) -> bool:
+    """A parameter or a buffer dynamo marked as one (its address is fixed): a weight, not an input."""
+    return isinstance(value, torch.nn.Parameter) or (
+        isinstance(value, torch.Tensor) and getattr(value, "_dynamo_static_input_type", None) is not None)
+
+
+class _Lifted(torch.nn.Module):
+    """Dynamo's graph with its static inputs held as parameters and buffers, so torch.export lifts them as
+    weights (by reference) and the rest stay inputs."""
+
+    def __init__(self, gm: fx.GraphModule, args: Sequence[Any], static: Sequence[int]):
+        super().__init__()
+        self.gm = gm
+        self.slots: list[str | None] = [None] * len(args)
+        for position in static:
+            name = self.slots[position] = f"static_{position}"
+            if isinstance(args[position], torch.nn.Parameter):
+                self.register_parameter(name, args[position])
+            else:
+                self.register_buffer(name, args[position])
+
+    def forward(self, *inputs: Any) -> Any:
+        given = iter(inputs)
+        return self.gm(*(getattr(self, slot) if slot else next(given) for slot in self.slots))
+
+
+class ExportedRunner:
+    """A dynamo graph compiled as `ember.compile` compiles a model, called with dynamo's flat args.
+
+    Parameters are weights held by reference, checked on every call: one given in new storage (`param.data =
+    ...`, a new Parameter), or updated in place under a copy compiling derived from it (a padded weight),
+    recompiles, so no call reads a stale weight. A graph with symbolic shapes compiles once per input shape.
+    """
+
+    def __init__(self, gm: fx.GraphModule, args: list[Any], options: Options):
+        self.gm = gm
+        self.options = options
+        self.static = tuple(position for position, value in enumerate(args) if _is_static(value))
+        self.input_positions = tuple(position for position in range(len(args)) if position not in self.static)
+        self.dynamic = any(_symbolic(node.meta.get("example_value")) for node in gm.graph.nodes if node.op == "placeholder")
+        self.programs: dict[tuple, Any] = {}
+        self.pointers: tuple[tuple[int, int], ...] = ()
+        self.sources: tuple[tuple[torch.Tensor, int], ...] = ()
+        self._compile(args)
+
+    def _compile(self, args: Sequence[Any]) -> Any:
+        from ..api import compile as ember_compile
+
+        program = ember_compile(_Lifted(self.gm, args, self.static),
+                                tuple(args[position] for position in self.input_positions), self.options)
+        self.programs[self._key(args)] = program
+        self.pointers = tuple((position, args[position].data_ptr()) for position in self.static)
+        self.sources = tuple({id(source): (source, source._version)
+                              for program in self.programs.values() for source in program.graph.derived.values()}.values())
+        return program
+
+    def _key(self, args: Sequence[Any]) -> tuple:
+        if not self.dynamic:
+            return ()
+        return tuple((tuple(args[p].shape), args[p].dtype) if isinstance(args[p], torch.Tensor) else args[p]
+                     for p in self.input_positions)
+
+    def __call__(self, *args: Any) -> Any:
+        stale = any(args[position].data_ptr() != pointer for position, pointer in self.pointers) or any(
+            source._version != version for source, version in self.sources)
+        if stale:
+            log.info("a parameter was replaced or updated under a copy derived from it: recompiling")
+            self.programs.clear()
+        program = self.programs.get(self._key(args)) or self._compile(args)
+        return program(*(args[position] for position in self.input_positions))
+
+
+def _symbolic(value: Any) -> bool:
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True
+    return isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape)
+
+
+def static_weights(fx_gm: fx.GraphModule, full_args: Sequence[Any]) -> dict[int, torch.Tensor]:
+    """The forward graph's inputs that are parameters and buffers (aot_autograd's static inputs, as Inductor
+    reads them): ember holds them as weights, by reference, instead of taking them as inputs on every call.
+
+    Returns position -> tensor; empty (every input stays an input) when the graph's inputs do not line up one
+    to one with `full_args`.
+    """
+    context = TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None)
+    placeholders = [node for node in fx_gm.graph.nodes if node.op == "placeholder"]
+    if metadata is None or len(placeholders) != len(full_args):
+        log.debug("graph inputs do not line up with dynamo's (%d vs %d): parameters stay inputs",
+                  len(placeholders), len(full_args))
+        return {}
+    static = {}
+    for position in metadata.static_input_indices:
+        value, fake = full_args[position], placeholders[position].meta.get("val")
+        if not (isinstance(value, torch.Tensor) and isinstance(fake, torch.Tensor)
+                and tuple(value.shape) == tuple(fake.shape) and value.dtype == fake.dtype):
+            log.debug("static input %d does not match its placeholder: parameters stay inputs", position)
+            return {}
+        static[position] = value
+    return static
+
+
+def compile_forward(fx_gm: fx.GraphModule, options: Options,
+                    static: Mapping[int, torch.Tensor] | None = None) -> Callable[..., Any]:
+    """An ember-compiled callable for an ATen forward graph, or the graph itself if ember cannot compile it.
+
+    `static`: the graph's inputs that are parameters or buffers (position -> tensor), compiled in as weights.
+    """
+    static = dict(static or {})
+    runner = _WeightedRunner(fx_gm, options, tuple(static))
     try:
-        return _runner(fx_gm, options)
+        runner.build(static)
     except SymbolicShapeError:
-        return _ShapeSpecialized(fx_gm, options)
+        return _ShapeSpecialized(fx_gm, options, tuple(static))
     except CompileError as error:
         _warn_once(f"ember could not compile a graph and runs it eagerly: {error}")
         return make_boxed_func(fx_gm)
+    return runner
 
 
-def _runner(fx_gm: fx.GraphModule, options: Options) -> Callable[..., Any]:
-    """Lower and compile; the runner takes AOT's flat args (tensors and ints) and passes on the tensors."""
-    from ..api import checkpoint, compile_graph
+class _WeightedRunner:
+    """A Program for one forward graph, with its parameters compiled in as weights held by reference.
 
-    graph = lower_fx(fx_gm, weights={})
-    checkpoint(graph, "lower", options, index=0)
-    program = compile_graph(graph, options)
-    tensor_positions = [
-        position for position, node in enumerate(n for n in fx_gm.graph.nodes if n.op == "placeholder")
-        if isinstance(node.meta.get("val"), torch.Tensor)
-    ]
+    The weights are the tensors the graph was compiled with. Each call checks that the parameters it is
+    handed still have their storage (and, where compiling derived tensors from them such as a padded copy,
+    their version): a parameter replaced (`param.data = ...`, a new Parameter) or updated in place under a
+    derived copy is recompiled for, never read stale. Called with AOT's flat args (tensors and ints).
+    """
 
-    def run(args: list[Any]) -> list[torch.Tensor]:
-        tensors = [args[position] for position in tensor_positions]
+    _boxed_call = True
+
+    def __init__(self, fx_gm: fx.GraphModule, options: Options, static: tuple[int, ...]):
+        self.fx_gm = fx_gm
+        self.options = options
+        self.static = static
+        placeholders = [node for node in fx_gm.graph.nodes if node.op == "placeholder"]
+        self.names = tuple(node.name for node in placeholders)
+        self.input_positions = tuple(
+            position for position, node in enumerate(placeholders)
+            if position not in static and isinstance(node.meta.get("val"), torch.Tensor))
+        self.program: Any = None
+        self.stamps: tuple[tuple[int, int, int | None], ...] = ()
+
+    def build(self, args: Mapping[int, Any] | Sequence[Any]) -> None:
+        """Compile with the parameters found at the static positions of `args`."""
+        from ..api import checkpoint, compile_graph
+
+        weights = {self.names[position]: args[position] for position in self.static}
+        graph = lower_fx(self.fx_gm, weights=weights)
+        checkpoint(graph, "lower", self.options, index=0)
+        self.program = compile_graph(graph, self.options)
+        derived = bool(set(self.program.graph.weights) - set(weights))
+        self.stamps = tuple((position, tensor.data_ptr(), tensor._version if derived else None)
+                            for position, tensor in zip(self.static, weights.values()))
+
+    def __call__(self, args: list[Any]) -> list[torch.Tensor]:
+        for position, pointer, version in self.stamps:
+            tensor = args[position]
+            if tensor.data_ptr() != pointer or (version is not None and tensor._version != version):
+                log.info("a parameter was replaced or updated under a derived copy: recompiling its graph")
+                self.build(args)
+                break
+        tensors = [args[position] for position in self.input_positions]
         args.clear()  # boxed convention: let AOT's references to the inputs go early
-        return program.run(tensors)
-
-    run._boxed_call = True
-    return run
+        return self.program.run(tensors)
 
 
 class _ShapeSpecialized:
     """Compiles a symbolic-shape graph once per concrete input signature, on first use."""
 
-    def __init__(self, fx_gm: fx.GraphModule, options: Options):
+    def __init__(self, fx_gm: fx.GraphModule, options: Options, static: tuple[int, ...]):
         self.fx_gm = fx_gm
         self.options = options
+        self.static = static
         self.compiled: dict[tuple, Callable[..., Any]] = {}
 
     _boxed_call = True
@@ -101,11 +257,13 @@ class _ShapeSpecialized:
         for node, value in zip((n for n in graph_module.graph.nodes if n.op == "placeholder"), args):
             if not isinstance(value, torch.Tensor):
                 node.meta["val"] = value
+        runner = _WeightedRunner(graph_module, self.options, self.static)
         try:
-            return _runner(graph_module, self.options)
+            runner.build(args)
         except CompileError as error:
             _warn_once(f"ember could not compile a graph and runs it eagerly: {error}")
             return make_boxed_func(self.fx_gm)
+        return runner
 
 
 @functools.cache

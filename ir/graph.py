@@ -83,6 +83,9 @@ class Graph:
     nodes: tuple[Node, ...]
     outputs: tuple[str, ...]
     weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    derived: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """Weights a pass made from another at compile time (a padded copy): name -> the source tensor. A runtime
+    checks the sources' versions, since an in-place update of a source leaves its derived copy stale."""
 
     def types(self) -> dict[str, TensorType]:
         """Every value's type by name."""

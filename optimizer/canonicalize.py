@@ -16,4 +16,5 @@ def eliminate_dead_code(graph: Graph) -> Graph:
             live.update(node.inputs)
     params = tuple(value for value in graph.params if value.name in live)
     weights = {value.name: graph.weights[value.name] for value in params}
-    return dataclasses.replace(graph, nodes=tuple(reversed(kept)), params=params, weights=weights)
+    derived = {name: source for name, source in graph.derived.items() if name in weights}
+    return dataclasses.replace(graph, nodes=tuple(reversed(kept)), params=params, weights=weights, derived=derived)

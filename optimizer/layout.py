@@ -25,6 +25,7 @@ def pad_linear_features(graph: Graph) -> Graph:
     nodes: list[Node] = []
     params = list(graph.params)
     weights = dict(graph.weights)
+    derived = dict(graph.derived)
     types = graph.types()
     for node in graph.nodes:
         padded = _padded_features(node, types, weights)
@@ -42,6 +43,7 @@ def pad_linear_features(graph: Graph) -> Graph:
             wide_name = f"{name}_padded{padded}"
             if wide_name not in weights:
                 weights[wide_name] = wide
+                derived[wide_name] = derived.get(name, tensor)
                 params.append(Value(wide_name, dataclasses.replace(types[name], shape=tuple(wide.shape),
                                                                    strides=contiguous_strides(tuple(wide.shape)))))
             operands.append(wide_name)
@@ -56,7 +58,7 @@ def pad_linear_features(graph: Graph) -> Graph:
                           source=node.source))
     if len(nodes) == len(graph.nodes):
         return graph
-    return dataclasses.replace(graph, params=tuple(params), nodes=tuple(nodes), weights=weights)
+    return dataclasses.replace(graph, params=tuple(params), nodes=tuple(nodes), weights=weights, derived=derived)
 
 
 def _padded_features(node: Node, types: dict[str, TensorType], weights: dict[str, torch.Tensor]) -> int | None:
