@@ -168,7 +168,9 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     from .api import inspect as ember_inspect
     from .optimizer.cost import load_profile
-    from .optimizer.inspect import plot_memory, plot_roofline, render, write_graph
+    from .optimizer.graph_view import write_graph
+    from .optimizer.inspect import render
+    from .optimizer.plots import plot_memory, plot_roofline
 
     profile = load_profile(args.device)
     model, inputs = _load(args.model, args.size, "meta" if args.model in BUILTIN_MODELS else None)
@@ -193,8 +195,9 @@ def run_optimize(args: argparse.Namespace) -> int:
 
     from .api import optimize as optimize_graph
     from .frontend import from_module
-    from .optimizer.inspect import memory_summary, plot_memory
+    from .optimizer.inspect import memory_summary
     from .optimizer.liveness import buffers, peak_live_bytes
+    from .optimizer.plots import plot_memory
     from .options import Options
 
     model, inputs = _load(args.model, args.size, "meta" if args.model in BUILTIN_MODELS else None)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ember
-from ember.optimizer.inspect import layout_graph, write_graph
+from ember.optimizer.graph_view import layout_graph, write_graph
 
 BROWSERS = ("chromium", "chromium-browser")
 """Debian's `chromium` package installs /usr/bin/chromium; other distributions call it chromium-browser."""

@@ -12,7 +12,8 @@ from matplotlib.text import Text
 import ember
 from ember import models
 from ember.optimizer.cost import load_profile
-from ember.optimizer.inspect import layout_graph, plot_roofline, write_graph
+from ember.optimizer.graph_view import layout_graph, write_graph
+from ember.optimizer.plots import plot_roofline
 from ember.units import format_bytes
 
 SVG = {"svg": "http://www.w3.org/2000/svg"}
