@@ -1,4 +1,8 @@
-"""The offline frontend: torch.export a model, decompose to ember's ATen set, lower to IR."""
+"""The offline frontend: torch.export a model, decompose to ember's ATen set, lower to IR.
+
+torch.export sees the model's result as a flat tuple of tensors and ember rebuilds its containers at call time, so
+a model may return any pytree (a transformers ModelOutput holding a DynamicCache, as decoders do by default).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +11,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,32 +58,97 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
-def capture(model: torch.nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
-    """torch.export the model and decompose it with ember's table; CompileError when export cannot."""
+def capture(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.export.ExportedProgram, pytree.TreeSpec]:
+    """torch.export the model and decompose it with ember's table; CompileError when export cannot.
+
+    Returns the program, whose outputs are the leaves of the model's result, and the result's structure.
+    """
     args, kwargs = normalize_inputs(example_inputs)
-    chatter = io.StringIO()
+    register_transformers_caches()
+    chatter = io.StringIO()  # torch prints the partial graph of a failed export, twice
     try:
-        with contextlib.redirect_stderr(chatter):  # torch prints the partial graph of a failed export, twice
+        with contextlib.redirect_stderr(chatter), _flat_result(model) as structures:
             exported = torch.export.export(model, args, kwargs)
     except Exception as error:
         log.debug("torch.export said:\n%s", chatter.getvalue())
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CompileError(
-            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {cause} — "
+            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {_first_line(error)} — "
             "ember.compile needs the model as one graph; torch.compile(model, backend=\"ember\") splits it at "
             "graph breaks and compiles the pieces it can"
         ) from error
     sys.stderr.write(chatter.getvalue())
     with warnings.catch_warnings():  # torch 2.13's own run_decompositions trips its pytree deprecation
         warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated", category=FutureWarning)
-        return exported.run_decompositions(ember_decompositions())
+        try:
+            decomposed = exported.run_decompositions(ember_decompositions())
+        except Exception as error:
+            raise CompileError(
+                f"torch.export captured {type(model).__name__} but its run_decompositions failed: "
+                f"{type(error).__name__}: {_first_line(error)} — one known cause is an input that torch rebuilds "
+                "by running tensor ops, such as a transformers DynamicCache passed in (past_key_values); "
+                "torch.compile(model, backend=\"ember\") takes such inputs"
+            ) from error
+    return decomposed, structures[-1]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _flat_result(model: torch.nn.Module) -> Iterator[list[pytree.TreeSpec]]:
+    """While open, `model` returns the leaves of its result as a tuple and the list collects the result's structure.
+
+    torch.export's run_decompositions retraces the exported graph and rebuilds the result's containers inside
+    the trace; rebuilding a transformers DynamicCache runs tensor ops whose constants torch then loses
+    ("Constant tensor lifted_tensor_0 is not in the constants dictionary"). With flat outputs nothing is rebuilt
+    until ember's Program unflattens its outputs at call time.
+    """
+    structures: list[pytree.TreeSpec] = []
+
+    def flatten(module: torch.nn.Module, args: Any, result: Any) -> tuple:
+        leaves, structure = pytree.tree_flatten(result)
+        structures.append(structure)
+        return tuple(leaves)
+
+    handle = model.register_forward_hook(flatten)
+    try:
+        yield structures
+    finally:
+        handle.remove()
+
+
+def register_transformers_caches() -> None:
+    """Make transformers' DynamicCache a pytree node, as torch.export needs to return one; a no-op without
+    transformers loaded or where it is one already.
+
+    Older transformers registered it on import; later ones (5.x among them) ship the registration as
+    `transformers.integrations.executorch.register_dynamic_cache_export_support` and leave calling it to
+    exporters. The registration is process-wide, as transformers' own exporters leave it.
+    """
+    if "transformers" not in sys.modules:
+        return
+    try:
+        from transformers.cache_utils import DynamicCache
+    except ImportError:
+        return
+    if DynamicCache in pytree.SUPPORTED_NODES:
+        return
+    try:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except ImportError:
+        log.debug("transformers %s offers no DynamicCache export support; a model returning one will not export",
+                  sys.modules["transformers"].__version__)
+        return
+    register_dynamic_cache_export_support()
 
 
 def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:
     """Capture `model` on `example_inputs` and lower it to an ember Graph."""
     started = time.perf_counter()
     with task(f"capturing {type(model).__name__} with torch.export"):
-        exported = capture(model, example_inputs)
+        exported, out_spec = capture(model, example_inputs)
     captured_at = time.perf_counter()
     signature = exported.graph_signature
     placeholders = [node for node in exported.graph.nodes if node.op == "placeholder"]
@@ -111,5 +180,5 @@ def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:
     seconds = {"capture": captured_at - started, "lower": time.perf_counter() - captured_at}
     log.debug("captured %s: %d nodes in %.2f s", type(model).__name__, len(graph.nodes), sum(seconds.values()))
     args, kwargs = normalize_inputs(example_inputs)
-    return Captured(graph, exported.call_spec.in_spec, exported.call_spec.out_spec, len(args), tuple(kwargs),
+    return Captured(graph, exported.call_spec.in_spec, out_spec, len(args), tuple(kwargs),
                     constant_inputs, tuple(mutated), seconds)
