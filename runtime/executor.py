@@ -14,8 +14,9 @@ import torch
 
 from ..codegen import GroupKernel
 from ..ir import ArenaLayout, Graph, Node, TensorType, Value
-from .arena import GivenRun, bind_into, slot_view
+from .arena import Call, GivenRun, bind_call, plan_call, slot_view
 from .cuda_graph import GraphedCall
+from .wrapper import Wrapper, generate_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,13 @@ memory the op allocates (None)."""
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One node or kernel, ready to run: its bound call, the values it reads and writes, where its results
-    go, the arenas that open before it and close after it, and the values that die after it."""
+    """One node or kernel, ready to run: its bound call (and, as data, how it calls: the node's `Call` or the
+    kernel), the values it reads and writes, where its results go, the arenas that open before it and close
+    after it, and the values that die after it."""
 
     node: str
     run: GivenRun
+    call: Call | GroupKernel
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     positions: tuple[int, ...]
@@ -69,11 +72,12 @@ def plan_steps(graph: Graph, layout: ArenaLayout | None = None, work: Sequence[N
         targets = tuple(_target(value, item.inputs, layout, device) if layout else None for value in item.outputs)
         given = [target is not None for target in targets]
         if isinstance(item, GroupKernel):
-            run, positions = _launch(item), tuple(range(len(item.outputs)))
+            run, call, positions = _launch(item), item, tuple(range(len(item.outputs)))
         else:
             over_first = len(targets) == 1 and targets[0] == 0 and not item.is_extern
-            run, positions = bind_into(item, given, over_first), item.result_positions
-        steps.append(Step(item.name, run, item.inputs, tuple(v.name for v in item.outputs), positions,
+            call = plan_call(item, given, over_first)
+            run, positions = bind_call(item, call), item.result_positions
+        steps.append(Step(item.name, run, call, item.inputs, tuple(v.name for v in item.outputs), positions,
                           tuple(dies_at.get(index, ())), targets if any(given) else (), tuple(opens.get(index, ())),
                           tuple(closes.get(index, ()))))
     return tuple(steps)
@@ -110,59 +114,79 @@ def _launch(group: GroupKernel) -> GivenRun:
 
 
 class Executor:
-    """Runs one Graph; holds the bound steps so each call is a loop of op calls.
+    """Runs one Graph; holds the bound steps and, per device, the generated wrapper that runs them.
 
     With an arena layout, each call allocates every arena when its window of steps opens and drops it when
     the window closes (under CUDA graphs, once, at capture); with `work` (from codegen's `lower_schedule`),
-    fused groups run as generated kernels. A call that autograd records (grad mode on and an input or weight
-    requiring grad) runs the plain reference steps, since neither `out=` calls nor generated kernels are
-    differentiable.
+    fused groups run as generated kernels. A call runs the steps through a wrapper generated on the device's
+    first call (runtime/wrapper.py), which does what the step loop (`interpret`) does at less host cost per
+    step. A call that autograd records (grad mode on and an input or weight requiring grad) runs the plain
+    reference steps, step by step, since neither `out=` calls nor generated kernels are differentiable.
     """
 
     def __init__(self, graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, *, name: str = "program", debug_dir: str | None = None):
         self.graph = graph
         self.cuda_graphs = cuda_graphs
         self.graphed: dict[torch.device, GraphedCall | None] = {}
         self.layout = layout
         self.work = work
+        self.name = name
+        self.debug_dir = debug_dir
         self.reference_steps = plan_steps(graph)
         self.steps = self.reference_steps if work is None else plan_steps(graph, work=work)
         self.input_names = tuple(value.name for value in graph.inputs)
         self._steps_on: dict[str, tuple[Step, ...]] = {}
+        self._wrappers: dict[torch.device | None, Wrapper] = {}
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if _records_grad(inputs, self.graph.weights):
+            return self._run(self.reference_steps, inputs)
+        device = None if self.layout is None else _device_of(inputs, self.graph)
+        if self.cuda_graphs and device is not None and device.type == "cuda":
+            graphed = self._graphed_on(device, inputs)
+            if graphed is not None:
+                return graphed(inputs)
+        return self.wrapper_on(device).function(*inputs)
+
+    def interpret(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The call, step by step in the executor's loop rather than through the generated wrapper (and never
+        captured): the oracle the wrapper is held to."""
         if _records_grad(inputs, self.graph.weights):
             return self._run(self.reference_steps, inputs)
         if self.layout is None:
             return self._run(self.steps, inputs)
         device = _device_of(inputs, self.graph)
-        if self.cuda_graphs and device.type == "cuda":
-            graphed = self._graphed_on(device, inputs)
-            if graphed is not None:
-                return graphed(inputs)
         return self._run(self.steps_on(device), inputs, device)
+
+    def wrapper_on(self, device: torch.device | None) -> Wrapper:
+        """The generated function running every step for calls on `device` (None: without an arena)."""
+        if device not in self._wrappers:
+            self._wrappers[device] = self._generate(device, name=self.name)
+        return self._wrappers[device]
+
+    def _generate(self, device: torch.device | None, **range_args) -> Wrapper:
+        steps = self.steps if device is None else self.steps_on(device)
+        return generate_wrapper(steps, self.graph, self.layout, device, _allocate, debug_dir=self.debug_dir,
+                                **range_args)
 
     def _graphed_on(self, device: torch.device, inputs: Sequence[torch.Tensor]) -> GraphedCall | None:
         """This device's captured call, captured on first use; None (and one warning) if it cannot be."""
         if device not in self.graphed:
             steps = self.steps_on(device)
             split = tail_start(steps, self.graph, self.layout)
-            prefix, tail = steps[:split], steps[split:]
-            carried = _carried(prefix, tail, self.graph)
+            carried = _carried(steps[:split], steps[split:], self.graph)
+            prefix = self._generate(device, name=f"{self.name}_captured", stop=split, returns=carried)
+            tail = self._generate(device, name=f"{self.name}_tail", start=split, carried=carried)
 
             def run_prefix(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-                arenas = self._arenas()
-                env = self._execute(prefix, self._env(tensors), arenas, device)
-                return [env[name] for name in carried], arenas  # arenas still open are the tail's too
+                # arenas still open are the tail's too
+                return prefix.function(*tensors) if prefix.arenas_out else (prefix.function(*tensors), [])
 
             def run_tail(tensors: Sequence[torch.Tensor], handed: tuple[list[torch.Tensor], list[torch.Tensor | None]]
                          ) -> list[torch.Tensor]:
                 values, arenas = handed
-                env = self._env(tensors)
-                env.update(zip(carried, values))
-                env = self._execute(tail, env, list(arenas), device)
-                return [env[name] for name in self.graph.outputs]
+                return tail.function(*tensors, *values, *([arenas] if tail.arenas_in else []))
 
             try:
                 self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs, device)

@@ -1,0 +1,317 @@
+"""Generated wrappers: a run of a program's steps as one straight-line Python function, made once per device.
+
+The executor's loop pays, per step, for an env dict, argument binding and three views per arena slot; a
+wrapper does the same work with locals, `del` where values die, each arena typed once per dtype where it is
+allocated, one `as_strided` per slot, and every op called directly with its constant arguments written in
+(as Inductor's generated wrappers do). Constants that are not literals (weights, ops, kernels, dtypes) are
+the function's globals.
+"""
+from __future__ import annotations
+
+import builtins
+import keyword
+import linecache
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..codegen import GroupKernel
+from ..ir import ArenaLayout, Graph, TensorType
+from .arena import linear_arguments, slot_view
+
+if TYPE_CHECKING:
+    from .executor import Step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Wrapper:
+    """A generated function and its source. It takes the graph's inputs, then the values `carried` in, then
+    (when arenas are open on entry) the list of arenas; it returns the list of values asked for, then (when
+    arenas are still open on exit) the list of arenas, None where closed."""
+
+    name: str
+    source: str
+    function: Callable[..., Any]
+    carried: tuple[str, ...] = ()
+    arenas_in: bool = False
+    arenas_out: bool = False
+
+
+def generate_wrapper(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | None, device: torch.device | None,
+                     allocate: Callable[[int, torch.device], torch.Tensor], *, name: str = "program",
+                     start: int = 0, stop: int | None = None, carried: tuple[str, ...] = (),
+                     returns: tuple[str, ...] | None = None, debug_dir: str | None = None) -> Wrapper:
+    """The function that runs `steps[start:stop]` as the executor's loop would, on `device` (arenas made by
+    `allocate`), reading the graph's inputs and `carried`, and returning `returns` (the graph's outputs)."""
+    stop = len(steps) if stop is None else stop
+    arena_count = len(layout.arenas) if layout else 0
+    open_in = _open_after(steps[:start], arena_count)
+    open_out = _open_after(steps[:stop], arena_count)
+    writer = _Writer(graph, layout, device, allocate)
+    parameters = [writer.local(value.name) for value in graph.inputs] + [writer.local(value) for value in carried]
+    if open_in:
+        parameters.append("arenas")
+    function_name = writer.names.fresh(name)
+    writer.line(f"def {function_name}({', '.join(parameters)}):", indent=0)
+    for index in open_in:
+        writer.line(f"{writer.arena(index)} = arenas[{index}]")
+        writer.type_arena(index, steps[start:stop])
+    for step in steps[start:stop]:
+        for index in step.opens:
+            writer.line(f"{writer.arena(index)} = allocate({layout.arenas[index].size_bytes}, device)")
+            writer.type_arena(index, steps[start:stop])
+        writer.step(step)
+        if step.frees:
+            writer.line(f"del {', '.join(writer.local(value) for value in step.frees)}")
+        for index in step.closes:
+            writer.line(f"del {', '.join(writer.arena_names(index))}")
+    results = "[" + ", ".join(writer.value(value) for value in (graph.outputs if returns is None else returns)) + "]"
+    if open_out:
+        arenas = ", ".join(writer.arena(index) if index in open_out else "None" for index in range(arena_count))
+        results += f", [{arenas}]"
+    writer.line(f"return {results}")
+    header = (f"# ember wrapper {name}: steps {start} to {stop - 1} of {len(steps)}"
+              + (f", on {device}" if device is not None else "") + "\n")
+    source = header + "\n".join(writer.lines) + "\n"
+    filename = f"<ember wrapper {name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show the line
+    namespace = dict(writer.globals)
+    exec(compile(source, filename, "exec"), namespace)
+    if debug_dir:
+        Path(debug_dir).mkdir(parents=True, exist_ok=True)
+        (Path(debug_dir) / f"{name}_wrapper.py").write_text(source)
+    log.debug("generated %s: %d lines for %d steps", filename, len(writer.lines), stop - start)
+    return Wrapper(name, source, namespace[function_name], carried, bool(open_in), bool(open_out))
+
+
+def _open_after(steps: Sequence[Step], arena_count: int) -> tuple[int, ...]:
+    """The arenas open after `steps` run: opened by one of them and not closed since."""
+    open_now = [False] * arena_count
+    for step in steps:
+        for index in step.opens:
+            open_now[index] = True
+        for index in step.closes:
+            open_now[index] = False
+    return tuple(index for index, is_open in enumerate(open_now) if is_open)
+
+
+class _Input:
+    """A stand-in for a step's input `index` when its argument builder is run at generation time."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class _Names:
+    """Python identifiers, each given out once, derived from IR names."""
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set(dir(builtins)) | {"arenas", "allocate", "device"}
+
+    def fresh(self, hint: str) -> str:
+        base = re.sub(r"\W", "_", hint) or "value"
+        if base[0].isdigit() or keyword.iskeyword(base):
+            base = "_" + base
+        candidate, suffix = base, 1
+        while candidate in self.taken:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        self.taken.add(candidate)
+        return candidate
+
+
+class _Writer:
+    """The lines of one wrapper, with the identifiers it gave values, arenas and globals."""
+
+    def __init__(self, graph: Graph, layout: ArenaLayout | None, device: torch.device | None,
+                 allocate: Callable[[int, torch.device], torch.Tensor]):
+        self.layout = layout
+        self.names = _Names()
+        self.lines: list[str] = []
+        self.globals: dict[str, Any] = {"allocate": allocate, "device": device}
+        self.locals: dict[str, str] = {}
+        self.weights: dict[str, str] = {}
+        self.constants: dict[tuple[type, Any], str] = {}
+        self.typed: dict[tuple[int, torch.dtype], str] = {}
+        for value_name, tensor in graph.weights.items():
+            identifier = self.names.fresh(value_name)
+            self.weights[value_name] = identifier
+            self.globals[identifier] = tensor
+
+    def line(self, text: str, indent: int = 1) -> None:
+        self.lines.append("    " * indent + text)
+
+    def local(self, value: str) -> str:
+        """The local variable holding IR value `value`."""
+        if value not in self.locals:
+            self.locals[value] = self.names.fresh(value)
+        return self.locals[value]
+
+    def value(self, value: str) -> str:
+        """How to read IR value `value`: its weight global, else its local."""
+        return self.weights.get(value) or self.local(value)
+
+    def constant(self, value: Any, hint: str | None = None) -> str:
+        """A constant as a literal when it is one, else as a global (named by `hint`, or after the value)."""
+        literal = _literal(value)
+        if literal is not None:
+            return literal
+        key = (type(value), value if _hashable(value) else id(value))
+        if key not in self.constants:
+            if hint is None and isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+                hint = str(value).removeprefix("torch.")
+            elif hint is None and isinstance(value, torch._ops.OpOverload):
+                hint = str(value).replace(".", "_")
+            self.constants[key] = self.names.fresh(hint or getattr(value, "__name__", "constant"))
+            self.globals[self.constants[key]] = _direct(value)
+        return self.constants[key]
+
+    def arena(self, index: int) -> str:
+        return f"arena_{index}"
+
+    def arena_names(self, index: int) -> list[str]:
+        """The arena's variable and its typed views."""
+        return [self.arena(index)] + [name for (arena, _), name in self.typed.items() if arena == index]
+
+    def type_arena(self, index: int, steps: Sequence[Step]) -> None:
+        """Views of arena `index` as each dtype its slots written by `steps` hold, made once."""
+        size_bytes = self.layout.arenas[index].size_bytes
+        for dtype in dict.fromkeys(target[2].dtype for step in steps for target in step.targets
+                                   if isinstance(target, tuple) and target[0] == index):
+            name = f"arena_{index}_{self.constant(dtype)}"
+            self.typed[(index, dtype)] = name
+            whole = size_bytes - size_bytes % dtype.itemsize
+            sliced = "" if whole == size_bytes else f"[:{whole}]"
+            self.line(f"{name} = {self.arena(index)}{sliced}.view({self.constant(dtype)})")
+
+    def memory(self, target: Any, inputs: Sequence[str]) -> str | None:
+        """The expression for the memory a result is given (see executor.given_memory)."""
+        if target is None:
+            return None
+        if isinstance(target, int):
+            return inputs[target]
+        index, offset, value_type = target
+        if offset % value_type.dtype.itemsize:
+            return f"{self.constant(slot_view)}({self.arena(index)}, {offset}, {self.constant(value_type, 'slot_type')})"
+        return (f"{self.typed[(index, value_type.dtype)]}.as_strided({value_type.shape!r}, {value_type.layout!r}, "
+                f"{offset // value_type.dtype.itemsize})")
+
+    def arguments(self, built: tuple[list[Any], dict[str, Any]], inputs: Sequence[str]) -> list[str]:
+        """(args, kwargs) built from stand-ins, as call arguments in source."""
+        args, kwargs = built
+        text = [self.argument(arg, inputs) for arg in args]
+        for key, arg in kwargs.items():
+            if key.isidentifier() and not keyword.iskeyword(key):
+                text.append(f"{key}={self.argument(arg, inputs)}")
+            else:
+                text.append(f"**{{{key!r}: {self.argument(arg, inputs)}}}")
+        return text
+
+    def argument(self, arg: Any, inputs: Sequence[str]) -> str:
+        if isinstance(arg, _Input):
+            return inputs[arg.index]
+        if isinstance(arg, list):
+            return "[" + ", ".join("None" if item is None else self.argument(item, inputs) for item in arg) + "]"
+        return self.constant(arg)
+
+    def step(self, step: Step) -> None:
+        """The lines that run one step and bind its outputs."""
+        inputs = [self.value(name) for name in step.inputs]
+        outputs = [self.local(name) for name in step.outputs]
+        given = [self.memory(target, inputs) for target in step.targets] or [None] * len(outputs)
+        if isinstance(step.call, GroupKernel):
+            self._launch(step.call, inputs, outputs, given)
+            return
+        call = step.call
+        built = call.build([_Input(index) for index in range(len(inputs))])
+        if call.how == "cast":
+            self.line(f"{outputs[0]} = {given[0]}.copy_({inputs[0]})")
+            return
+        op = self.constant(call.op)
+        if call.how == "in_place":
+            self._bind(outputs, step.positions, {0: f"{op}({', '.join(self.arguments(built, inputs))})"})
+        elif call.how == "linear":
+            x, weight, bias = (self.argument(arg, inputs) if arg is not None else "None"
+                               for arg in linear_arguments(*built))
+            self._bind(outputs, step.positions, {0: f"{op}({x}, {weight}, {bias}, {given[0]})"})
+        elif call.how == "out":
+            order = [step.positions.index(position) for position in range(len(step.positions))]
+            for output, memory in zip(outputs, given):
+                self.line(f"{output} = {memory}")
+            written = [f"{name}={outputs[index]}" for name, index in zip(call.out_names, order)]
+            self.line(f"{op}({', '.join(self.arguments(built, inputs) + written)})")
+        else:  # reference, copy_in: the op allocates its results; those given memory are copied into it
+            expression = f"{op}({', '.join(self.arguments(built, inputs))})"
+            held = None
+            if _returns_one_tensor(call.op) and step.positions == (0,):
+                results = {0: expression}
+            else:
+                held = self.names.fresh(f"{step.node}_results")
+                self.line(f"{held} = {expression}")
+                results = {position: f"{held}[{position}]" for position in step.positions}
+            for output, position, memory in zip(outputs, step.positions, given):
+                result = results[position]
+                self.line(f"{output} = {result if memory is None else f'{memory}.copy_({result})'}")
+            if held is not None:
+                self.line(f"del {held}")
+
+    def _bind(self, outputs: Sequence[str], positions: Sequence[int], results: Mapping[int, str]) -> None:
+        for output, position in zip(outputs, positions):
+            self.line(f"{output} = {results[position]}")
+
+    def _launch(self, group: GroupKernel, inputs: Sequence[str], outputs: Sequence[str],
+                given: Sequence[str | None]) -> None:
+        """A generated kernel: outputs into the memory given, else fresh tensors on its first input's device."""
+        where = f"{inputs[0]}.device" if inputs else "device"
+        for output, value, memory in zip(outputs, group.outputs, given):
+            if memory is None:
+                value_type = value.type
+                memory = (f"{self.constant(torch.empty_strided)}({value_type.shape!r}, {value_type.layout!r}, "
+                          f"dtype={self.constant(value_type.dtype)}, device={where})")
+            self.line(f"{output} = {memory}")
+        kernel = self.constant(group.kernel, group.name)
+        self.line(f"{kernel}(({''.join(f'{name}, ' for name in inputs)}), ({''.join(f'{name}, ' for name in outputs)}))")
+
+
+def _returns_one_tensor(op: Any) -> bool:
+    """Whether the op returns one tensor (not a tuple or list of them)."""
+    return isinstance(op, torch._ops.OpOverload) and [str(r.type) for r in op._schema.returns] == ["Tensor"]
+
+
+def _direct(value: Any) -> Any:
+    """What the wrapper calls for `value`: an ATen overload's own operator (OpOverload.__call__ only forwards to
+    it), else the value itself."""
+    return value._op if type(value) is torch._ops.OpOverload else value
+
+
+def _literal(value: Any) -> str | None:
+    """`value` as Python source that evaluates to an equal value of the same type, or None."""
+    if value is None or type(value) in (bool, int, str):
+        return repr(value)
+    if type(value) is float:
+        return repr(value) if math.isfinite(value) else None
+    if type(value) in (tuple, list):
+        items = [_literal(item) for item in value]
+        if any(item is None for item in items):
+            return None
+        text = ", ".join(items) + ("," if type(value) is tuple and len(items) == 1 else "")
+        return f"({text})" if type(value) is tuple else f"[{text}]"
+    return None
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True

@@ -1,0 +1,130 @@
+"""The generated wrapper runs a program's steps exactly as the executor's step loop does: the same bits, the same
+arenas, and source that reads like a hand-written forward."""
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import ember
+from ember import models
+from ember.runtime import executor
+from ember.runtime.executor import _allocate, _carried
+
+
+def _fresh(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randint_like(t, 0, 200) if not t.is_floating_point() else torch.randn_like(t) for t in inputs)
+
+
+def _tensors(program: ember.runtime.Program, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    return program._tensor_inputs(pytree.tree_flatten((inputs, {}))[0])
+
+
+def _assert_bitwise_equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.fixture
+def allocated(monkeypatch) -> list[int]:
+    """The size of every arena the executor allocates from now on, in order."""
+    sizes: list[int] = []
+
+    def allocate(size_bytes, device):
+        sizes.append(size_bytes)
+        return _allocate(size_bytes, device)
+
+    monkeypatch.setattr(executor, "_allocate", allocate)
+    return sizes
+
+
+@pytest.mark.parametrize("arena", [True, False])
+@pytest.mark.parametrize("name", sorted(models.BUILTIN))
+def test_the_wrapper_computes_what_the_step_loop_computes_bit_for_bit(name, arena, allocated):
+    model, inputs = models.load(name)
+    with torch.inference_mode():
+        program = ember.compile(model, inputs, ember.Options(arena=arena))
+        tensors = _tensors(program, _fresh(inputs))
+        want = program.executor.interpret(tensors)
+        interpreted = list(allocated)
+        got = program.executor(tensors)
+    _assert_bitwise_equal(got, want)
+    assert allocated == 2 * interpreted and (bool(interpreted) is arena)  # the same arenas, opened as often
+
+
+@pytest.mark.parametrize("name", ["demo", "llama_b1"])
+def test_generated_kernels_run_from_the_wrapper_as_from_the_step_loop(name):
+    model, inputs = models.load(name)
+    with torch.inference_mode():
+        program = ember.compile(model, inputs, ember.Options(fusion=True))
+        tensors = _tensors(program, _fresh(inputs))
+        want = program.executor.interpret(tensors)
+        got = program.executor(tensors)
+    assert program.report.fusion["groups"] > 0
+    _assert_bitwise_equal(got, want)
+    source = program.executor.wrapper_on(torch.device("cpu")).source
+    assert "fused_0((" in source
+
+
+def test_a_call_split_where_an_arena_is_open_computes_the_whole_call():
+    """As a CUDA-graph capture splits a call (runtime/cuda_graph.py): the wrapper of the steps before the split
+    hands its values and open arenas to the wrapper of the rest, and together they compute what one call does."""
+    model, inputs = models.load("llama_b1")
+    with torch.inference_mode():
+        program = ember.compile(model, inputs)
+        run = program.executor
+        device = torch.device("cpu")
+        steps = run.steps_on(device)
+        split = next(index for index, step in enumerate(steps) if index > len(steps) // 2 and step.targets
+                     and not step.opens and any(isinstance(target, tuple) for target in step.targets))
+        carried = _carried(steps[:split], steps[split:], program.graph)
+        prefix = run._generate(device, name="llama_b1_captured", stop=split, returns=carried)
+        tail = run._generate(device, name="llama_b1_tail", start=split, carried=carried)
+        tensors = _tensors(program, _fresh(inputs))
+        values, arenas = prefix.function(*tensors)
+        got = tail.function(*tensors, *values, arenas)
+        want = run.interpret(tensors)
+    assert prefix.arenas_out and tail.arenas_in and tail.source.splitlines()[1].endswith(", arenas):")
+    assert any(arena is None for arena in arenas) and any(arena is not None for arena in arenas)
+    _assert_bitwise_equal(got, want)
+
+
+def test_the_source_reads_like_a_forward(tmp_path):
+    """Ops by their ATen names, values by their IR names, dead values deleted, arenas typed once and sliced with
+    one as_strided per slot; dumped to the debug directory."""
+    model, inputs = models.load("llama_b1")
+    with torch.inference_mode():
+        program = ember.compile(model, inputs)
+        program.executor.debug_dir = str(tmp_path)
+        program(*inputs)
+    source = program.executor.wrapper_on(torch.device("cpu")).source
+    lines = source.splitlines()
+    assert lines[1].startswith("def program(")
+    assert "aten_embedding_default(" in source and "linear_into(" in source
+    assert any(line.strip().startswith("del ") for line in lines)
+    assert "arena_0 = allocate(" in source and "arena_0_float32 = arena_0.view(float32)" in source
+    assert ".as_strided(" in source and "slot_view" not in source
+    assert lines[-1].strip().startswith("return [")
+    assert (tmp_path / "program_wrapper.py").read_text() == source
+
+
+def test_an_error_inside_the_wrapper_points_at_its_generated_line():
+    model, inputs = models.load("mlp")
+    with torch.inference_mode():
+        program = ember.compile(model, inputs, ember.Options(check_inputs=False))
+        (x,) = inputs
+        with pytest.raises(RuntimeError) as raised:
+            program(x[:, :1])
+    frames = [frame for frame in traceback.extract_tb(raised.value.__traceback__) if frame.filename == "<ember wrapper program>"]
+    assert frames and frames[-1].line.startswith("linear")
+
+
+def test_a_call_that_autograd_records_stays_on_the_reference_steps():
+    model, inputs = models.load("mlp")
+    program = ember.compile(model, inputs)
+    program(*inputs).sum().backward()
+    assert not program.executor._wrappers
