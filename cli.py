@@ -19,10 +19,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("demo", "mlp", "cnn", "unet", "gpt2", "llama", "llama_b1", "mixtral", "bert")
+BUILTIN_MODELS = ("demo", "mlp", "cnn", "unet", "gpt2", "llama", "llama_b1", "mixtral", "bert", "bert_masked")
 """The names `ember.models.BUILTIN` resolves (kept here so `--help` needs no torch; a test keeps them equal)."""
 SIZES = ("tiny", "suite")
-MODEL_HELP = (f"a built-in ({', '.join(BUILTIN_MODELS)}; gpt2, llama, llama_b1, mixtral and bert need transformers) "
+MODEL_HELP = (f"a built-in ({', '.join(BUILTIN_MODELS)}; all but demo, mlp, cnn and unet need transformers) "
               "or package.module:function returning (model, example_inputs), looked up from the current directory first")
 
 

@@ -159,8 +159,7 @@ def _sized(model: nn.Module, inputs: tuple[torch.Tensor, ...], size: str) -> Mod
 
 
 def _tokens(model: nn.Module, vocab_size: int, batch: int, length: int, size: str) -> ModelAndInputs:
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False  # a KV cache is a stateful output ember does not compile
+    """The model as shipped (its config's defaults, a decoder's KV cache included) on random token ids."""
     return _sized(model, (torch.randint(0, vocab_size, (batch, length)),), size)
 
 
@@ -215,21 +214,33 @@ def mixtral(size: str = "tiny") -> ModelAndInputs:
     return _tokens(t.MixtralForCausalLM(config), config.vocab_size, batch, length, size)
 
 
+def _bert_config(t: Any, size: str) -> tuple[Any, int, int]:
+    if size == "tiny":
+        return t.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                            vocab_size=211, max_position_embeddings=64), 2, 13
+    return t.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536), 32, 128
+
+
 def bert(size: str = "tiny") -> ModelAndInputs:
     """transformers' BERT encoder: 2 layers of width 64 (tiny); hidden 384, 6 layers, 12 heads, b32 s128 (suite)."""
     t = _transformers()
-    if size == "tiny":
-        config, batch, length = t.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                             intermediate_size=96, vocab_size=211, max_position_embeddings=64), 2, 13
-    else:
-        config, batch, length = t.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                             intermediate_size=1536), 32, 128
+    config, batch, length = _bert_config(t, size)
     return _tokens(t.BertModel(config), config.vocab_size, batch, length, size)
+
+
+def bert_masked(size: str = "tiny") -> ModelAndInputs:
+    """BERT as served: token ids and a padding attention mask (each sequence keeps a different number of tokens)."""
+    t = _transformers()
+    config, batch, length = _bert_config(t, size)
+    model, (tokens,) = _tokens(t.BertModel(config), config.vocab_size, batch, length, size)
+    kept = torch.arange(batch) * (length // 2) // max(batch - 1, 1) + length // 2  # from half to all of the tokens
+    mask = (torch.arange(length)[None, :] < kept[:, None]).long()
+    return model, (tokens, mask)
 
 
 BUILTIN: dict[str, Callable[[str], ModelAndInputs]] = {
     "demo": demo, "mlp": mlp, "cnn": cnn, "unet": unet, "gpt2": gpt2, "llama": llama, "llama_b1": llama_b1, "mixtral": mixtral,
-    "bert": bert,
+    "bert": bert, "bert_masked": bert_masked,
 }
 
 

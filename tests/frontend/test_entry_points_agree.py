@@ -26,6 +26,10 @@ def test_both_entry_points_build_the_same_program(name, compiled_programs):
     pytest.importorskip("transformers")
     torch.manual_seed(0)
     model, inputs = models.load(name, "tiny")
+    if name in ("llama", "mixtral"):
+        # With a KV cache, transformers chooses its grouped-query path by whether dynamo or export traces it
+        # (repeat_kv under one, enable_gqa under the other): the graphs differ before ember sees them.
+        model.config.use_cache = False
     with torch.no_grad():
         expected = model(*inputs)
         exported = ember.compile(model, inputs)

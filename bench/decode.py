@@ -1,0 +1,126 @@
+"""Autoregressive decoding: model.generate with a static KV cache, the forward compiled as Hugging Face documents.
+
+transformers' Llama (the suite config: hidden 2048, 8 layers) generates greedily from a 16-token prompt into a
+static cache of --cache tokens; `model.forward` is eager, torch.compile default, torch.compile reduce-overhead
+(Hugging Face's recipe) or torch.compile(backend="ember"). Tokens/s over the timed generate calls (median of
+--rounds, after two warm-up calls that compile), first-call seconds, and whether the greedy tokens equal eager's;
+then, in float32, whether ember's greedy tokens are identical to eager's.
+Usage: python bench/decode.py [--out bench/results] [--batches 1 8] [--new-tokens 128] [--cache 1024]
+       python bench/decode.py --device cpu --size tiny --batches 1 --new-tokens 8 --cache 64   (a smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ember import models
+
+from common import environment, write_results
+
+PROMPT_TOKENS = 16
+VARIANTS = {"eager": None, "inductor": {"mode": "default"}, "inductor_ro": {"mode": "reduce-overhead"},
+            "ember": {"backend": "ember"}}
+
+
+class StopAfter(StoppingCriteria):
+    """Stop once `length` tokens are in the sequence: the cache stays sized by max_cache_len, not by this."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[-1] >= self.length, dtype=torch.bool,
+                          device=input_ids.device)
+
+
+def llama(size: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """transformers' Llama as the suite builds it (default config otherwise: use_cache as shipped)."""
+    t = models._transformers()
+    torch.manual_seed(0)
+    return t.LlamaForCausalLM(models._llama_config(t, size)).to(device=device, dtype=dtype).eval()
+
+
+def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, cache: int) -> torch.Tensor:
+    length = prompt.shape[-1] + new_tokens
+    return model.generate(prompt, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          cache_implementation="static", max_cache_len=cache, pad_token_id=0,
+                          stopping_criteria=StoppingCriteriaList([StopAfter(length)]))
+
+
+def run_variant(model: torch.nn.Module, variant: str, prompt: torch.Tensor, args: argparse.Namespace) -> dict:
+    eager_forward = model.forward
+    torch._dynamo.reset()
+    if VARIANTS[variant] is not None:
+        model.forward = torch.compile(eager_forward, fullgraph=True, **VARIANTS[variant])
+    try:
+        synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+        started = time.perf_counter()
+        tokens = generate(model, prompt, args.new_tokens, args.cache)
+        synchronize()
+        first_s = time.perf_counter() - started
+        generate(model, prompt, args.new_tokens, args.cache)
+        seconds = []
+        for _ in range(args.rounds):
+            synchronize()
+            started = time.perf_counter()
+            generate(model, prompt, args.new_tokens, args.cache)
+            synchronize()
+            seconds.append(time.perf_counter() - started)
+    finally:
+        model.forward = eager_forward
+    return {"tokens_per_s": prompt.shape[0] * args.new_tokens / statistics.median(seconds), "first_call_s": first_s,
+            "tokens": tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", default="suite", choices=models.SIZES)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--cache", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    args = parser.parse_args()
+    rows = []
+    model = llama(args.size, torch.bfloat16 if args.device == "cuda" else torch.float32, args.device)
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        for batch in args.batches:
+            prompt = torch.randint(1, vocab, (batch, PROMPT_TOKENS), device=args.device)
+            results = {variant: run_variant(model, variant, prompt, args) for variant in args.variants}
+            for variant, result in results.items():
+                rows.append({"batch": batch, "variant": variant, "tokens_per_s": result["tokens_per_s"],
+                             "first_call_s": result["first_call_s"],
+                             "same_tokens_as_eager": bool(torch.equal(result["tokens"], results["eager"]["tokens"]))})
+                print(f"batch {batch} {variant}: {result['tokens_per_s']:,.1f} tokens/s", flush=True)
+        model = llama(args.size, torch.float32, args.device)
+        prompt = torch.randint(1, vocab, (1, PROMPT_TOKENS), device=args.device)
+        short = argparse.Namespace(**{**vars(args), "new_tokens": min(args.new_tokens, 32), "rounds": 1})
+        fp32 = {variant: run_variant(model, variant, prompt, short)["tokens"] for variant in ("eager", "ember")}
+    identical = bool(torch.equal(fp32["eager"], fp32["ember"]))
+    lines = [f"Decoding: Llama {args.size}, static cache {args.cache}, {PROMPT_TOKENS}-token prompt, {args.new_tokens} new "
+             "tokens, greedy; tokens/s (median of rounds)",
+             f"{'batch':>5} {'variant':12} {'tokens/s':>10} {'× eager':>8} {'first call s':>13} {'same tokens':>12}"]
+    for row in rows:
+        eager = next(r for r in rows if r["batch"] == row["batch"] and r["variant"] == "eager")["tokens_per_s"]
+        lines.append(f"{row['batch']:5d} {row['variant']:12} {row['tokens_per_s']:10,.1f} "
+                     f"{row['tokens_per_s'] / eager:7.2f}× {row['first_call_s']:13.1f} {str(row['same_tokens_as_eager']):>12}")
+    for batch in args.batches:
+        by = {r["variant"]: r["tokens_per_s"] for r in rows if r["batch"] == batch}
+        if "ember" in by and "inductor_ro" in by:
+            lines.append(f"batch {batch}: ember / reduce-overhead = {by['ember'] / by['inductor_ro']:.2f} (target ≥ 1.10)")
+    lines.append(f"float32, {short.new_tokens} tokens: ember's greedy tokens identical to eager's: {identical}")
+    device = torch.device(args.device)
+    write_results(args.out, "decode" if args.size == "suite" else f"decode_{args.size}",
+                  {**environment(device), "rows": rows, "fp32_identical": identical, "cache": args.cache,
+                   "new_tokens": args.new_tokens}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
