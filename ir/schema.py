@@ -192,7 +192,7 @@ def _inplace_overload(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None
         candidate = getattr(packet, overload)._schema
         first = candidate.arguments[0] if candidate.arguments else None
         if (first is not None and first.alias_info is not None and first.alias_info.is_write
-                and _signature(candidate, skip_written=True) == signature[1:] and signature[0][0] == first.name):
+                and _signature(candidate, skip_written=True) == signature[1:] and signature[0][:2] == (first.name, str(first.type))):
             return getattr(packet, overload)
     return None
 

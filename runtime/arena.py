@@ -51,7 +51,7 @@ def plan_call(node: Node, given: Sequence[bool], over_first: bool = False) -> Ca
         return Call("reference", definition.target, build)
     if node.is_cast:
         return Call("cast", torch.Tensor.copy_, build)  # a cast on the same device: copy_ converts
-    in_place = inplace_overload(definition.target) if over_first else None
+    in_place = inplace_overload(definition.target) if over_first and _first_input_is_self(node) else None
     if in_place is not None:
         return Call("in_place", in_place, build)
     if node.fills_given_memory and len(given) == len(definition.schema.returns) and all(given):
@@ -60,6 +60,13 @@ def plan_call(node: Node, given: Sequence[bool], over_first: bool = False) -> Ca
         overload, names = out_overload(definition.target)
         return Call("out", overload, build, names)
     return Call("copy_in", definition.target, build)
+
+
+def _first_input_is_self(node: Node) -> bool:
+    """Whether the node's first input is its op's first argument, the one an in-place variant writes: not so
+    where that argument is a number (pow.Scalar(10, x), or add.Tensor(2, x) with the 2 kept in attrs)."""
+    arguments = node.definition.schema.arguments
+    return bool(arguments) and arguments[0].type.isSubtypeOf(torch._C.TensorType.get()) and arguments[0].name not in node.attrs
 
 
 def bind_into(node: Node, given: Sequence[bool], over_first: bool = False) -> GivenRun:

@@ -12,10 +12,6 @@ import torch
 import ember
 from ember.tolerance import assert_close
 
-NEEDS_RUNTIME_FIX = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="runtime/arena.py's bind_into runs the in-place variant with the number as self; fix proposed, not applied")
-
 CASES = {
     "logspace": lambda x: x * torch.logspace(0, 2, steps=x.shape[-1]),
     "logspace_base_2": lambda x: x * torch.logspace(-1, 1, steps=x.shape[-1], base=2.0),
@@ -27,8 +23,7 @@ CASES = {
     "add_number_first": lambda x: torch.add(2, x.exp()) * 3,
     "div_number_first": lambda x: torch.div(1, x.abs() + 1) * 3,
 }
-BROKEN = {"logspace", "logspace_base_2", "pow_number_base", "sub_number_first", "add_number_first", "div_number_first"}
-PARAMS = [pytest.param(name, marks=NEEDS_RUNTIME_FIX) if name in BROKEN else name for name in CASES]
+PARAMS = list(CASES)
 
 
 class Function(torch.nn.Module):
