@@ -8,12 +8,14 @@ median of each), after warm-up: median ms per call, speedup over eager, peak mem
 inputs (the most allocated while a variant is built and first called, so what it keeps between calls,
 such as ember's arena or a CUDA-graph pool, counts; cuBLAS's workspaces are cleared before each variant,
 so each pays for its own), compile time (first calls included), and each ember variant's max error against eager.
-Usage: python bench/speed.py [--out bench/results] [--models mlp gpt2 ...] [--rounds 3]
+Usage: python bench/speed.py [--out bench/results] [--models mlp gpt2 ...] [--rounds 3] [--stem speed]
+       python bench/speed.py --from-json part1.json part2.json   (one table from runs split across calls)
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import time
 
@@ -92,12 +94,25 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stem", default="speed", help="name of the result files")
+    parser.add_argument("--from-json", nargs="*", default=[], help="tabulate the rows of earlier runs instead of measuring")
     args = parser.parse_args()
+    if args.from_json:
+        runs = [json.loads(open(path).read()) for path in args.from_json]
+        environment_ = {key: value for key, value in runs[0].items() if key != "models"}
+        write_results(args.out, args.stem, {**environment_, "models": [row for run in runs for row in run["models"]]},
+                      table([row for run in runs for row in run["models"]]))
+        return
     rows = []
     for name in args.models:
         rows.append(measure(name, args.rounds))
         print(f"{name}: eager {rows[-1]['eager_ms']:.3f} ms, ember backend {rows[-1]['ember_backend_ms']:.3f} ms, "
               f"export {rows[-1]['ember_export_ms']:.3f} ms", flush=True)
+    write_results(args.out, args.stem, {**environment(torch.device("cuda")), "models": rows}, table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    """The side-by-side table and the issue's ratios."""
     short = {"inductor": "compile", "inductor_ro": "reduce-ovh", "ember_backend": "backend", "ember_backend_steps": "steps",
              "ember_export": "export"}
     lines = ["Speed (median ms per call; × = speedup over eager), peak MiB above weights and inputs, compile s",
@@ -121,7 +136,7 @@ def main() -> None:
     peak = [max(r["ember_backend_peak_mib"], r["ember_export_peak_mib"]) / max(r["inductor_peak_mib"], 1e-9) for r in rows]
     lines.append("peak of either entry point ÷ torch.compile default's (target ≤ 1.00): " +
                  ", ".join(f"{r['model']} {ratio:.2f}" for r, ratio in zip(rows, peak)))
-    write_results(args.out, "speed", {**environment(torch.device("cuda")), "models": rows}, "\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
