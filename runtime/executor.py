@@ -3,6 +3,8 @@
 It is the correctness oracle for every later pass and the fallback when no kernel can be generated.
 Each node's call is bound once; a value is dropped right after its last use. Given an arena layout, the
 intermediates live in arenas that each call allocates as their windows of steps open and frees as they close.
+Calls run the steps through a wrapper generated from them (runtime/wrapper.py); the step loop here stays as
+the oracle that wrapper is tested against, and runs the calls autograd records.
 """
 from __future__ import annotations
 
@@ -262,7 +264,10 @@ def _carried(prefix: Sequence[Step], tail: Sequence[Step], graph: Graph) -> tupl
 
 
 def _allocate(size_bytes: int, device: torch.device) -> torch.Tensor:
-    """An arena: a plain tensor, writable inside and outside inference mode."""
+    """An arena: a plain tensor, writable inside and outside inference mode (made outside it: leaving inference
+    mode costs a call a few microseconds per arena, so only a call inside it does)."""
+    if not torch.is_inference_mode_enabled():
+        return torch.empty(size_bytes, dtype=torch.uint8, device=device)
     with torch.inference_mode(False):
         return torch.empty(size_bytes, dtype=torch.uint8, device=device)
 
