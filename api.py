@@ -51,6 +51,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, options: Options | Mapp
         kwarg_names=captured.kwarg_names,
         constant_inputs=captured.constant_inputs,
         mutated_buffers=captured.mutated_buffers,
+        name=type(model).__name__,
     )
 
 
@@ -81,7 +82,8 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     capture = graph_capture(graph, options, cost) if _on_gpu(graph) else {"capture": False, "decided_by": "not on a GPU"}
     report = coverage_report(graph, seconds, arena.summary() if arena else None, fusion_summary(fusion), capture)
     program = Program(graph, report, layout=arena.layout if arena else None, work=work,
-                      cuda_graphs=capture["capture"], check_inputs=options.check_inputs, **program_args)
+                      cuda_graphs=capture["capture"], check_inputs=options.check_inputs, debug_dir=options.debug_dir,
+                      **program_args)
     program.report.stage_seconds["build"] = time.perf_counter() - started
     log.info("compiled %d nodes, op coverage %.1f%%", program.report.node_count, 100 * program.report.op_coverage)
     return program

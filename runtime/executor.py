@@ -238,9 +238,10 @@ MAX_TAIL_STEPS = 4
 
 
 def tail_start(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | None) -> int:
-    """Where a captured call's graph ends: before the step that makes the memory of the graph's outputs, when
-    that is one of the last few (outputs made inside a graph live in its memory, which the next replay
-    overwrites, so the caller gets copies of them); else after the last step."""
+    """Where a captured call's graph ends: before the first step that makes the memory of an output among the
+    last few steps (outputs made inside a graph live in its memory, which the next replay overwrites, so the
+    caller gets copies of them: a language model's logits are made after the graph, while the KV cache its
+    layers made early is copied out); after the last step when no output is made that late."""
     nodes = {node.name: node for node in graph.nodes}
     made = {name: index for index, step in enumerate(steps) for name in step.outputs}
     over = dict(layout.reuses) if layout else {}
@@ -252,8 +253,8 @@ def tail_start(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | None) 
             name = over[name]
         return made[name]
 
-    first = min((maker(name) for name in graph.outputs if name in made), default=len(steps))
-    return first if len(steps) - first <= MAX_TAIL_STEPS else len(steps)
+    late = [maker(name) for name in graph.outputs if name in made and len(steps) - maker(name) <= MAX_TAIL_STEPS]
+    return min(late, default=len(steps))
 
 
 def _carried(prefix: Sequence[Step], tail: Sequence[Step], graph: Graph) -> tuple[str, ...]:

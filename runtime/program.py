@@ -166,6 +166,8 @@ class Program:
         layout: ArenaLayout | None = None,
         work: Sequence[Node | GroupKernel] | None = None,
         cuda_graphs: bool = False,
+        name: str = "program",
+        debug_dir: str | None = None,
     ):
         self.graph = graph
         self.report = report
@@ -176,7 +178,7 @@ class Program:
         self.constant_inputs = dict(constant_inputs or {})
         self.mutated_buffers = mutated_buffers
         self.check_inputs = check_inputs
-        self.executor = Executor(graph, layout, work, cuda_graphs)
+        self.executor = Executor(graph, layout, work, cuda_graphs, name=name, debug_dir=debug_dir)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.arg_count is not None and (len(args) != self.arg_count or set(kwargs) != set(self.kwarg_names)):

@@ -1,6 +1,7 @@
 """Where a captured call's graph ends: the steps that make the outputs run after the replay, into the caller's memory."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -20,15 +21,21 @@ def _steps(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
     return program, program.executor.steps_on(torch.device("cpu"))
 
 
-def test_a_language_model_makes_its_logits_after_the_graph():
-    program, steps = _steps(*models.load("gpt2"))
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_a_language_model_makes_its_logits_after_the_graph(use_cache):
+    """The head runs after the replay; with a KV cache (made layer by layer, early) the cache is copied out."""
+    model, inputs = models.load("gpt2")
+    model.config.use_cache = use_cache
+    program, steps = _steps(model, inputs)
     split = tail_start(steps, program.graph, program.executor.layout)
     nodes = {node.name: node for node in program.graph.nodes}
     assert 0 < len(steps) - split <= MAX_TAIL_STEPS
     assert nodes[steps[split].node].op in ("linear", "mm", "addmm", "matmul")  # the language-model head
-    assert all(name in {n for step in steps[split:] for n in step.outputs} for name in program.graph.outputs)
+    in_tail = {n for step in steps[split:] for n in step.outputs}
+    assert program.graph.outputs[0] in in_tail  # the logits
+    assert all(name in in_tail for name in program.graph.outputs) != use_cache  # the cache was made early
     carried = _carried(steps[:split], steps[split:], program.graph)
-    assert carried and all(any(name in step.inputs for step in steps[split:]) for name in carried)
+    assert carried and any(any(name in step.inputs for step in steps[split:]) for name in carried)
 
 
 def test_outputs_made_early_stay_in_the_graph_and_are_copied_out():
@@ -38,10 +45,11 @@ def test_outputs_made_early_stay_in_the_graph_and_are_copied_out():
             deep = hidden
             for _ in range(MAX_TAIL_STEPS + 2):
                 deep = torch.sin(deep) + 1
-            return hidden, deep
+            return hidden, deep.sum(0, keepdim=True) * deep
 
     program, steps = _steps(Early(), (torch.randn(8, 8),))
-    assert tail_start(steps, program.graph, program.executor.layout) == len(steps)
+    split = tail_start(steps, program.graph, program.executor.layout)
+    assert split < len(steps) and program.graph.outputs[0] in _carried(steps[:split], steps[split:], program.graph)
 
 
 def test_an_output_viewing_a_result_starts_the_tail_where_that_result_is_made():

@@ -103,13 +103,13 @@ def test_the_source_reads_like_a_forward(tmp_path):
         program(*inputs)
     source = program.executor.wrapper_on(torch.device("cpu")).source
     lines = source.splitlines()
-    assert lines[1].startswith("def program(")
+    assert lines[1].startswith("def LlamaForCausalLM(input_ids")  # named after the model and its inputs
     assert "aten_embedding_default(" in source and "linear_into(" in source
     assert any(line.strip().startswith("del ") for line in lines)
     assert "arena_0 = allocate(" in source and "arena_0_float32 = arena_0.view(float32)" in source
     assert ".as_strided(" in source and "slot_view" not in source
     assert lines[-1].strip().startswith("return [")
-    assert (tmp_path / "program_wrapper.py").read_text() == source
+    assert (tmp_path / "LlamaForCausalLM_wrapper.py").read_text() == source
 
 
 def test_an_error_inside_the_wrapper_points_at_its_generated_line():
@@ -119,7 +119,7 @@ def test_an_error_inside_the_wrapper_points_at_its_generated_line():
         (x,) = inputs
         with pytest.raises(RuntimeError) as raised:
             program(x[:, :1])
-    frames = [frame for frame in traceback.extract_tb(raised.value.__traceback__) if frame.filename == "<ember wrapper program>"]
+    frames = [frame for frame in traceback.extract_tb(raised.value.__traceback__) if frame.filename == "<ember wrapper Sequential>"]
     assert frames and frames[-1].line.startswith("linear")
 
 
