@@ -9,6 +9,7 @@ the oracle that wrapper is tested against, and runs the calls autograd records.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -193,8 +194,8 @@ class Executor:
             try:
                 self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs, device)
             except RuntimeError as error:
-                log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)",
-                            str(error).splitlines()[0])
+                log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)%s",
+                            str(error).splitlines()[0], _failing_line(error))
                 self.graphed[device] = None
         return self.graphed[device]
 
@@ -255,6 +256,12 @@ def tail_start(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | None) 
 
     late = [maker(name) for name in graph.outputs if name in made and len(steps) - maker(name) <= MAX_TAIL_STEPS]
     return min(late, default=len(steps))
+
+
+def _failing_line(error: BaseException) -> str:
+    """" at `line` of the generated wrapper" for the wrapper line an error came from, else nothing."""
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename.startswith("<ember wrapper")]
+    return f" at `{frames[-1].line.strip()}` in {frames[-1].filename}" if frames and frames[-1].line else ""
 
 
 def _carried(prefix: Sequence[Step], tail: Sequence[Step], graph: Graph) -> tuple[str, ...]:
