@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 import ember
 from ember import models
 from ember.runtime import executor
-from ember.runtime.executor import _allocate, _carried
+from ember.runtime.executor import _allocate, _carried, _failing_line
 
 
 def _fresh(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -121,6 +121,7 @@ def test_an_error_inside_the_wrapper_points_at_its_generated_line():
             program(x[:, :1])
     frames = [frame for frame in traceback.extract_tb(raised.value.__traceback__) if frame.filename == "<ember wrapper Sequential>"]
     assert frames and frames[-1].line.startswith("linear")
+    assert _failing_line(raised.value).startswith(" at `linear") and "<ember wrapper Sequential>" in _failing_line(raised.value)
 
 
 def test_a_call_that_autograd_records_stays_on_the_reference_steps():
