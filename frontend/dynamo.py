@@ -115,6 +115,7 @@ class ExportedRunner:
         program = ember_compile(_Lifted(self.gm, args, self.static),
                                 tuple(args[position] for position in self.input_positions), self.options)
         self.programs[self._key(args)] = program
+        self.tensor_positions = tuple(position for position in self.input_positions if isinstance(args[position], torch.Tensor))
         self.pointers = tuple((position, args[position].data_ptr()) for position in self.static)
         self.sources = tuple({id(source): (source, source._version)
                               for program in self.programs.values() for source in program.graph.derived.values()}.values())
@@ -133,7 +134,8 @@ class ExportedRunner:
             log.info("a parameter was replaced or updated under a copy derived from it: recompiling")
             self.programs.clear()
         program = self.programs.get(self._key(args)) or self._compile(args)
-        return program(*(args[position] for position in self.input_positions))
+        # dynamo's guards (and the key, for a dynamic graph) already hold every input to the compiled signature
+        return program.finish(program.executor([args[position] for position in self.tensor_positions]))
 
 
 def _symbolic(value: Any) -> bool:

@@ -189,9 +189,12 @@ class Program:
         kwargs = {key: kwargs[key] for key in self.kwarg_names} if self.arg_count is not None else kwargs
         flat, spec = pytree.tree_flatten((args, kwargs))
         if self.in_spec is not None and spec != self.in_spec:
-            raise InputError(f"expected arguments structured as {self.in_spec}, got {spec}")
-        tensors = self._tensor_inputs(flat)
-        outputs = self.run(tensors)
+            raise InputError(f"expected (args, kwargs) shaped like {_shape_of(self.in_spec)}, got {_shape_of(spec)}")
+        return self.finish(self.run(self._tensor_inputs(flat)))
+
+    def finish(self, outputs: list[torch.Tensor]) -> Any:
+        """The call's result from the run's flat outputs: buffers the model mutates written back, the rest in the
+        model's own structure (a transformers ModelOutput with its cache, say)."""
         for buffer, value in zip(self.mutated_buffers, outputs):
             buffer.copy_(value)
         outputs = outputs[len(self.mutated_buffers):]
@@ -217,6 +220,16 @@ class Program:
             else:
                 tensors.append(value)
         return tensors
+
+
+class _Leaf:
+    def __repr__(self) -> str:
+        return "tensor"
+
+
+def _shape_of(spec: pytree.TreeSpec) -> str:
+    """A call's structure as Python would print it, each leaf shown as `tensor`: "((tensor,), {})"."""
+    return repr(pytree.tree_unflatten([_Leaf()] * spec.num_leaves, spec))
 
 
 def check_inputs(graph: Graph, tensors: list[Any]) -> None:

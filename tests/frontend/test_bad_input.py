@@ -176,3 +176,10 @@ def test_grouped_matmul_forms_with_other_semantics_stay_externs():
     assert not _is_plain_grouped_mm(Call(x2, w3), ("x", "w", "offs", "bias"), {})
     assert not _is_plain_grouped_mm(Call(x2, w3), ("x", "w", None), {})
     assert not _is_plain_grouped_mm(Call(x2, w3), ("x", "w", "offs"), {"out_dtype": torch.bfloat16})
+
+
+def test_a_list_where_a_tensor_was_compiled_is_named_plainly():
+    program = ember.compile(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
+    with pytest.raises(ember.InputError) as raised:
+        program([torch.randn(2, 4)])
+    assert str(raised.value) == "expected (args, kwargs) shaped like ((tensor,), {}), got (([tensor],), {})"
