@@ -19,12 +19,12 @@ _PROGRESS: contextvars.ContextVar[Any] = contextvars.ContextVar("ember_progress"
 
 
 @contextmanager
-def shown(enabled: bool = True) -> Iterator[None]:
-    """Draw every `task` opened inside on stderr, when `enabled` and stderr is a terminal."""
+def shown(enabled: bool = True, console: Any = None) -> Iterator[None]:
+    """Draw every `task` opened inside on `console` (stderr by default), when `enabled` and it is a terminal."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True)
+    console = console or Console(stderr=True)
     if not enabled or not console.is_terminal:
         yield
         return

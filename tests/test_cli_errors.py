@@ -135,3 +135,10 @@ def test_help_and_version_load_no_torch():
 
 def test_the_cli_knows_every_builtin_model():
     assert cli.BUILTIN_MODELS == tuple(models.BUILTIN) and cli.SIZES == models.SIZES
+
+
+def test_the_transformers_demos_raise_no_config_warnings(capsys, caplog):
+    pytest.importorskip("transformers")
+    assert main(["demo", "gpt2", "--device", "cpu", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "token_id" not in captured.err + caplog.text
