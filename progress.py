@@ -47,9 +47,11 @@ def task(description: str, total: float | None = None) -> Iterator[Callable[...,
     task_id = bar.add_task(description, total=total) if bar is not None else None
     started = time.perf_counter()
     log.debug("%s …", description)
+    shown_last = [description]  # the planner reports after every probe: log a line only when it says something new
 
     def update(advance: float = 0, description: str | None = None) -> None:
-        if description is not None:
+        if description is not None and description != shown_last[0]:
+            shown_last[0] = description
             log.debug("%s", description)
         if bar is not None:
             bar.update(task_id, advance=advance, **({"description": description} if description else {}))

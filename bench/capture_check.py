@@ -18,6 +18,3 @@ model.forward = torch.compile(model.forward, backend="ember", fullgraph=True)
 with torch.no_grad():
     prompt = torch.randint(1, model.config.vocab_size, (1, 16), device="cuda")
     generate(model, prompt, 4, 64)
-    for layer in getattr(model._cache if hasattr(model, "_cache") else None, "layers", []) or []:
-        print(type(layer).__name__, {name: (value.device, value.dtype, tuple(value.shape)) for name, value in vars(layer).items()
-                                     if isinstance(value, torch.Tensor)})

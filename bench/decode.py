@@ -15,8 +15,6 @@ import statistics
 import time
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-
 from ember import models
 
 from common import environment, write_results
@@ -24,17 +22,6 @@ from common import environment, write_results
 PROMPT_TOKENS = 16
 VARIANTS = {"eager": None, "inductor": {"mode": "default"}, "inductor_ro": {"mode": "reduce-overhead"},
             "ember": {"backend": "ember"}}
-
-
-class StopAfter(StoppingCriteria):
-    """Stop once `length` tokens are in the sequence: the cache stays sized by max_cache_len, not by this."""
-
-    def __init__(self, length: int):
-        self.length = length
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), input_ids.shape[-1] >= self.length, dtype=torch.bool,
-                          device=input_ids.device)
 
 
 def llama(size: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -45,10 +32,9 @@ def llama(size: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
 
 
 def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, cache: int) -> torch.Tensor:
-    length = prompt.shape[-1] + new_tokens
+    """Greedy tokens: exactly `new_tokens` of them (no early stop at an end token), into a static cache of `cache`."""
     return model.generate(prompt, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          cache_implementation="static", max_cache_len=cache, pad_token_id=0,
-                          stopping_criteria=StoppingCriteriaList([StopAfter(length)]))
+                          cache_implementation="static", max_cache_len=cache, pad_token_id=0)
 
 
 def run_variant(model: torch.nn.Module, variant: str, prompt: torch.Tensor, args: argparse.Namespace) -> dict:

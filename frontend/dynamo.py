@@ -104,9 +104,10 @@ class ExportedRunner:
         self.static = tuple(position for position, value in enumerate(args) if _is_static(value))
         self.input_positions = tuple(position for position in range(len(args)) if position not in self.static)
         self.dynamic = any(_symbolic(node.meta.get("example_value")) for node in gm.graph.nodes if node.op == "placeholder")
+        self.tensor_positions = tuple(position for position in self.input_positions
+                                      if isinstance(args[position], torch.Tensor))
         self.programs: dict[tuple, Any] = {}
         self.pointers: tuple[tuple[int, int], ...] = ()
-        self.sources: tuple[tuple[torch.Tensor, int], ...] = ()
         self._compile(args)
 
     def _compile(self, args: Sequence[Any]) -> Any:
@@ -115,10 +116,7 @@ class ExportedRunner:
         program = ember_compile(_Lifted(self.gm, args, self.static),
                                 tuple(args[position] for position in self.input_positions), self.options)
         self.programs[self._key(args)] = program
-        self.tensor_positions = tuple(position for position in self.input_positions if isinstance(args[position], torch.Tensor))
-        self.pointers = tuple((position, args[position].data_ptr()) for position in self.static)
-        self.sources = tuple({id(source): (source, source._version)
-                              for program in self.programs.values() for source in program.graph.derived.values()}.values())
+        self.pointers = _pointers(args, self.static)
         return program
 
     def _key(self, args: Sequence[Any]) -> tuple:
@@ -128,14 +126,24 @@ class ExportedRunner:
                      for p in self.input_positions)
 
     def __call__(self, *args: Any) -> Any:
-        stale = any(args[position].data_ptr() != pointer for position, pointer in self.pointers) or any(
-            source._version != version for source, version in self.sources)
-        if stale:
-            log.info("a parameter was replaced or updated under a copy derived from it: recompiling")
+        if _moved(args, self.pointers):
+            log.info("a parameter was given in new storage: recompiling")
             self.programs.clear()
-        program = self.programs.get(self._key(args)) or self._compile(args)
+        program = self.programs.get(self._key(args))
+        if program is None or program.stale_weights():
+            program = self._compile(args)
         # dynamo's guards (and the key, for a dynamic graph) already hold every input to the compiled signature
         return program.finish(program.executor([args[position] for position in self.tensor_positions]))
+
+
+def _pointers(args: Sequence[Any], static: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Where each parameter's storage was when a program was compiled for it."""
+    return tuple((position, args[position].data_ptr()) for position in static)
+
+
+def _moved(args: Sequence[Any], pointers: Sequence[tuple[int, int]]) -> bool:
+    """Whether a parameter is handed in other storage than it was compiled with (`param.data = ...`, a new one)."""
+    return any(args[position].data_ptr() != pointer for position, pointer in pointers)
 
 
 def _symbolic(value: Any) -> bool:
@@ -190,10 +198,9 @@ def compile_forward(fx_gm: fx.GraphModule, options: Options,
 class _WeightedRunner:
     """A Program for one forward graph, with its parameters compiled in as weights held by reference.
 
-    The weights are the tensors the graph was compiled with. Each call checks that the parameters it is
-    handed still have their storage (and, where compiling derived tensors from them such as a padded copy,
-    their version): a parameter replaced (`param.data = ...`, a new Parameter) or updated in place under a
-    derived copy is recompiled for, never read stale. Called with AOT's flat args (tensors and ints).
+    The weights are the tensors the graph was compiled with. Each call checks, as ExportedRunner does, that
+    the parameters it is handed still have their storage and that no copy compiling made of one is stale; if
+    not, it compiles again. Called with AOT's flat args (tensors and ints).
     """
 
     _boxed_call = True
@@ -208,7 +215,7 @@ class _WeightedRunner:
             position for position, node in enumerate(placeholders)
             if position not in static and isinstance(node.meta.get("val"), torch.Tensor))
         self.program: Any = None
-        self.stamps: tuple[tuple[int, int, int | None], ...] = ()
+        self.pointers: tuple[tuple[int, int], ...] = ()
 
     def build(self, args: Mapping[int, Any] | Sequence[Any]) -> None:
         """Compile with the parameters found at the static positions of `args`."""
@@ -218,17 +225,12 @@ class _WeightedRunner:
         graph = lower_fx(self.fx_gm, weights=weights)
         checkpoint(graph, "lower", self.options, index=0)
         self.program = compile_graph(graph, self.options)
-        derived = bool(set(self.program.graph.weights) - set(weights))
-        self.stamps = tuple((position, tensor.data_ptr(), tensor._version if derived else None)
-                            for position, tensor in zip(self.static, weights.values()))
+        self.pointers = _pointers(args, self.static)
 
     def __call__(self, args: list[Any]) -> list[torch.Tensor]:
-        for position, pointer, version in self.stamps:
-            tensor = args[position]
-            if tensor.data_ptr() != pointer or (version is not None and tensor._version != version):
-                log.info("a parameter was replaced or updated under a derived copy: recompiling its graph")
-                self.build(args)
-                break
+        if _moved(args, self.pointers) or self.program.stale_weights():
+            log.info("a parameter was given in new storage or updated under a copy made of it: recompiling")
+            self.build(args)
         tensors = [args[position] for position in self.input_positions]
         args.clear()  # boxed convention: let AOT's references to the inputs go early
         return self.program.run(tensors)

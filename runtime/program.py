@@ -179,6 +179,8 @@ class Program:
         self.mutated_buffers = mutated_buffers
         self.check_inputs = check_inputs
         self.executor = Executor(graph, layout, work, cuda_graphs, name=name, debug_dir=debug_dir)
+        self.derived_from = tuple({id(source): (source, source._version) for source in graph.derived.values()}.values())
+        """The weights a compile-time copy was made from (a padded LM head), with their versions then."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.arg_count is not None and (len(args) != self.arg_count or set(kwargs) != set(self.kwarg_names)):
@@ -206,7 +208,15 @@ class Program:
         """Run on the flat list of tensor inputs, in graph order; returns the flat outputs."""
         if self.check_inputs:
             check_inputs(self.graph, tensors)
+        if self.stale_weights():
+            raise InputError("a weight was updated in place after compiling, and a copy compiling made of it (a "
+                             "padded weight) would be read stale: compile again (torch.compile(backend=\"ember\") "
+                             "recompiles by itself)")
         return self.executor(tensors)
+
+    def stale_weights(self) -> bool:
+        """Whether a weight that a compile-time copy was made from has been updated in place since."""
+        return any(source._version != version for source, version in self.derived_from)
 
     def _tensor_inputs(self, flat: list[Any]) -> list[torch.Tensor]:
         tensors = []

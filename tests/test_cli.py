@@ -23,7 +23,8 @@ def test_demo_json_reports_a_correct_run(capsys):
 def test_demo_prints_what_happened(capsys):
     assert main(["demo", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    for expected in ("IR nodes", "op coverage", "extern ops", "max |error| vs eager", "time per stage", "PASS"):
+    for expected in ("ember compile report", "nodes", "op coverage", "0 extern", "max |error| vs eager",
+                     "time per stage", "PASS"):
         assert expected in out
 
 

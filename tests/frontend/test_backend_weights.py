@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ember
+
 from ember.optimizer import layout
 
 
@@ -40,14 +42,18 @@ def test_a_changed_parameter_is_never_read_stale(change):
         torch.testing.assert_close(compiled(x), model(x))
 
 
-def test_an_in_place_update_under_a_derived_copy_recompiles(compiled_programs, monkeypatch):
-    """A weight padded at compile time (as half-precision CUDA linears are) is made again when its source changes."""
+@pytest.fixture
+def padded_copies(monkeypatch):
+    """Every odd-featured linear gets a padded weight copy at compile time, as half-precision CUDA linears do."""
     def pad_every_odd_linear(node, types, weights):
         features = node.outputs[0].type.shape[-1]
         known = node.op == "linear" and all(name in weights for name in node.inputs[1:])
         return -(-features // 8) * 8 if known and features % 8 else None
 
     monkeypatch.setattr(layout, "_padded_features", pad_every_odd_linear)
+
+
+def test_an_in_place_update_under_a_derived_copy_recompiles(compiled_programs, padded_copies):
     model, x = make_model(), torch.randn(4, 6)
     compiled = torch.compile(model, backend="ember")
     with torch.no_grad():
@@ -56,6 +62,18 @@ def test_an_in_place_update_under_a_derived_copy_recompiles(compiled_programs, m
         model[3].weight.add_(1.0)
         torch.testing.assert_close(compiled(x), model(x))
     assert len(compiled_programs) == 2
+
+
+def test_a_program_never_reads_a_stale_derived_copy(padded_copies):
+    """ember.compile cannot compile again by itself: it says so rather than answer with the old weight."""
+    model, x = make_model(), torch.randn(4, 6)
+    with torch.no_grad():
+        program = ember.compile(model, (x,))
+        assert program.graph.derived
+        torch.testing.assert_close(program(x), model(x))
+        model[3].weight.add_(1.0)
+        with pytest.raises(ember.InputError, match="updated in place after compiling"):
+            program(x)
 
 
 def test_new_shapes_of_a_dynamic_graph_compile_once_each(compiled_programs):
