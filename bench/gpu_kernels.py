@@ -1,12 +1,13 @@
 """GPU-only checks of what the CPU tests run in the interpreter: generated pointwise and row-reduction
 kernels compiled by the real Triton, on odd sizes, non-contiguous and broadcast inputs, in every float
-dtype, rows from 7 to 5000 columns, kernels reading through cats, splits, repeats and gathers; and the device-side grouped matmul against the per-expert loop.
+dtype, rows from 7 to 5000 columns, kernels reading through cats, splits, repeats and gathers, inputs off 16-byte alignment after aligned ones; and the device-side grouped matmul against the per-expert loop.
 Usage: python bench/gpu_kernels.py [--out bench/results]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 
 import torch
 from torch import nn
@@ -28,11 +29,15 @@ class Chains(nn.Module):
         return a, b, c.to(x.dtype)
 
 
-def compare(label: str, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict:
+def compare(label: str, model: nn.Module, inputs: tuple[torch.Tensor, ...],
+            first: tuple[torch.Tensor, ...] | None = None) -> dict:
     """ember's fused program and eager torch, each against the model run in float64 on the same inputs: fused
-    kernels compute in float32 and round once, so they must be within the dtype's tolerance of the exact result."""
+    kernels compute in float32 and round once, so they must be within the dtype's tolerance of the exact result.
+    With `first`, the program is compiled for and called on those inputs before being checked on `inputs`."""
     with torch.no_grad():
-        program = ember.compile(model, inputs, ember.Options(fusion=True))
+        program = ember.compile(model, first or inputs, ember.Options(fusion=True))
+        if first is not None:
+            program(*first)
         actual, eager = program(*inputs), model(*inputs)
         exact = copy.deepcopy(model).double()(*(x.double() if x.is_floating_point() else x for x in inputs))
     def error(results):
@@ -48,6 +53,21 @@ def check_chains() -> list[dict]:
         x = torch.randn(37, 129, device="cuda", dtype=dtype).t()  # odd sizes, transposed
         row, column = torch.randn(37, device="cuda", dtype=dtype), torch.randn(129, 1, device="cuda", dtype=dtype)
         rows.append(compare(f"fused chains {str(dtype).removeprefix('torch.')}", Chains(), (x, row, column)))
+    return rows
+
+
+def check_misaligned() -> list[dict]:
+    """Inputs one element into their storage (pointers off 16-byte alignment) after a call on aligned ones: the
+    kernels launch their compiled binary directly only for aligned pointers, so these take Triton's own path."""
+    rows = []
+    for dtype in (torch.float16, torch.float32):
+        def shifted(*shape: int, by: int = 1) -> torch.Tensor:
+            return torch.randn(math.prod(shape) + by, device="cuda", dtype=dtype)[by:].view(shape)
+
+        aligned = (shifted(37, 129, by=0).t(), shifted(37, by=0), shifted(129, 1, by=0))
+        misaligned = (shifted(37, 129).t(), shifted(37), shifted(129, 1))
+        rows.append(compare(f"misaligned after aligned {str(dtype).removeprefix('torch.')}", Chains(), misaligned,
+                            first=aligned))
     return rows
 
 
@@ -159,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
-    rows = check_chains() + check_rows() + check_moves() + check_attention() + [check_grouped_mm()]
+    rows = check_chains() + check_misaligned() + check_rows() + check_moves() + check_attention() + [check_grouped_mm()]
     lines = ["Fused kernels and eager against float64 (attention and grouped_mm: against torch's own result)",
              f"{'check':44} {'max err':>10} {'eager err':>10} {'limit':>10} {'groups':>6}  ok"]
     lines += [f"{r['check']:44} {r['max_err']:10.3g} {r['eager_err']:10.3g} {r['limit']:10.3g} {r['groups']:6d}  "

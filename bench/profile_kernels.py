@@ -8,6 +8,8 @@ Usage: python bench/profile_kernels.py [--model gpt2] [--out bench/results] [--t
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -47,8 +49,23 @@ def _descendants(event):
         yield from _descendants(child)
 
 
-def top_kernels(run, count: int) -> tuple[float, list[tuple[str, float, int]]]:
-    """(device ms per call, [(kernel, µs per call, launches per call)]) over CALLS profiled calls."""
+def wall_ms(run, calls: int = 200) -> float:
+    """Median wall time of one call, synchronized, after warm-up."""
+    times = []
+    with torch.no_grad():
+        for _ in range(20):
+            run()
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def top_kernels(run, count: int) -> tuple[float, int, list[tuple[str, float, int]]]:
+    """(device ms per call, kernels per call, [(kernel, µs per call, launches per call)]) over CALLS profiled calls."""
     with torch.no_grad():
         for _ in range(3):
             run()
@@ -60,7 +77,8 @@ def top_kernels(run, count: int) -> tuple[float, list[tuple[str, float, int]]]:
     events = [e for e in trace.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events) / CALLS / 1e3
     ranked = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:count]
-    return total, [(e.key[:70], e.self_device_time_total / CALLS, e.count // CALLS) for e in ranked]
+    launches = sum(e.count for e in events) // CALLS
+    return total, launches, [(e.key[:70], e.self_device_time_total / CALLS, e.count // CALLS) for e in ranked]
 
 
 def main() -> None:
@@ -68,24 +86,34 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--replay", action="store_true",
+                        help="the backends as users call them, replayed: torch.compile(backend='ember') against "
+                             "mode='reduce-overhead' (kernels inside CUDA graphs included)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, inputs = models.load(args.model, "suite", device="cuda")
     with torch.no_grad():
-        program = ember.compile(model, inputs, ember.Options(cuda_graphs=False))
-        compiled = torch.compile(model)  # reduce-overhead runs these same kernels from a CUDA graph
-    result, lines = {"model": args.model}, []
-    for name, run in (("ember", lambda: program(*inputs)), ("torch.compile", lambda: compiled(*inputs))):
-        total, kernels = top_kernels(run, args.top)
-        result[name] = {"device_ms": total, "kernels": kernels}
-        lines.append(f"{name}: {total:.3f} ms of kernels per call")
+        if args.replay:
+            ours = torch.compile(model, backend="ember")
+            compiled = torch.compile(model, mode="reduce-overhead")
+        else:
+            program = ember.compile(model, inputs, ember.Options(cuda_graphs=False))
+            ours = lambda *call: program(*call)  # noqa: E731
+            compiled = torch.compile(model)  # reduce-overhead runs these same kernels from a CUDA graph
+    result, lines = {"model": args.model, "replay": args.replay}, []
+    for name, run in (("ember", lambda: ours(*inputs)), ("torch.compile", lambda: compiled(*inputs))):
+        total, launches, kernels = top_kernels(run, args.top)
+        wall = wall_ms(run)
+        result[name] = {"device_ms": total, "launches": launches, "wall_ms": wall, "kernels": kernels}
+        lines.append(f"{name}: {total:.3f} ms of kernels per call ({launches} kernels), {wall:.3f} ms wall per call")
         lines += [f"  {us:9.1f} µs  ×{launches:<4d} {kernel}" for kernel, us, launches in kernels]
-        if name == "ember":
+        if name == "ember" and not args.replay:
             ops = launched_by(run, args.top)
             result["ember_ops"] = ops
             lines.append("ember, by the ATen op that launched them:")
             lines += [f"  {us:9.1f} µs  ×{launches:<4d} {op}" for op, us, launches in ops]
-    write_results(args.out, f"profile_{args.model}", {**environment(torch.device("cuda")), **result}, "\n".join(lines))
+    stem = f"profile_{args.model}{'_replay' if args.replay else ''}"
+    write_results(args.out, stem, {**environment(torch.device("cuda")), **result}, "\n".join(lines))
 
 
 if __name__ == "__main__":

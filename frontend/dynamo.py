@@ -107,7 +107,7 @@ class ExportedRunner:
         self.tensor_positions = tuple(position for position in self.input_positions
                                       if isinstance(args[position], torch.Tensor))
         self.programs: dict[tuple, Any] = {}
-        self.pointers: tuple[tuple[int, int], ...] = ()
+        self.pointers: list[int | None] = []
         self._compile(args)
 
     def _compile(self, args: Sequence[Any]) -> Any:
@@ -126,7 +126,7 @@ class ExportedRunner:
                      for p in self.input_positions)
 
     def __call__(self, *args: Any) -> Any:
-        if _moved(args, self.pointers):
+        if _moved(args, self.pointers, self.static):
             log.info("a parameter was given in new storage: recompiling")
             self.programs.clear()
         program = self.programs.get(self._key(args))
@@ -136,14 +136,24 @@ class ExportedRunner:
         return program.finish(program.executor([args[position] for position in self.tensor_positions]))
 
 
-def _pointers(args: Sequence[Any], static: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """Where each parameter's storage was when a program was compiled for it."""
-    return tuple((position, args[position].data_ptr()) for position in static)
+def _pointers(args: Mapping[int, Any] | Sequence[Any], static: Sequence[int]) -> list[int | None]:
+    """Where each parameter's storage was when a program was compiled for it, by argument position."""
+    pointers: list[int | None] = [None] * (max(static, default=-1) + 1)
+    for position in static:
+        pointers[position] = args[position].data_ptr()
+    return pointers
 
 
-def _moved(args: Sequence[Any], pointers: Sequence[tuple[int, int]]) -> bool:
+_SAME_POINTERS = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+"""torch's own check (in C++, as CUDA-graph trees use it) that tensors at some positions have the data pointers
+recorded for them: builds with CUDA have it."""
+
+
+def _moved(args: Sequence[Any], pointers: list[int | None], static: Sequence[int]) -> bool:
     """Whether a parameter is handed in other storage than it was compiled with (`param.data = ...`, a new one)."""
-    return any(args[position].data_ptr() != pointer for position, pointer in pointers)
+    if _SAME_POINTERS is not None:
+        return not _SAME_POINTERS(list(args), pointers, list(static))
+    return any(args[position].data_ptr() != pointers[position] for position in static)
 
 
 def _symbolic(value: Any) -> bool:
@@ -215,7 +225,7 @@ class _WeightedRunner:
             position for position, node in enumerate(placeholders)
             if position not in static and isinstance(node.meta.get("val"), torch.Tensor))
         self.program: Any = None
-        self.pointers: tuple[tuple[int, int], ...] = ()
+        self.pointers: list[int | None] = []
 
     def build(self, args: Mapping[int, Any] | Sequence[Any]) -> None:
         """Compile with the parameters found at the static positions of `args`."""
@@ -228,7 +238,7 @@ class _WeightedRunner:
         self.pointers = _pointers(args, self.static)
 
     def __call__(self, args: list[Any]) -> list[torch.Tensor]:
-        if _moved(args, self.pointers) or self.program.stale_weights():
+        if _moved(args, self.pointers, self.static) or self.program.stale_weights():
             log.info("a parameter was given in new storage or updated under a copy made of it: recompiling")
             self.build(args)
         tensors = [args[position] for position in self.input_positions]

@@ -6,6 +6,7 @@ a model may return any pytree (a transformers ModelOutput holding a DynamicCache
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import sys
@@ -171,12 +172,15 @@ def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:
         if not isinstance(node.meta.get("val"), torch.Tensor)
     }
     buffers = dict(exported.named_buffers())
-    mutated = []
+    placeholder_of = {spec.target: node.name for node, spec in zip(placeholders, signature.input_specs)}
+    mutated, written = [], set()
     for spec in signature.output_specs:
         if spec.kind == OutputKind.BUFFER_MUTATION:
             mutated.append(buffers[spec.target])
+            written.add(placeholder_of[spec.target])
         elif spec.kind != OutputKind.USER_OUTPUT:
             raise CompileError(f"export output {spec.arg} of kind {spec.kind.name} is not supported by ember")
+    graph = dataclasses.replace(graph, written=frozenset(written))
     seconds = {"capture": captured_at - started, "lower": time.perf_counter() - captured_at}
     log.debug("captured %s: %d nodes in %.2f s", type(model).__name__, len(graph.nodes), sum(seconds.values()))
     args, kwargs = normalize_inputs(example_inputs)

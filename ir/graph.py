@@ -83,9 +83,12 @@ class Graph:
     nodes: tuple[Node, ...]
     outputs: tuple[str, ...]
     weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    derived: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    """Weights a pass made from another at compile time (a padded copy): name -> the source tensor. A runtime
-    checks the sources' versions, since an in-place update of a source leaves its derived copy stale."""
+    derived: Mapping[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    """Weights a pass made from others at compile time (a padded copy, a folded constant): name -> the source
+    tensors. A runtime checks the sources' versions, since an in-place update of a source leaves them stale."""
+    written: frozenset[str] = frozenset()
+    """Weights the program writes after each call (a buffer the model updates in place, written back from an
+    output): they change between calls, so no pass may treat them as constants."""
 
     def types(self) -> dict[str, TensorType]:
         """Every value's type by name."""

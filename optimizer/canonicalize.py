@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..ir import Graph
+import torch
+
+from ..ir import Graph, Node
 
 
 def eliminate_dead_code(graph: Graph) -> Graph:
@@ -18,3 +20,30 @@ def eliminate_dead_code(graph: Graph) -> Graph:
     weights = {value.name: graph.weights[value.name] for value in params}
     derived = {name: source for name, source in graph.derived.items() if name in weights}
     return dataclasses.replace(graph, nodes=tuple(reversed(kept)), params=params, weights=weights, derived=derived)
+
+
+def drop_empty_cat_inputs(graph: Graph) -> Graph:
+    """Each `cat` without its empty inputs, and one left with a single input as a copy of it.
+
+    transformers' caches start empty: a DynamicCache's first update is `cat([empty, key])`, which torch runs as
+    a batched copy kernel that reads a strided key slowly (on an H200, GPT-2's 24 such cats took 0.48 ms a
+    call); a plain copy is a pointwise step the fusion pass folds into the kernel that made the key.
+    """
+    types = graph.types()
+    nodes = []
+    for node in graph.nodes:
+        if node.op != "cat" or not any(types[name].numel == 0 for name in node.inputs):
+            nodes.append(node)
+            continue
+        kept = tuple(name for name in node.inputs if types[name].numel != 0)
+        value = node.outputs[0]
+        if len(kept) > 1:  # the list argument's slots number the inputs afresh
+            nodes.append(dataclasses.replace(node, inputs=kept, attrs={**node.attrs, "tensors": tuple(range(len(kept)))}))
+        elif len(kept) == 1 and types[kept[0]].shape == value.type.shape and value.type.is_contiguous:
+            nodes.append(Node(node.name, "clone", kept, {"memory_format": torch.contiguous_format}, node.outputs,
+                              source=node.source))
+        else:  # all empty, or a legacy 1-D empty beside a tensor of another shape: leave it to torch
+            nodes.append(node)
+    if all(a is b for a, b in zip(nodes, graph.nodes)):
+        return graph
+    return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(nodes)))

@@ -43,7 +43,7 @@ def pad_linear_features(graph: Graph) -> Graph:
             wide_name = f"{name}_padded{padded}"
             if wide_name not in weights:
                 weights[wide_name] = wide
-                derived[wide_name] = derived.get(name, tensor)
+                derived[wide_name] = derived.get(name, (tensor,))
                 params.append(Value(wide_name, dataclasses.replace(types[name], shape=tuple(wide.shape),
                                                                    strides=contiguous_strides(tuple(wide.shape)))))
             operands.append(wide_name)

@@ -179,8 +179,10 @@ class Program:
         self.mutated_buffers = mutated_buffers
         self.check_inputs = check_inputs
         self.executor = Executor(graph, layout, work, cuda_graphs, name=name, debug_dir=debug_dir)
-        self.derived_from = tuple({id(source): (source, source._version) for source in graph.derived.values()}.values())
-        """The weights a compile-time copy was made from (a padded LM head), with their versions then."""
+        self.derived_from = tuple({id(source): (source, source._version) for sources in graph.derived.values()
+                                   for source in sources if not source.is_inference()}.values())
+        """The weights a compile-time value was made from (a padded LM head, a folded table), with their versions then.
+        Inference tensors keep no version and are left out (outside inference mode they cannot be updated in place)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.arg_count is not None and (len(args) != self.arg_count or set(kwargs) != set(self.kwarg_names)):

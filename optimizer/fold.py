@@ -1,0 +1,128 @@
+"""Constant folding: values computed from weights and literals alone are worked out once, at compile time.
+
+transformers models compute tables on every call from buffers and shapes that never change between calls:
+Llama's rotary cos/sin from `inv_freq` and an arange of the (static) sequence length is ten nodes and three
+kernels per call. Worked out here, each such value becomes a weight (a derived one: the runtime checks its
+sources' versions, so an in-place update of `inv_freq` recompiles rather than reads a stale table).
+
+Only small values fold (FOLDED_ELEMENTS), so a copy of a large weight (`weight.to(bfloat16)`) is never made
+and held beside the original; pure views of weights stay views; values that any node mutates, or that view
+memory a node mutates (a KV cache), or are made from a buffer written back after each call, never fold.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from ..ir import Graph, Node, Value
+from .canonicalize import eliminate_dead_code
+
+FOLDED_ELEMENTS = 1 << 20
+"""The most elements of a value worked out at compile time (a rotary table of 8,192 positions × 128 is 1M)."""
+
+log = logging.getLogger(__name__)
+
+_FOLDABLE_KINDS = ("pointwise", "view", "data", "reduction")
+
+
+def fold_constants(graph: Graph) -> Graph:
+    """The graph with every small value that depends only on weights and literals held as a weight."""
+    values = {name: tensor for name, tensor in graph.weights.items() if name not in graph.written}
+    sources: dict[str, set[str]] = {name: {name} for name in values}
+    computes: set[str] = set()  # constants that took a kernel to make, not only views of weights
+    folded: dict[str, Node] = {}
+    frozen = _mutated_memory(graph)
+    with unset_fake_temporarily(), torch.no_grad():  # the backend runs under fake tensors; the weights are real
+        for node in graph.nodes:
+            results = _evaluate(node, values, frozen)
+            if results is None:
+                continue
+            values.update(results)
+            sources.update((name, set().union(*(sources[read] for read in node.inputs))) for name in results)
+            if node.definition.kind != "view" or any(name in computes for name in node.inputs):
+                computes.update(results)
+                folded[node.name] = node
+        frontier = _frontier(graph, folded, values)
+    if not frontier:
+        return graph
+    weights, derived, params = dict(graph.weights), dict(graph.derived), list(graph.params)
+    for value in frontier:
+        weights[value.name] = values[value.name]
+        derived[value.name] = tuple({id(tensor): tensor for name in sources[value.name]
+                                     for tensor in derived.get(name, (graph.weights[name],))}.values())
+        params.append(value)
+    nodes = tuple(node for node in graph.nodes if node.name not in folded)
+    return eliminate_dead_code(dataclasses.replace(graph, nodes=nodes, params=tuple(params), weights=weights,
+                                                   derived=derived))
+
+
+def _evaluate(node: Node, values: Mapping[str, torch.Tensor], frozen: set[str]) -> dict[str, torch.Tensor] | None:
+    """`node`'s results by the op table's reference when every input is known and the node may fold: a small,
+    deterministic op of the table that mutates nothing, whose results come out as the IR types them (None
+    otherwise, and where the reference cannot run here: a CUDA arange on a machine without a GPU)."""
+    if node.is_extern or node.definition.kind not in _FOLDABLE_KINDS or node.definition.schema.is_mutable \
+            or node.op.startswith("empty") or any(name not in values for name in node.inputs) \
+            or any(value.name in frozen or value.type.numel > FOLDED_ELEMENTS for value in node.outputs):
+        return None
+    try:
+        results = node.definition.bind(node.attrs)([values[name] for name in node.inputs])
+    except (RuntimeError, ValueError) as error:
+        log.debug("%s not folded: its reference raised %s", node.name, error)
+        return None
+    out = {}
+    for value, position in zip(node.outputs, node.result_positions):
+        result = results[position]
+        if tuple(result.shape) != value.type.shape or result.dtype != value.type.dtype:
+            return None
+        out[value.name] = result
+    return out
+
+
+def _mutated_memory(graph: Graph) -> set[str]:
+    """Values whose memory some node writes in place: the written value, every view it was made from, and
+    every view of those."""
+    base = {value.name: value.name for value in (*graph.inputs, *graph.params)}
+    for node in graph.nodes:
+        for value in node.outputs:
+            base[value.name] = base.get(node.inputs[0], node.inputs[0]) if node.returns_view and node.inputs \
+                else value.name
+    written = {base.get(node.inputs[0]) for node in graph.nodes if node.inputs and node.definition.schema.is_mutable}
+    return {name for name, root in base.items() if root in written}
+
+
+def _frontier(graph: Graph, folded: dict[str, Node], values: dict[str, torch.Tensor]) -> list[Value]:
+    """The folded values that a node that stays reads, each laid out as the IR types it. A value the graph
+    returns (a caller may write to it) or one no dense tensor can hold (an `expand`) unfolds its node, which
+    then reads folded values in turn."""
+    while True:
+        produced = {value.name: node for node in folded.values() for value in node.outputs}
+        read = {name for node in graph.nodes if node.name not in folded for name in node.inputs}
+        returned = set(graph.outputs)
+        unfold = {produced[name].name for name in produced if name in returned
+                  or (name in read and not _dense(produced[name], name))}
+        if not unfold:
+            break
+        for name in unfold:
+            del folded[name]
+    frontier = [value for node in folded.values() for value in node.outputs if value.name in read]
+    for value in frontier:
+        result = values[value.name]
+        if result.stride() != value.type.layout:
+            values[value.name] = torch.empty_strided(value.type.shape, value.type.layout, dtype=value.type.dtype,
+                                                     device=result.device).copy_(result)
+    return frontier
+
+
+def _dense(node: Node, name: str) -> bool:
+    """Whether the value's strides lay its elements out without overlap or gaps (a permutation of contiguous)."""
+    value_type = next(value.type for value in node.outputs if value.name == name)
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(value_type.shape, value_type.layout) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
