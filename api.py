@@ -51,6 +51,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, options: Options | Mapp
         kwarg_names=captured.kwarg_names,
         constant_inputs=captured.constant_inputs,
         mutated_buffers=captured.mutated_buffers,
+        mutated_inputs=captured.mutated_inputs,
         name=type(model).__name__,
     )
 

@@ -133,7 +133,8 @@ class ExportedRunner:
         if program is None or program.stale_weights():
             program = self._compile(args)
         # dynamo's guards (and the key, for a dynamic graph) already hold every input to the compiled signature
-        return program.finish(program.executor([args[position] for position in self.tensor_positions]))
+        tensors = [args[position] for position in self.tensor_positions]
+        return program.finish(program.executor(tensors), tensors)
 
 
 def _pointers(args: Mapping[int, Any] | Sequence[Any], static: Sequence[int]) -> list[int | None]:

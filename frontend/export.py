@@ -37,6 +37,8 @@ class Captured:
     arg_count/kwarg_names: the call's positional arity and keyword names, for readable errors.
     constant_inputs: flat input position -> the value export specialised on (non-tensor inputs).
     mutated_buffers: the model buffers that the first graph outputs are written back to, in order.
+    mutated_inputs: positions among the tensor inputs (graph input order) that the next outputs are written back
+        to, in order: an input the model updates in place (a static KV cache handed in as an argument).
     stage_seconds: wall time of capture (export + decompositions) and of lowering.
     """
 
@@ -47,6 +49,7 @@ class Captured:
     kwarg_names: tuple[str, ...]
     constant_inputs: Mapping[int, Any]
     mutated_buffers: tuple[torch.Tensor, ...]
+    mutated_inputs: tuple[int, ...]
     stage_seconds: Mapping[str, float]
 
 
@@ -173,16 +176,20 @@ def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:
     }
     buffers = dict(exported.named_buffers())
     placeholder_of = {spec.target: node.name for node, spec in zip(placeholders, signature.input_specs)}
-    mutated, written = [], set()
+    tensor_inputs = [value.name for value in graph.inputs]
+    mutated, mutated_inputs, written = [], [], set()
     for spec in signature.output_specs:
-        if spec.kind == OutputKind.BUFFER_MUTATION:
+        if spec.kind == OutputKind.BUFFER_MUTATION and not mutated_inputs:
             mutated.append(buffers[spec.target])
             written.add(placeholder_of[spec.target])
+        elif spec.kind == OutputKind.USER_INPUT_MUTATION and spec.target in tensor_inputs:
+            mutated_inputs.append(tensor_inputs.index(spec.target))
         elif spec.kind != OutputKind.USER_OUTPUT:
-            raise CompileError(f"export output {spec.arg} of kind {spec.kind.name} is not supported by ember")
+            raise CompileError(f"export output {spec.arg} of kind {spec.kind.name} is not supported by ember "
+                               "(in this order)")
     graph = dataclasses.replace(graph, written=frozenset(written))
     seconds = {"capture": captured_at - started, "lower": time.perf_counter() - captured_at}
     log.debug("captured %s: %d nodes in %.2f s", type(model).__name__, len(graph.nodes), sum(seconds.values()))
     args, kwargs = normalize_inputs(example_inputs)
     return Captured(graph, exported.call_spec.in_spec, out_spec, len(args), tuple(kwargs),
-                    constant_inputs, tuple(mutated), seconds)
+                    constant_inputs, tuple(mutated), tuple(mutated_inputs), seconds)

@@ -36,7 +36,9 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
 
 class GraphedCall:
     """`run_prefix` captured on `device` on buffers shaped like `example`, what it returns (tensors in the graph's memory)
-    handed to `run_tail` after each replay; raises at construction if capture fails.
+    handed to `run_tail` after each replay; raises at construction if capture fails. The first `written_back`
+    outputs are new values of buffers and inputs, copied into them before the next replay, so they are handed
+    back uncopied; the `staged` inputs (CPU ones the graph only copies to the device) get buffers on the device.
 
     A call runs on the capture stream, ordered after the caller's stream and before the caller's next work on
     it, tail included: its matrix products then share the workspace cuBLAS made for the capture rather than
@@ -45,8 +47,10 @@ class GraphedCall:
 
     def __init__(self, run_prefix: Callable[[Sequence[torch.Tensor]], Any],
                  run_tail: Callable[[Sequence[torch.Tensor], Any], list[torch.Tensor]], example: Sequence[torch.Tensor],
-                 device: torch.device):
-        self.inputs = [tensor.clone() for tensor in example]
+                 device: torch.device, *, written_back: int = 0, staged: frozenset[int] = frozenset()):
+        self.inputs = [tensor.to(device, copy=True) if position in staged else tensor.clone()
+                       for position, tensor in enumerate(example)]
+        self.written_back = written_back
         self.run_tail = run_tail
         self.stream = capture_stream(device)
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -72,8 +76,8 @@ class GraphedCall:
                 captured.copy_(given)
             self.graph.replay()
             outputs = self.run_tail(inputs, self.carried)
-            outputs = [output.clone() if output.untyped_storage().data_ptr() in self.pool else output
-                       for output in outputs]
+            outputs = [output.clone() if index >= self.written_back and output.untyped_storage().data_ptr() in self.pool
+                       else output for index, output in enumerate(outputs)]
         caller.wait_stream(self.stream)
         for output in outputs:  # made on the capture stream, used on the caller's: freed only once the caller is done
             if output.is_cuda:

@@ -128,8 +128,10 @@ class Executor:
     """
 
     def __init__(self, graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None,
-                 cuda_graphs: bool = False, *, name: str = "program", debug_dir: str | None = None):
+                 cuda_graphs: bool = False, *, name: str = "program", debug_dir: str | None = None,
+                 written_back: int = 0):
         self.graph = graph
+        self.written_back = written_back
         self.cuda_graphs = cuda_graphs
         self.graphed: dict[torch.device, GraphedCall | None] = {}
         self.layout = layout
@@ -192,7 +194,8 @@ class Executor:
                 return tail.function(*tensors, *values, *([arenas] if tail.arenas_in else []))
 
             try:
-                self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs, device)
+                self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs, device, written_back=self.written_back,
+                                                   staged=_staged_inputs(self.graph, device))
             except RuntimeError as error:
                 log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)%s",
                             str(error).splitlines()[0], _failing_line(error))
@@ -269,6 +272,21 @@ def _carried(prefix: Sequence[Step], tail: Sequence[Step], graph: Graph) -> tupl
     made = {name for step in prefix for name in step.outputs}
     wanted = [name for step in tail for name in step.inputs] + list(graph.outputs)
     return tuple(dict.fromkeys(name for name in wanted if name in made))
+
+
+def _staged_inputs(graph: Graph, device: torch.device) -> frozenset[int]:
+    """Positions of CPU inputs that the graph only copies to `device` (a step counter transformers keeps on the
+    CPU): a capture cannot copy from pageable host memory, so their captured buffers live on the device and each
+    call's value is copied there before the replay."""
+    readers: dict[str, list[Node]] = {value.name: [] for value in graph.inputs}
+    for node in graph.nodes:
+        for name in node.inputs:
+            if name in readers:
+                readers[name].append(node)
+    return frozenset(position for position, value in enumerate(graph.inputs)
+                     if value.type.device == "cpu" and readers[value.name]
+                     and all(node.op == "_to_copy" and torch.device(node.attrs.get("device", "cpu")).type == device.type
+                             for node in readers[value.name]))
 
 
 def _allocate(size_bytes: int, device: torch.device) -> torch.Tensor:

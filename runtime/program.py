@@ -162,6 +162,7 @@ class Program:
         kwarg_names: tuple[str, ...] = (),
         constant_inputs: Mapping[int, Any] | None = None,
         mutated_buffers: tuple[torch.Tensor, ...] = (),
+        mutated_inputs: tuple[int, ...] = (),
         check_inputs: bool = True,
         layout: ArenaLayout | None = None,
         work: Sequence[Node | GroupKernel] | None = None,
@@ -177,8 +178,10 @@ class Program:
         self.kwarg_names = kwarg_names
         self.constant_inputs = dict(constant_inputs or {})
         self.mutated_buffers = mutated_buffers
+        self.mutated_inputs = mutated_inputs
         self.check_inputs = check_inputs
-        self.executor = Executor(graph, layout, work, cuda_graphs, name=name, debug_dir=debug_dir)
+        self.executor = Executor(graph, layout, work, cuda_graphs, name=name, debug_dir=debug_dir,
+                                 written_back=len(mutated_buffers) + len(mutated_inputs))
         self.derived_from = tuple({id(source): (source, source._version) for sources in graph.derived.values()
                                    for source in sources if not source.is_inference()}.values())
         """The weights a compile-time value was made from (a padded LM head, a folded table), with their versions then.
@@ -194,14 +197,19 @@ class Program:
         flat, spec = pytree.tree_flatten((args, kwargs))
         if self.in_spec is not None and spec != self.in_spec:
             raise InputError(f"expected (args, kwargs) shaped like {_shape_of(self.in_spec)}, got {_shape_of(spec)}")
-        return self.finish(self.run(self._tensor_inputs(flat)))
+        tensors = self._tensor_inputs(flat)
+        return self.finish(self.run(tensors), tensors)
 
-    def finish(self, outputs: list[torch.Tensor]) -> Any:
-        """The call's result from the run's flat outputs: buffers the model mutates written back, the rest in the
-        model's own structure (a transformers ModelOutput with its cache, say)."""
+    def finish(self, outputs: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Any:
+        """The call's result from the run's flat outputs: buffers and `inputs` (the call's tensor inputs) the model
+        updates in place written back, the rest in the model's own structure (a transformers ModelOutput with its
+        cache, say)."""
         for buffer, value in zip(self.mutated_buffers, outputs):
             buffer.copy_(value)
         outputs = outputs[len(self.mutated_buffers):]
+        for position, value in zip(self.mutated_inputs, outputs):
+            inputs[position].copy_(value)
+        outputs = outputs[len(self.mutated_inputs):]
         if self.out_spec is None:
             return tuple(outputs)
         return pytree.tree_unflatten(outputs, self.out_spec)
