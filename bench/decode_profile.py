@@ -1,0 +1,51 @@
+"""Where a decode step's host time goes through torch.compile(backend="ember"): ember's log (compiles, capture
+decisions) over a static-cache generate of the suite Llama, then a cProfile of one more generate.
+Usage: python bench/decode_profile.py [--batch 1] [--new-tokens 64] [--out bench/results]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import logging
+import pstats
+
+import torch
+
+from common import environment, write_results
+from decode import PROMPT_TOKENS, generate, llama
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ember").setLevel(logging.INFO)
+    model = llama("suite", torch.bfloat16, "cuda")
+    model.forward = torch.compile(model.forward, backend="ember", fullgraph=True)
+    prompt = torch.randint(1, model.config.vocab_size, (args.batch, PROMPT_TOKENS), device="cuda")
+    with torch.no_grad():
+        generate(model, prompt, args.new_tokens, 1024)
+        generate(model, prompt, args.new_tokens, 1024)
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        generate(model, prompt, args.new_tokens, 1024)
+        torch.cuda.synchronize()
+        profiler.disable()
+    sections = [f"Decoding through the ember backend: Llama suite, batch {args.batch}, {args.new_tokens} new tokens, "
+                "static cache 1024; cProfile of one generate"]
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(args.top)
+        sections.append(f"## by {order}\n" + "\n".join(line[:160] for line in text.getvalue().splitlines() if line.strip()))
+    write_results(args.out, "decode_profile", {**environment(torch.device("cuda")), "batch": args.batch,
+                                               "new_tokens": args.new_tokens}, "\n\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
