@@ -39,6 +39,9 @@ class GraphedCall:
     handed to `run_tail` after each replay; raises at construction if capture fails. The first `written_back`
     outputs are new values of buffers and inputs, copied into them before the next replay, so they are handed
     back uncopied; the `staged` inputs (CPU ones the graph only copies to the device) get buffers on the device.
+    The `aliased` inputs (ones the model updates in place, such as a static KV cache, whose new values are
+    written back after the call) are captured as the caller's own tensors, not copied in on every call: a call
+    handing one in other memory gets None, and the caller captures again without aliasing.
 
     A call runs on the capture stream, ordered after the caller's stream and before the caller's next work on
     it, tail included: its matrix products then share the workspace cuBLAS made for the capture rather than
@@ -47,9 +50,12 @@ class GraphedCall:
 
     def __init__(self, run_prefix: Callable[[Sequence[torch.Tensor]], Any],
                  run_tail: Callable[[Sequence[torch.Tensor], Any], list[torch.Tensor]], example: Sequence[torch.Tensor],
-                 device: torch.device, *, written_back: int = 0, staged: frozenset[int] = frozenset()):
-        self.inputs = [tensor.to(device, copy=True) if position in staged else tensor.clone()
-                       for position, tensor in enumerate(example)]
+                 device: torch.device, *, written_back: int = 0, staged: frozenset[int] = frozenset(),
+                 aliased: frozenset[int] = frozenset()):
+        self.inputs = [tensor if position in aliased else tensor.to(device, copy=True) if position in staged
+                       else tensor.clone() for position, tensor in enumerate(example)]
+        self.aliased = tuple(sorted(aliased))
+        self.copied = tuple(position for position in range(len(example)) if position not in aliased)
         self.written_back = written_back
         self.run_tail = run_tail
         self.stream = capture_stream(device)
@@ -68,12 +74,15 @@ class GraphedCall:
         self.pool = {tensor.untyped_storage().data_ptr() for tensor in pytree.tree_leaves(self.carried)
                      if isinstance(tensor, torch.Tensor)}
 
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        for position in self.aliased:
+            if inputs[position].data_ptr() != self.inputs[position].data_ptr():
+                return None
         caller = torch.cuda.current_stream()
         self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
-            for captured, given in zip(self.inputs, inputs):
-                captured.copy_(given)
+            for position in self.copied:
+                self.inputs[position].copy_(inputs[position])
             self.graph.replay()
             outputs = self.run_tail(inputs, self.carried)
             outputs = [output.clone() if index >= self.written_back and output.untyped_storage().data_ptr() in self.pool

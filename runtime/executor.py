@@ -129,9 +129,10 @@ class Executor:
 
     def __init__(self, graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None,
                  cuda_graphs: bool = False, *, name: str = "program", debug_dir: str | None = None,
-                 written_back: int = 0):
+                 written_back: int = 0, updated_inputs: tuple[int, ...] = ()):
         self.graph = graph
         self.written_back = written_back
+        self.aliased = frozenset(updated_inputs)
         self.cuda_graphs = cuda_graphs
         self.graphed: dict[torch.device, GraphedCall | None] = {}
         self.layout = layout
@@ -150,8 +151,15 @@ class Executor:
         device = None if self.layout is None else _device_of(inputs, self.graph)
         if self.cuda_graphs and device is not None and device.type == "cuda":
             graphed = self._graphed_on(device, inputs)
-            if graphed is not None:
-                return graphed(inputs)
+            outputs = None if graphed is None else graphed(inputs)
+            if outputs is None and graphed is not None:  # an updated input in new memory: capture copying them in
+                log.info("an input the model updates in place came in other memory: capturing again, copying it in")
+                self.aliased = frozenset()
+                del self.graphed[device]
+                graphed = self._graphed_on(device, inputs)
+                outputs = None if graphed is None else graphed(inputs)
+            if outputs is not None:
+                return outputs
         return self.wrapper_on(device).function(*inputs)
 
     def interpret(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -195,7 +203,7 @@ class Executor:
 
             try:
                 self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs, device, written_back=self.written_back,
-                                                   staged=_staged_inputs(self.graph, device))
+                                                   staged=_staged_inputs(self.graph, device), aliased=self.aliased)
             except RuntimeError as error:
                 log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)%s",
                             str(error).splitlines()[0], _failing_line(error))

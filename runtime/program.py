@@ -181,7 +181,7 @@ class Program:
         self.mutated_inputs = mutated_inputs
         self.check_inputs = check_inputs
         self.executor = Executor(graph, layout, work, cuda_graphs, name=name, debug_dir=debug_dir,
-                                 written_back=len(mutated_buffers) + len(mutated_inputs))
+                                 written_back=len(mutated_buffers) + len(mutated_inputs), updated_inputs=mutated_inputs)
         self.derived_from = tuple({id(source): (source, source._version) for sources in graph.derived.values()
                                    for source in sources if not source.is_inference()}.values())
         """The weights a compile-time value was made from (a padded LM head, a folded table), with their versions then.
