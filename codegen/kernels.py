@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 class Kernel:
     """A generated kernel: call it with its input tensors and the output tensors to fill.
 
-    On a GPU, once bound at the first call, a launch whose pointers are all 16-byte aligned (the variant
-    `warm_up` compiled) calls the compiled binary's launcher directly, skipping Triton's per-launch argument
+    On a GPU, once bound at the first call, a launch on that GPU whose pointers are all 16-byte aligned (the
+    variant `warm_up` compiled) calls the compiled binary's launcher directly, skipping Triton's per-launch argument
     specialization and cache lookup (about a third of a launch's host time); any other launch, Triton's
     interpreter, or a Triton with launch hooks set (a profiler) takes Triton's own JIT path."""
 
@@ -37,7 +37,7 @@ class Kernel:
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         direct = self._direct
-        if direct is not None:
+        if direct is not None and (inputs or outputs)[0].get_device() == direct.device:
             tensors = (*inputs, *outputs)
             for tensor in tensors:
                 if tensor.data_ptr() & 15:

@@ -215,7 +215,9 @@ class Program:
         return pytree.tree_unflatten(outputs, self.out_spec)
 
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Run on the flat list of tensor inputs, in graph order; returns the flat outputs."""
+        """Run on the flat list of tensor inputs, in graph order; returns the flat outputs. The first ones, new
+        values of buffers and inputs the model updates in place, may live in a CUDA graph's memory until the next
+        call: `finish` writes them back."""
         if self.check_inputs:
             check_inputs(self.graph, tensors)
         if self.stale_weights():
