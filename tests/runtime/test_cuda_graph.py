@@ -100,3 +100,20 @@ def test_a_program_off_the_gpu_is_never_captured():
     program = ember.compile(ManySmallOps(), (torch.randn(3, 5),), ember.Options(cuda_graphs=True))
     assert program.report.cuda_graphs == {"capture": False, "decided_by": "not on a GPU"}
     assert not program.executor.cuda_graphs
+
+
+def test_cpu_inputs_the_graph_only_copies_to_the_gpu_are_staged_on_it():
+    """A capture cannot copy from pageable host memory: a CPU input read only by copies to the GPU gets a
+    device-side capture buffer; one the graph also reads on the CPU does not (that call is not captured)."""
+    from ember.ir import Graph, Node, TensorType, Value
+    from ember.runtime.executor import _staged_inputs
+
+    def value(name: str, device: str) -> Value:
+        return Value(name, TensorType((), torch.int64, (), device))
+
+    counter, other, x = value("counter", "cpu"), value("other", "cpu"), value("x", "cuda")
+    nodes = (Node("moved", "_to_copy", ("counter",), {"device": torch.device("cuda")}, (value("moved", "cuda"),)),
+             Node("moved_other", "_to_copy", ("other",), {"device": torch.device("cuda")}, (value("o", "cuda"),)),
+             Node("read", "add.Tensor", ("other", "other"), {}, (value("read", "cpu"),)))
+    graph = Graph((x, counter, other), (), nodes, ("moved", "o", "read"))
+    assert _staged_inputs(graph, torch.device("cuda", 0)) == frozenset({1})
