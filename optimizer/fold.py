@@ -7,7 +7,9 @@ sources' versions, so an in-place update of `inv_freq` recompiles rather than re
 
 Only small values fold (FOLDED_ELEMENTS), so a copy of a large weight (`weight.to(bfloat16)`) is never made
 and held beside the original; pure views of weights stay views; values that any node mutates, or that view
-memory a node mutates (a KV cache), or are made from a buffer written back after each call, never fold.
+memory a node mutates (a KV cache), or are made from a buffer written back after each call, never fold; nor do
+values made from a tensor that requires grad (a parameter, by default): a call that autograd records must reach
+it, and a folded value would cut its gradient.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ _FOLDABLE_KINDS = ("pointwise", "view", "data", "reduction")
 
 def fold_constants(graph: Graph) -> Graph:
     """The graph with every small value that depends only on weights and literals held as a weight."""
-    values = {name: tensor for name, tensor in graph.weights.items() if name not in graph.written}
+    values = {name: tensor for name, tensor in graph.weights.items()
+              if name not in graph.written and not tensor.requires_grad}
     sources: dict[str, set[str]] = {name: {name} for name in values}
     computes: set[str] = set()  # constants that took a kernel to make, not only views of weights
     folded: dict[str, Node] = {}

@@ -95,7 +95,7 @@ class Scaled(torch.nn.Module):
 
 
 def test_a_large_value_is_not_copied_beside_its_weight(monkeypatch):
-    model, x = Scaled(), torch.randn(3, 8)
+    model, x = Scaled().requires_grad_(False), torch.randn(3, 8)
     assert "mul.Tensor" not in ops_of(fold_constants(from_module(model, (x,)).graph))
     monkeypatch.setattr(fold, "FOLDED_ELEMENTS", 64)
     assert "mul.Tensor" in ops_of(fold_constants(from_module(model, (x,)).graph))
@@ -148,3 +148,26 @@ def test_empty_cat_inputs_are_dropped_and_a_lone_one_copied():
         for actual, expected in zip(ember.compile(model, inputs)(*inputs), model(*inputs)):
             torch.testing.assert_close(actual, expected)
             assert actual.is_contiguous()
+
+
+class Exponent(torch.nn.Module):
+    """A parameter made into a per-call value: folding it would cut the parameter's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.log_scale.exp()
+
+
+def test_nothing_made_from_a_parameter_that_requires_grad_folds():
+    model, x = Exponent(), torch.randn(3, 4)
+    program = ember.compile(model, (x,))
+    assert "exp" in ops_of(program.graph)
+    program(x).sum().backward()
+    folded_grad, model.log_scale.grad = model.log_scale.grad.clone(), None
+    model(x).sum().backward()
+    torch.testing.assert_close(folded_grad, model.log_scale.grad)
+    frozen = Exponent().requires_grad_(False)
+    assert "exp" not in ops_of(fold_constants(from_module(frozen, (x,)).graph))
