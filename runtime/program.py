@@ -5,7 +5,7 @@ The report prints as tables (rich, or plain text with `print`), so a user sees w
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +158,7 @@ class Program:
         *,
         in_spec: pytree.TreeSpec | None = None,
         out_spec: pytree.TreeSpec | None = None,
+        unflatten: Callable[[list[Any], pytree.TreeSpec], Any] = pytree.tree_unflatten,
         arg_count: int | None = None,
         kwarg_names: tuple[str, ...] = (),
         constant_inputs: Mapping[int, Any] | None = None,
@@ -174,6 +175,7 @@ class Program:
         self.report = report
         self.in_spec = in_spec
         self.out_spec = out_spec
+        self.unflatten = unflatten
         self.arg_count = arg_count
         self.kwarg_names = kwarg_names
         self.constant_inputs = dict(constant_inputs or {})
@@ -212,7 +214,7 @@ class Program:
         outputs = outputs[len(self.mutated_inputs):]
         if self.out_spec is None:
             return tuple(outputs)
-        return pytree.tree_unflatten(outputs, self.out_spec)
+        return self.unflatten(outputs, self.out_spec)
 
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run on the flat list of tensor inputs, in graph order; returns the flat outputs. The first ones, new

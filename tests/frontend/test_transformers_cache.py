@@ -116,3 +116,23 @@ def test_cache_passed_in_runs_or_is_a_compile_error_naming_the_backend():
             return
         assert_same_result(program(input_ids=step, **{keyword: cache_of(model(prompt))}),
                            with_cache(model, step, cache_of(model(prompt))))
+
+
+def test_the_returned_cache_holds_the_programs_tensors_not_copies(monkeypatch):
+    """transformers rebuilds a DynamicCache by `update`, a cat per layer: a copy of the whole cache per call.
+    ember's cache holds the tensors its program made, and a sliding-window cache (which also counts tokens)
+    is rebuilt by transformers itself."""
+    model = tiny_llama().eval()
+    input_ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        program = ember.compile(model, (input_ids,))
+        made = []
+        run = type(program.executor).__call__
+        monkeypatch.setattr(type(program.executor), "__call__",
+                            lambda executor, tensors: made.append(run(executor, tensors)) or made[-1])
+        result = program(input_ids)
+    pointers = {tensor.data_ptr() for tensor in made[-1]}
+    cache_layers = layers(cache_of(result))
+    assert cache_layers and all(keys.data_ptr() in pointers and values.data_ptr() in pointers
+                                for keys, values in cache_layers)
+    assert_same_result(result, model(input_ids))
