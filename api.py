@@ -61,7 +61,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, options: Options | Mapp
 def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str, float] | None = None, **program_args: Any) -> Program:
     """Run the pipeline on a lowered graph and build its Program; shared by ember.compile and the backend."""
     seconds = dict(stage_seconds or {})
-    graph = optimize(graph, options, seconds)
+    captured, graph = graph, optimize(graph, options, seconds)
     fusion, work = None, None
     cost = CostModel(load_profile(FUSION_PROFILE))
     if _fuses(graph, options):
@@ -86,7 +86,7 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     report = coverage_report(graph, seconds, arena.summary() if arena else None, fusion_summary(fusion), capture)
     program = Program(graph, report, layout=arena.layout if arena else None, work=work,
                       cuda_graphs=capture["capture"], check_inputs=options.check_inputs, debug_dir=options.debug_dir,
-                      **program_args)
+                      captured=captured, **program_args)
     program.report.stage_seconds["build"] = time.perf_counter() - started
     log.info("compiled %d nodes, op coverage %.1f%%", program.report.node_count, 100 * program.report.op_coverage)
     return program

@@ -124,13 +124,16 @@ class Executor:
     fused groups run as generated kernels. A call runs the steps through a wrapper generated on the device's
     first call (runtime/wrapper.py), which does what the step loop (`interpret`) does at less host cost per
     step. A call that autograd records (grad mode on and an input or weight requiring grad) runs the plain
-    reference steps, step by step, since neither `out=` calls nor generated kernels are differentiable.
+    reference steps of the `captured` graph (as captured, before any pass), step by step: neither `out=` calls
+    nor generated kernels are differentiable, and a weight a pass made at compile time (a padded or folded
+    copy) would carry no gradient back to the weight it was made from.
     """
 
     def __init__(self, graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None,
                  cuda_graphs: bool = False, *, name: str = "program", debug_dir: str | None = None,
-                 written_back: int = 0, updated_inputs: tuple[int, ...] = ()):
+                 written_back: int = 0, updated_inputs: tuple[int, ...] = (), captured: Graph | None = None):
         self.graph = graph
+        self.captured = captured if captured is not None and _same_signature(captured, graph) else graph
         self.written_back = written_back
         self.aliased = frozenset(updated_inputs)
         self.cuda_graphs = cuda_graphs
@@ -139,15 +142,19 @@ class Executor:
         self.work = work
         self.name = name
         self.debug_dir = debug_dir
-        self.reference_steps = plan_steps(graph)
-        self.steps = self.reference_steps if work is None else plan_steps(graph, work=work)
+        self.reference_steps = plan_steps(self.captured)
+        self.steps = plan_steps(graph, work=work)
         self.input_names = tuple(value.name for value in graph.inputs)
         self._steps_on: dict[str, tuple[Step, ...]] = {}
         self._wrappers: dict[torch.device | None, Wrapper] = {}
 
+    def records_grad(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether autograd records a call on `inputs` (it then runs the captured graph's reference steps)."""
+        return _records_grad(inputs, self.captured.weights)
+
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if _records_grad(inputs, self.graph.weights):
-            return self._run(self.reference_steps, inputs)
+        if _records_grad(inputs, self.captured.weights):
+            return self._run(self.reference_steps, inputs, graph=self.captured)
         device = None if self.layout is None else _device_of(inputs, self.graph)
         if self.cuda_graphs and device is not None and device.type == "cuda":
             graphed = self._graphed_on(device, inputs)
@@ -165,8 +172,8 @@ class Executor:
     def interpret(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The call, step by step in the executor's loop rather than through the generated wrapper (and never
         captured): the oracle the wrapper is held to."""
-        if _records_grad(inputs, self.graph.weights):
-            return self._run(self.reference_steps, inputs)
+        if _records_grad(inputs, self.captured.weights):
+            return self._run(self.reference_steps, inputs, graph=self.captured)
         if self.layout is None:
             return self._run(self.steps, inputs)
         device = _device_of(inputs, self.graph)
@@ -210,15 +217,13 @@ class Executor:
                 self.graphed[device] = None
         return self.graphed[device]
 
-    def _run(self, steps: Sequence[Step], inputs: Sequence[torch.Tensor],
-             device: torch.device | None = None) -> list[torch.Tensor]:
-        env = self._execute(steps, self._env(inputs), self._arenas(), device)
-        return [env[name] for name in self.graph.outputs]
-
-    def _env(self, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        env = dict(self.graph.weights)
+    def _run(self, steps: Sequence[Step], inputs: Sequence[torch.Tensor], device: torch.device | None = None,
+             graph: Graph | None = None) -> list[torch.Tensor]:
+        graph = graph or self.graph
+        env = dict(graph.weights)
         env.update(zip(self.input_names, inputs))
-        return env
+        env = self._execute(steps, env, self._arenas(), device)
+        return [env[name] for name in graph.outputs]
 
     def _arenas(self) -> list[torch.Tensor | None]:
         return [None] * (len(self.layout.arenas) if self.layout else 0)
@@ -280,6 +285,12 @@ def _carried(prefix: Sequence[Step], tail: Sequence[Step], graph: Graph) -> tupl
     made = {name for step in prefix for name in step.outputs}
     wanted = [name for step in tail for name in step.inputs] + list(graph.outputs)
     return tuple(dict.fromkeys(name for name in wanted if name in made))
+
+
+def _same_signature(captured: Graph, graph: Graph) -> bool:
+    """Whether two graphs take the same inputs and return the same number of outputs (passes keep both)."""
+    return [value.name for value in captured.inputs] == [value.name for value in graph.inputs] and \
+        len(captured.outputs) == len(graph.outputs)
 
 
 def _staged_inputs(graph: Graph, device: torch.device) -> frozenset[int]:

@@ -149,7 +149,8 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Ma
 
 
 class Program:
-    """A compiled model. Call it like the model; `graph` is the final IR, `report` says how it was built."""
+    """A compiled model. Call it like the model; `graph` is the final IR, `report` says how it was built.
+    A call that autograd records runs `captured` (the graph as captured, before any pass) step by step."""
 
     def __init__(
         self,
@@ -170,6 +171,7 @@ class Program:
         cuda_graphs: bool = False,
         name: str = "program",
         debug_dir: str | None = None,
+        captured: Graph | None = None,
     ):
         self.graph = graph
         self.report = report
@@ -183,7 +185,8 @@ class Program:
         self.mutated_inputs = mutated_inputs
         self.check_inputs = check_inputs
         self.executor = Executor(graph, layout, work, cuda_graphs, name=name, debug_dir=debug_dir,
-                                 written_back=len(mutated_buffers) + len(mutated_inputs), updated_inputs=mutated_inputs)
+                                 written_back=len(mutated_buffers) + len(mutated_inputs), updated_inputs=mutated_inputs,
+                                 captured=captured)
         self.derived_from = tuple({id(source): (source, source._version) for sources in graph.derived.values()
                                    for source in sources if not source.is_inference()}.values())
         """The weights a compile-time value was made from (a padded LM head, a folded table), with their versions then.
@@ -222,7 +225,7 @@ class Program:
         call: `finish` writes them back."""
         if self.check_inputs:
             check_inputs(self.graph, tensors)
-        if self.stale_weights():
+        if self.stale_weights() and not self.executor.records_grad(tensors):
             raise InputError("a weight was updated in place after compiling, and a copy compiling made of it (a "
                              "padded weight) would be read stale: compile again (torch.compile(backend=\"ember\") "
                              "recompiles by itself)")

@@ -96,3 +96,22 @@ def test_a_graph_autograd_records_still_compiles_its_forward(compiled_programs):
     assert model[0].weight.grad is not None
     (program,) = compiled_programs
     assert len(program.graph.inputs) == 1 and len(program.graph.params) == 4
+
+
+def test_a_call_autograd_records_gives_the_weight_under_a_derived_copy_its_gradient(padded_copies):
+    """A padded copy carries no gradient back to the weight it was made from: a call that autograd records
+    runs the graph as captured, so every weight gets eager's gradient (and an in-place update between
+    training steps is no reason to refuse the call)."""
+    model, x = make_model().train(False), torch.randn(4, 6, requires_grad=True)
+    program = ember.compile(model, (x,))
+    assert program.graph.derived
+    for _ in range(2):
+        program(x).square().sum().backward()
+        compiled = [parameter.grad.clone() for parameter in model.parameters()]
+        model.zero_grad()
+        model(x).square().sum().backward()
+        for actual, parameter in zip(compiled, model.parameters()):
+            torch.testing.assert_close(actual, parameter.grad)
+        with torch.no_grad():
+            model[3].weight.add_(0.5)
+        model.zero_grad()
