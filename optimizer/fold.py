@@ -8,8 +8,8 @@ sources' versions, so an in-place update of `inv_freq` recompiles rather than re
 Only small values fold (FOLDED_ELEMENTS), so a copy of a large weight (`weight.to(bfloat16)`) is never made
 and held beside the original; pure views of weights stay views; values that any node mutates, or that view
 memory a node mutates (a KV cache), or are made from a buffer written back after each call, never fold; nor do
-values made from a tensor that requires grad (a parameter, by default): a call that autograd records must reach
-it, and a folded value would cut its gradient.
+values made from a tensor that requires grad (a parameter, by default): one a training step updates would leave
+its folded value stale after every step (the backend would compile again each time).
 """
 from __future__ import annotations
 

@@ -151,7 +151,7 @@ def test_empty_cat_inputs_are_dropped_and_a_lone_one_copied():
 
 
 class Exponent(torch.nn.Module):
-    """A parameter made into a per-call value: folding it would cut the parameter's gradient."""
+    """A parameter made into a per-call value: training updates it, so a folded copy would go stale every step."""
 
     def __init__(self) -> None:
         super().__init__()
