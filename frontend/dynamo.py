@@ -101,7 +101,7 @@ class ExportedRunner:
     def __init__(self, gm: fx.GraphModule, args: list[Any], options: Options):
         self.gm = gm
         self.options = options
-        self.static = tuple(position for position, value in enumerate(args) if _is_static(value))
+        self.static = [position for position, value in enumerate(args) if _is_static(value)]
         self.input_positions = tuple(position for position in range(len(args)) if position not in self.static)
         self.dynamic = any(_symbolic(node.meta.get("example_value")) for node in gm.graph.nodes if node.op == "placeholder")
         self.tensor_positions = tuple(position for position in self.input_positions
@@ -150,10 +150,10 @@ _SAME_POINTERS = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 recorded for them: builds with CUDA have it."""
 
 
-def _moved(args: Sequence[Any], pointers: list[int | None], static: Sequence[int]) -> bool:
+def _moved(args: Sequence[Any], pointers: list[int | None], static: list[int]) -> bool:
     """Whether a parameter is handed in other storage than it was compiled with (`param.data = ...`, a new one)."""
     if _SAME_POINTERS is not None:
-        return not _SAME_POINTERS(list(args), pointers, list(static))
+        return not _SAME_POINTERS(list(args), pointers, static)
     return any(args[position].data_ptr() != pointers[position] for position in static)
 
 
@@ -219,7 +219,7 @@ class _WeightedRunner:
     def __init__(self, fx_gm: fx.GraphModule, options: Options, static: tuple[int, ...]):
         self.fx_gm = fx_gm
         self.options = options
-        self.static = static
+        self.static = list(static)
         placeholders = [node for node in fx_gm.graph.nodes if node.op == "placeholder"]
         self.names = tuple(node.name for node in placeholders)
         self.input_positions = tuple(

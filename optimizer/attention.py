@@ -27,6 +27,7 @@ from ..ir import OP_TABLE, Graph, Node, TensorType, Value
 from ..ir.ops import infer_by_tracing
 from ..ir.types import contiguous_strides
 from .canonicalize import eliminate_dead_code
+from .fold import may_fold, mutated_memory
 
 Select = Callable[[Node, Mapping[str, TensorType]], bool]
 
@@ -48,8 +49,6 @@ def runs_math_path(node: Node, types: Mapping[str, TensorType]) -> bool:
 FOLDED_MASK_ELEMENTS = 1 << 24
 """The most elements of any value worked out to fold a constant attention mask; a larger mask is left as is."""
 
-_FOLDABLE_KINDS = ("pointwise", "view", "data", "reduction")
-
 
 def fold_constant_masks(graph: Graph) -> Graph:
     """Each attention mask computed from nothing a call is given (transformers builds one from aranges when no
@@ -57,7 +56,7 @@ def fold_constant_masks(graph: Graph) -> Graph:
     causal triangle becomes `is_causal`. torch's fused kernels then take attention that such a mask sent down
     its math path (BERT) or made read a mask in every layer (Llama); the nodes that built it go."""
     producers = {value.name: node for node in graph.nodes for value in node.outputs}
-    mutated = {node.inputs[0] for node in graph.nodes if node.inputs and node.definition.schema.is_mutable}
+    mutated = mutated_memory(graph)
     known: dict[str, torch.Tensor | None] = {}
     types = graph.types()
     nodes = []
@@ -85,8 +84,8 @@ def _constant(name: str, producers: Mapping[str, Node], mutated: set[str], known
         return known[name]
     node = producers.get(name)
     known[name] = None  # until worked out: an input, a parameter or a value that cannot be
-    if node is None or node.is_extern or node.definition.kind not in _FOLDABLE_KINDS or name in mutated \
-            or node.op.startswith("empty") or any(v.type.numel > FOLDED_MASK_ELEMENTS for v in node.outputs):
+    if node is None or not may_fold(node) or name in mutated \
+            or any(v.type.numel > FOLDED_MASK_ELEMENTS for v in node.outputs):
         return None
     inputs = [_constant(value, producers, mutated, known) for value in node.inputs]
     if any(value is None for value in inputs):

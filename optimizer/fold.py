@@ -38,7 +38,7 @@ def fold_constants(graph: Graph) -> Graph:
     sources: dict[str, set[str]] = {name: {name} for name in values}
     computes: set[str] = set()  # constants that took a kernel to make, not only views of weights
     folded: dict[str, Node] = {}
-    frozen = _mutated_memory(graph)
+    frozen = mutated_memory(graph)
     with unset_fake_temporarily(), torch.no_grad():  # the backend runs under fake tensors; the weights are real
         for node in graph.nodes:
             results = _evaluate(node, values, frozen)
@@ -63,12 +63,18 @@ def fold_constants(graph: Graph) -> Graph:
                                                    derived=derived))
 
 
+def may_fold(node: Node) -> bool:
+    """Whether the node's results may be worked out at compile time from known inputs: an op of the table of a
+    kind with no side effects (no extern, nothing mutated, no uninitialized `empty`)."""
+    return not node.is_extern and node.definition.kind in _FOLDABLE_KINDS and not node.definition.schema.is_mutable \
+        and not node.op.startswith("empty")
+
+
 def _evaluate(node: Node, values: Mapping[str, torch.Tensor], frozen: set[str]) -> dict[str, torch.Tensor] | None:
     """`node`'s results by the op table's reference when every input is known and the node may fold: a small,
     deterministic op of the table that mutates nothing, whose results come out as the IR types them (None
     otherwise, and where the reference cannot run here: a CUDA arange on a machine without a GPU)."""
-    if node.is_extern or node.definition.kind not in _FOLDABLE_KINDS or node.definition.schema.is_mutable \
-            or node.op.startswith("empty") or any(name not in values for name in node.inputs) \
+    if not may_fold(node) or any(name not in values for name in node.inputs) \
             or any(value.name in frozen or value.type.numel > FOLDED_ELEMENTS for value in node.outputs):
         return None
     try:
@@ -85,7 +91,7 @@ def _evaluate(node: Node, values: Mapping[str, torch.Tensor], frozen: set[str]) 
     return out
 
 
-def _mutated_memory(graph: Graph) -> set[str]:
+def mutated_memory(graph: Graph) -> set[str]:
     """Values whose memory some node writes in place: the written value, every view it was made from, and
     every view of those."""
     base = {value.name: value.name for value in (*graph.inputs, *graph.params)}
