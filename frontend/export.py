@@ -152,18 +152,20 @@ def unflatten_result(leaves: list[Any], spec: pytree.TreeSpec) -> Any:
     """`pytree.tree_unflatten`, except that a transformers DynamicCache of plain layers holds the tensors it is
     given rather than copies: transformers rebuilds one by `update`, a `cat` onto an empty tensor per layer,
     which copies the whole cache on every call (GPT-2 at batch 8: 24 copies of 6 MiB, and the memory for them)."""
-    given = iter(leaves)
+    return _build(spec, iter(leaves))
 
-    def build(node: pytree.TreeSpec) -> Any:
-        if node.is_leaf():
-            return next(given)
-        children = [build(child) for child in (node.children() if hasattr(node, "children") else node.children_specs)]
-        unflatten = pytree.SUPPORTED_NODES[node.type].unflatten_fn
-        if node.type.__name__ == "DynamicCache" and node.type.__module__.startswith("transformers."):
-            return _cache_holding(children, node.context, unflatten)
-        return unflatten(children, node.context)
 
-    return build(spec)
+def _build(node: pytree.TreeSpec, given: Iterator[Any]) -> Any:
+    """`node` rebuilt from the leaves `given` yields, in order. (A module-level function, not a closure calling
+    itself: such a closure is a reference cycle, and would keep every output of a call alive until Python's
+    cycle collector happened to run.)"""
+    if node.is_leaf():
+        return next(given)
+    children = [_build(child, given) for child in (node.children() if hasattr(node, "children") else node.children_specs)]
+    unflatten = pytree.SUPPORTED_NODES[node.type].unflatten_fn
+    if node.type.__name__ == "DynamicCache" and node.type.__module__.startswith("transformers."):
+        return _cache_holding(children, node.context, unflatten)
+    return unflatten(children, node.context)
 
 
 def _cache_holding(children: list[Any], context: Any, unflatten: Any) -> Any:
