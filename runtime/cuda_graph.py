@@ -4,17 +4,23 @@ Shapes are static per Program and the weights are held by reference, so one capt
 call: inputs are copied into the captured input buffers and the graph is replayed. Memory a captured step
 allocates (arenas included) comes from the graph's own pool, once, and the next replay overwrites it; so
 the last few steps, those that make the outputs, run after the replay on their own, into memory outside
-that pool (reading what the graph left in it, arenas still open included), and any output still in the
-pool is copied out. A call that cannot be captured (an op that syncs with the host, such as routing that
-reads expert counts) leaves the Program running step by step, with one warning.
+that pool (reading what the graph left in it, arenas still open included). An output still in the pool is
+lent: the caller gets a tensor over the pool's memory, and before the next replay overwrites it, any lent
+tensor still referenced (or any view of it) is moved into memory of its own, its data copied there. So the
+caller's tensors never change under it, and the copy (and its memory) is only paid for what is kept. A call
+that cannot be captured (an op that syncs with the host, such as routing that reads expert counts) leaves
+the Program running step by step, with one warning.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
@@ -22,6 +28,37 @@ log = logging.getLogger(__name__)
 WARM_UP_CALLS = 2
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+LENDS = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+"""Whether this torch can move a storage (and so every view of it) into other memory; without it, outputs
+left in the pool are copied out on every call."""
+
+
+def lend(tensor: torch.Tensor) -> tuple[torch.Tensor, StorageWeakRef]:
+    """A tensor over `tensor`'s memory with a storage of its own that does not own that memory, and a weak
+    reference to that storage: it and every view of it share the storage, so `reclaim` moves them all."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    storage = torch._C._construct_storage_from_data_pointer(tensor.data_ptr(), tensor.device,
+                                                            extent * tensor.element_size())
+    lent = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(storage, 0, tensor.shape, tensor.stride())
+    return lent, StorageWeakRef(lent.untyped_storage())
+
+
+def reclaim(lent: Sequence[StorageWeakRef], stream: torch.Stream | None = None) -> int:
+    """Moves every lent storage still referenced into memory of its own (allocated on the current stream), its
+    data copied there on `stream` (default: the current one); returns how many were moved."""
+    moved = 0
+    for reference in lent:
+        storage = None if reference.expired() else torch.UntypedStorage._new_with_weak_ptr(reference.cdata)
+        if storage is None:
+            continue
+        own = torch.empty(storage.nbytes(), dtype=torch.uint8, device=storage.device).untyped_storage()
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            own.copy_(storage)
+        storage._swap_data_ptr_(own)  # `own` now holds the pool's address, owning nothing
+        moved += 1
+    return moved
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -46,7 +83,9 @@ class GraphedCall:
     A call runs on the capture stream, ordered after the caller's stream and before the caller's next work on
     it, tail included: its matrix products then share the workspace cuBLAS made for the capture rather than
     making one for the caller's stream. The tensors handed back are recorded on the caller's stream, so their
-    memory is not reused before the caller's work on them is done."""
+    memory is not reused before the caller's work on them is done. Outputs left in the pool are lent (see the
+    module's docstring): those still referenced when the next call comes, or when this one is dropped, are
+    moved out first."""
 
     def __init__(self, run_prefix: Callable[[Sequence[torch.Tensor]], Any],
                  run_tail: Callable[[Sequence[torch.Tensor], Any], list[torch.Tensor]], example: Sequence[torch.Tensor],
@@ -73,6 +112,13 @@ class GraphedCall:
             self.carried = run_prefix(self.inputs)
         self.pool = {tensor.untyped_storage().data_ptr() for tensor in pytree.tree_leaves(self.carried)
                      if isinstance(tensor, torch.Tensor)}
+        self.lent: list[StorageWeakRef] = []
+
+    def __del__(self) -> None:
+        # the pool goes with the graph: what the caller still holds of it moves out first
+        if getattr(self, "lent", None) and not sys.is_finalizing():
+            reclaim(self.lent)
+            torch.cuda.synchronize(self.stream.device)
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         for position in self.aliased:
@@ -80,15 +126,28 @@ class GraphedCall:
                 return None
         caller = torch.cuda.current_stream()
         self.stream.wait_stream(caller)
+        reclaim(self.lent, self.stream)
+        self.lent = []
         with torch.cuda.stream(self.stream):
             for position in self.copied:
                 self.inputs[position].copy_(inputs[position])
             self.graph.replay()
             outputs = self.run_tail(inputs, self.carried)
-            outputs = [output.clone() if index >= self.written_back and output.untyped_storage().data_ptr() in self.pool
-                       else output for index, output in enumerate(outputs)]
+            outputs = [self._hand_out(output) if index >= self.written_back else output
+                       for index, output in enumerate(outputs)]
         caller.wait_stream(self.stream)
         for output in outputs:  # made on the capture stream, used on the caller's: freed only once the caller is done
             if output.is_cuda:
                 output.record_stream(caller)
         return outputs
+
+    def _hand_out(self, output: torch.Tensor) -> torch.Tensor:
+        """`output` as the caller gets it: lent if it lies in the graph's pool (copied where torch cannot move
+        storages, or where it is empty), else itself."""
+        if output.untyped_storage().data_ptr() not in self.pool:
+            return output
+        if not LENDS or output.numel() == 0:
+            return output.clone()
+        lent, reference = lend(output)
+        self.lent.append(reference)
+        return lent

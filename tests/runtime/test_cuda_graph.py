@@ -10,6 +10,7 @@ from ember import models
 from ember.api import FUSION_PROFILE, HOST_SHARE, graph_capture
 from ember.frontend import from_module
 from ember.optimizer.cost import CostModel, load_profile
+from ember.runtime.cuda_graph import lend, reclaim
 from ember.runtime.executor import MAX_TAIL_STEPS, _carried, tail_start
 
 
@@ -117,3 +118,28 @@ def test_cpu_inputs_the_graph_only_copies_to_the_gpu_are_staged_on_it():
              Node("read", "add.Tensor", ("other", "other"), {}, (value("read", "cpu"),)))
     graph = Graph((x, counter, other), (), nodes, ("moved", "o", "read"))
     assert _staged_inputs(graph, torch.device("cuda", 0)) == frozenset({1})
+
+
+def test_a_lent_tensor_and_its_views_keep_their_values_when_the_pool_is_overwritten():
+    """What a replay's caller still holds of the pool (the tensor or any view of it) moves out before the next
+    replay; what it dropped costs nothing."""
+    pool = torch.arange(24.0)
+    lent, reference = lend(pool[2:14].view(3, 4).t())
+    row, expected = lent[1], lent.clone()
+    assert lent.data_ptr() == pool.data_ptr() + 2 * pool.element_size() and lent.stride() == (1, 4)
+    assert reclaim([reference]) == 1
+    pool.fill_(float("nan"))
+    assert torch.equal(lent, expected) and torch.equal(row, expected[1]) and lent.data_ptr() != pool.data_ptr() + 8
+    del lent, row
+    assert reclaim([reference]) == 0
+
+
+def test_a_view_alone_keeps_the_lent_memory_it_sees():
+    pool = torch.randn(5, 7)
+    lent, reference = lend(pool[:, 1:4])
+    column = lent[:, 2]
+    expected = column.clone()
+    del lent
+    assert reclaim([reference]) == 1
+    pool.zero_()
+    assert torch.equal(column, expected)
