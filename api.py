@@ -13,7 +13,7 @@ import torch
 
 from .errors import CompileError
 from .frontend import from_module
-from .frontend.export import unflatten_result
+from .frontend.export import ResultBuilder
 from .ir import Graph, VerifyError
 from .optimizer import PIPELINE, REORDER
 from .codegen import lower_schedule, precompile
@@ -48,7 +48,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, options: Options | Mapp
         stage_seconds=captured.stage_seconds,
         in_spec=captured.in_spec,
         out_spec=captured.out_spec,
-        unflatten=unflatten_result,
+        unflatten=ResultBuilder(),
         arg_count=captured.arg_count,
         kwarg_names=captured.kwarg_names,
         constant_inputs=captured.constant_inputs,

@@ -133,21 +133,26 @@ class GraphedCall:
                 self.inputs[position].copy_(inputs[position])
             self.graph.replay()
             outputs = self.run_tail(inputs, self.carried)
-            outputs = [self._hand_out(output) if index >= self.written_back else output
-                       for index, output in enumerate(outputs)]
+            outputs = self._hand_out(outputs)
         caller.wait_stream(self.stream)
         for output in outputs:  # made on the capture stream, used on the caller's: freed only once the caller is done
             if output.is_cuda:
                 output.record_stream(caller)
         return outputs
 
-    def _hand_out(self, output: torch.Tensor) -> torch.Tensor:
-        """`output` as the caller gets it: lent if it lies in the graph's pool (copied where torch cannot move
-        storages, or where it is empty), else itself."""
-        if output.untyped_storage().data_ptr() not in self.pool:
-            return output
-        if not LENDS or output.numel() == 0:
-            return output.clone()
-        lent, reference = lend(output)
-        self.lent.append(reference)
-        return lent
+    def _hand_out(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The outputs as the caller gets them: those in the graph's pool lent, or, where torch cannot move
+        storages, copied out (by one multi-tensor copy, not a kernel each); written-back ones as they are."""
+        pooled = [index for index, output in enumerate(outputs) if index >= self.written_back
+                  and output.numel() and output.untyped_storage().data_ptr() in self.pool]
+        handed = list(outputs)
+        if LENDS:
+            for index in pooled:
+                handed[index], reference = lend(outputs[index])
+                self.lent.append(reference)
+        elif pooled:
+            copies = [torch.empty_like(outputs[index]) for index in pooled]
+            torch._foreach_copy_(copies, [outputs[index] for index in pooled])
+            for index, copy in zip(pooled, copies):
+                handed[index] = copy
+        return handed

@@ -136,3 +136,22 @@ def test_the_returned_cache_holds_the_programs_tensors_not_copies(monkeypatch):
     assert cache_layers and all(keys.data_ptr() in pointers and values.data_ptr() in pointers
                                 for keys, values in cache_layers)
     assert_same_result(result, model(input_ids))
+
+
+def test_each_call_returns_a_cache_of_its_own_that_the_model_can_extend():
+    """Every call's cache is a new object holding that call's tensors: extending one (the next decoding step)
+    leaves the other calls' caches alone, and the extended cache gives eager's next step."""
+    model = tiny_llama().eval()
+    prompt, more = torch.randint(0, VOCAB, (2, 7)), torch.randint(0, VOCAB, (2, 1))
+    with torch.no_grad():
+        program = ember.compile(model, (prompt,))
+        first, second = program(prompt), program(prompt)
+        first_cache, second_cache = cache_of(first), cache_of(second)
+        assert first_cache is not second_cache and first_cache.layers[0] is not second_cache.layers[0]
+        before = [(keys.clone(), values.clone()) for keys, values in layers(second_cache)]
+        stepped = model(more, past_key_values=first_cache)
+        expected = model(more, past_key_values=cache_of(model(prompt)))
+    assert first_cache.get_seq_length() == 8 and second_cache.get_seq_length() == 7
+    assert all(torch.equal(keys, old_keys) and torch.equal(values, old_values)
+               for (keys, values), (old_keys, old_values) in zip(layers(second_cache), before))
+    assert_same_result(stepped, expected)
