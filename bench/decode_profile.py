@@ -1,5 +1,6 @@
 """Where a decode step's host time goes through torch.compile(backend="ember"): ember's log (compiles, capture
-decisions) over a static-cache generate of the suite Llama, then a cProfile of one more generate.
+decisions) over a static-cache generate of the suite Llama, then a cProfile of one more generate, then a
+torch.profiler trace of one more (host and device time per op, eager's beside ember's).
 Usage: python bench/decode_profile.py [--batch 1] [--new-tokens 64] [--out bench/results]
 """
 from __future__ import annotations
@@ -43,8 +44,29 @@ def main() -> None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(args.top)
         sections.append(f"## by {order}\n" + "\n".join(line[:160] for line in text.getvalue().splitlines() if line.strip()))
+    sections += traced(model, prompt, args)
     write_results(args.out, "decode_profile", {**environment(torch.device("cuda")), "batch": args.batch,
                                                "new_tokens": args.new_tokens}, "\n\n".join(sections))
+
+
+def traced(compiled: torch.nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> list[str]:
+    """torch.profiler tables of one generate through ember and through eager: where host and device time go."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sections = []
+    eager = llama("suite", torch.bfloat16, "cuda")
+    for label, model in (("ember backend", compiled), ("eager", eager)):
+        with torch.no_grad():
+            generate(model, prompt, args.new_tokens, 1024)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+                generate(model, prompt, args.new_tokens, 1024)
+                torch.cuda.synchronize()
+        events = trace.key_averages()
+        for order in ("self_cpu_time_total", "self_device_time_total"):
+            table = events.table(sort_by=order, row_limit=args.top, max_name_column_width=60)
+            sections.append(f"## torch.profiler, {label}, by {order}\n{table}")
+    return sections
 
 
 if __name__ == "__main__":
