@@ -3,8 +3,10 @@
 The executor's loop pays, per step, for an env dict, argument binding and three views per arena slot; a
 wrapper does the same work with locals, `del` where values die, each arena typed once per dtype where it is
 allocated, one `as_strided` per slot, and every op called directly with its constant arguments written in
-(as Inductor's generated wrappers do). Constants that are not literals (weights, ops, kernels, dtypes) are
-the function's globals.
+(as Inductor's generated wrappers do). A view of a value whose strides are known exactly (memory the wrapper
+gave it, a generated kernel's result, a weight, or such a view) is one `as_strided` with the sizes, strides
+and offset worked out at generation time, as Inductor's `reinterpret_tensor` does: a third of a view op's
+host time. Constants that are not literals (weights, ops, kernels, dtypes) are the function's globals.
 """
 from __future__ import annotations
 
@@ -143,10 +145,18 @@ class _Writer:
         self.weights: dict[str, str] = {}
         self.constants: dict[tuple[type, Any], str] = {}
         self.typed: dict[tuple[int, torch.dtype], str] = {}
+        self.nodes = {node.name: node for node in graph.nodes}
+        self.types = graph.types()
+        self.exact: set[str] = set()
+        """Values whose strides at run time are their type's: the `as_strided` of a view of them is exact."""
         for value_name, tensor in graph.weights.items():
             identifier = self.names.fresh(value_name)
             self.weights[value_name] = identifier
             self.globals[identifier] = tensor
+            value_type = self.types.get(value_name)
+            if value_type is not None and tuple(tensor.shape) == value_type.shape \
+                    and tuple(tensor.stride()) == tuple(value_type.layout):
+                self.exact.add(value_name)
 
     def line(self, text: str, indent: int = 1) -> None:
         self.lines.append("    " * indent + text)
@@ -229,13 +239,20 @@ class _Writer:
         inputs = [self.value(name) for name in step.inputs]
         outputs = [self.local(name) for name in step.outputs]
         given = [self.memory(target, inputs) for target in step.targets] or [None] * len(outputs)
+        targets = step.targets or (None,) * len(outputs)
         if isinstance(step.call, GroupKernel):
             self._launch(step.call, inputs, outputs, given)
+            self.exact.update(name for name, target in zip(step.outputs, targets)  # fresh at the value's strides,
+                              if not isinstance(target, int) or step.inputs[target] in self.exact)  # or given
             return
         call = step.call
         built = call.build([_Input(index) for index in range(len(inputs))])
+        self.exact.update(name for name, target in zip(step.outputs, targets) if target is not None and (
+            not isinstance(target, int) or step.inputs[target] in self.exact))  # an arena slot, or an exact input
         if call.how == "cast":
             self.line(f"{outputs[0]} = {given[0]}.copy_({inputs[0]})")
+            return
+        if call.how == "reference" and self._view(step, built, inputs[0] if inputs else "", outputs, given):
             return
         op = self.constant(call.op)
         if call.how == "in_place":
@@ -265,6 +282,30 @@ class _Writer:
             if held is not None:
                 self.line(f"del {held}")
 
+    def _view(self, step: Step, built: tuple[list[Any], dict[str, Any]], source: str, outputs: Sequence[str],
+              given: Sequence[str | None]) -> bool:
+        """One view step of an exactly strided value as one `as_strided` (its sizes, strides and offset found by
+        running the op on a meta tensor of the source's type); False, writing nothing, for any other step."""
+        node = self.nodes.get(step.node)
+        if node is None or node.definition.kind != "view" or len(step.inputs) != 1 or step.positions != (0,) \
+                or given[0] is not None or step.inputs[0] not in self.exact:
+            return False
+        source_type, result_type = self.types[step.inputs[0]], self.types[step.outputs[0]]
+        meta = torch.empty_strided(source_type.shape, source_type.layout, dtype=source_type.dtype, device="meta")
+        args, kwargs = built
+        try:
+            result = step.call.op(*_substitute(args, meta), **_substitute(kwargs, meta))
+        except (RuntimeError, TypeError, ValueError):
+            return False
+        if not isinstance(result, torch.Tensor) or result.dtype != source_type.dtype \
+                or tuple(result.shape) != result_type.shape or tuple(result.stride()) != tuple(result_type.layout):
+            return False
+        offset = result.storage_offset()
+        moved = f", {source}.storage_offset() + {offset}" if offset else ""
+        self.line(f"{outputs[0]} = {source}.as_strided({result_type.shape!r}, {tuple(result_type.layout)!r}{moved})")
+        self.exact.add(step.outputs[0])
+        return True
+
     def _bind(self, outputs: Sequence[str], positions: Sequence[int], results: Mapping[int, str]) -> None:
         for output, position in zip(outputs, positions):
             self.line(f"{output} = {results[position]}")
@@ -281,6 +322,17 @@ class _Writer:
             self.line(f"{output} = {memory}")
         kernel = self.constant(group.kernel, group.name)
         self.line(f"{kernel}(({''.join(f'{name}, ' for name in inputs)}), ({''.join(f'{name}, ' for name in outputs)}))")
+
+
+def _substitute(built: Any, tensor: torch.Tensor) -> Any:
+    """`built` (arguments with input stand-ins) with every stand-in replaced by `tensor`."""
+    if isinstance(built, _Input):
+        return tensor
+    if isinstance(built, (list, tuple)):
+        return type(built)(_substitute(item, tensor) for item in built)
+    if isinstance(built, dict):
+        return {key: _substitute(item, tensor) for key, item in built.items()}
+    return built
 
 
 def _returns_one_tensor(op: Any) -> bool:

@@ -129,3 +129,29 @@ def test_a_call_that_autograd_records_stays_on_the_reference_steps():
     program = ember.compile(model, inputs)
     program(*inputs).sum().backward()
     assert not program.executor._wrappers
+
+
+def test_a_view_of_memory_the_wrapper_gave_is_one_as_strided_and_a_view_of_an_input_is_the_op():
+    """The strides of a value in an arena slot (or of a view of it) are its type's, so its views are written as
+    `as_strided` worked out at generation time, offsets included; an input's strides are the caller's, so a
+    view of it stays the op."""
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(12, 24)
+
+        def forward(self, x):
+            heads = self.proj(x).view(2, 5, 4, 6).transpose(1, 2)
+            return heads[..., 2:] * 2, x.transpose(0, 1) + 1
+
+    model, inputs = Heads(), (torch.randn(2, 5, 12),)
+    with torch.inference_mode():
+        program = ember.compile(model, inputs)
+        tensors = _tensors(program, _fresh(inputs))
+        want = program.executor.interpret(tensors)
+        got = program.executor(tensors)
+    _assert_bitwise_equal(got, want)
+    source = program.executor.wrapper_on(torch.device("cpu")).source
+    viewed = [line for line in source.splitlines() if ".as_strided(" in line and "arena" not in line]
+    assert len(viewed) >= 3 and any("storage_offset() + 2" in line for line in viewed)
+    assert not any(line.split("=")[1].strip().startswith("x.") for line in viewed)
