@@ -14,10 +14,10 @@ import torch
 from .errors import CompileError
 from .frontend import from_module
 from .frontend.export import ResultBuilder
-from .ir import Graph, VerifyError
+from .ir import Graph, Node, VerifyError
 from .optimizer import PIPELINE, REORDER
 from .codegen import lower_schedule, precompile
-from .optimizer.arena import plan_arena
+from .optimizer.arena import plan_arena, update_inputs_in_place
 from .optimizer.fusion import fusion_summary, plan_fusion, verify_fusion
 from .optimizer.cost import CostModel, DeviceProfile, load_profile
 from .optimizer.inspect import Report, build_report
@@ -77,19 +77,28 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
             with task(f"compiling {len(fusion.groups)} Triton kernels"):
                 precompile(work, graph.types(), _gpu_device(graph))
             seconds["kernels"] = time.perf_counter() - started
-    arena = None
+    arena, layout = None, None
     if options.arena:
         arena = plan_arena(graph, fusion=fusion, time_limit=options.plan_time_limit, verify=options.debug)
         seconds["plan_arena"] = arena.seconds
+        layout = update_inputs_in_place(graph, arena.layout, _updates(graph, program_args),
+                                        None if work is None else {item.name for item in work if isinstance(item, Node)})
     started = time.perf_counter()
     capture = graph_capture(graph, options, cost) if _on_gpu(graph) else {"capture": False, "decided_by": "not on a GPU"}
     report = coverage_report(graph, seconds, arena.summary() if arena else None, fusion_summary(fusion), capture)
-    program = Program(graph, report, layout=arena.layout if arena else None, work=work,
+    program = Program(graph, report, layout=layout, work=work,
                       cuda_graphs=capture["capture"], check_inputs=options.check_inputs, debug_dir=options.debug_dir,
                       captured=captured, **program_args)
     program.report.stage_seconds["build"] = time.perf_counter() - started
     log.info("compiled %d nodes, op coverage %.1f%%", program.report.node_count, 100 * program.report.op_coverage)
     return program
+
+
+def _updates(graph: Graph, program_args: Mapping[str, Any]) -> dict[str, str]:
+    """Input the model updates in place -> the output written back into it (after the buffers' outputs)."""
+    first = len(program_args.get("mutated_buffers", ()))
+    return {graph.inputs[position].name: graph.outputs[first + index]
+            for index, position in enumerate(program_args.get("mutated_inputs", ()))}
 
 
 def graph_capture(graph: Graph, options: Options, cost: CostModel) -> dict[str, Any]:

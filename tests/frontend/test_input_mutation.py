@@ -43,3 +43,60 @@ def test_the_backend_compiles_input_mutation_through_export(caplog):
             torch.testing.assert_close(compiled(x, cache, position), model(x, expected_cache, position))
             torch.testing.assert_close(cache, expected_cache)
     assert "through aot_autograd" not in caplog.text
+
+
+def _written_over(program: ember.Program) -> dict[str, str]:
+    return dict(program.executor.layout.reuses) if program.executor.layout else {}
+
+
+def test_a_cache_update_runs_in_place_in_the_callers_tensor():
+    """The functional update copies the whole cache and the write-back copies it again; in place, the new value
+    is the caller's own tensor, so writing it back is no copy at all."""
+    model = Accumulate().eval()
+    cache, expected_cache = torch.zeros(5, 4), torch.zeros(5, 4)
+    with torch.no_grad():
+        program = ember.compile(model, (torch.randn(1, 4), cache.clone(), torch.tensor([0])))
+        assert _written_over(program) == {program.graph.outputs[0]: program.graph.inputs[1].name}
+        for step in range(3):
+            x, position = torch.randn(1, 4), torch.tensor([step])
+            outputs = program.run([x, cache, position])
+            assert outputs[0] is cache
+            expected = model(x, expected_cache, position)
+            torch.testing.assert_close(program.finish(outputs, [x, cache, position]), expected)
+            torch.testing.assert_close(cache, expected_cache)
+
+
+class ReadsBefore(torch.nn.Module):
+    """Reads the cache before updating it: the old value is still needed, so the update stays functional."""
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        before = cache.sum(0, keepdim=True)
+        cache.index_copy_(0, position, x)
+        return before + cache.sum(0, keepdim=True)
+
+
+class Accumulates(torch.nn.Module):
+    """Adds into the cache (index_put with accumulate) and counts calls: neither may run twice in place, as a
+    CUDA graph's warm-up would run them."""
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor, position: torch.Tensor, count: torch.Tensor):
+        cache.index_put_((position,), x, accumulate=True)
+        count.add_(1)
+        return cache * 2
+
+
+def test_an_update_whose_input_is_read_elsewhere_or_that_accumulates_stays_functional():
+    with torch.no_grad():
+        reads = ember.compile(ReadsBefore().eval(), (torch.randn(1, 4), torch.zeros(5, 4), torch.tensor([0])))
+        adds = ember.compile(Accumulates().eval(),
+                             (torch.randn(1, 4), torch.zeros(5, 4), torch.tensor([0]), torch.zeros((), dtype=torch.long)))
+    assert reads.mutated_inputs == (1,) and not _written_over(reads)
+    assert adds.mutated_inputs == (1, 3) and not _written_over(adds)
+    cache, count, expected_cache, expected_count = torch.zeros(5, 4), torch.zeros((), dtype=torch.long), \
+        torch.zeros(5, 4), torch.zeros((), dtype=torch.long)
+    with torch.no_grad():
+        for step in range(3):
+            x, position = torch.randn(1, 4), torch.tensor([step % 2])
+            torch.testing.assert_close(adds(x, cache, position, count), Accumulates()(x, expected_cache, position, expected_count))
+    torch.testing.assert_close(cache, expected_cache)
+    assert count.item() == expected_count.item() == 3
