@@ -117,6 +117,7 @@ class GraphedCall:
     def __del__(self) -> None:
         # the pool goes with the graph: what the caller still holds of it moves out first
         if getattr(self, "lent", None) and not sys.is_finalizing():
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
             reclaim(self.lent)
             torch.cuda.synchronize(self.stream.device)
 
