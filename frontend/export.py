@@ -194,10 +194,12 @@ def _cache_template(children: list[Any], context: Any, unflatten: Any) -> tuple[
             isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 for tensor in pytree.tree_leaves(children)):
         return None
     cache = unflatten(pytree.tree_map(lambda tensor: tensor[..., :0, :], children), context)
-    held = tuple(position for position, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None)
+    layers = getattr(cache, "layers", None)  # older transformers keeps lists of tensors, not layers
+    if layers is None:
+        return None
+    held = tuple(position for position, layer in enumerate(layers) if getattr(layer, "keys", None) is not None)
     keys, values = children
-    if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers) or not (
-            len(held) == len(keys) == len(values)):
+    if any(type(layer).__name__ != "DynamicLayer" for layer in layers) or not (len(held) == len(keys) == len(values)):
         return None
     for position in held:  # the template keeps no tensor of the call it was built from
         cache.layers[position].keys = cache.layers[position].values = None

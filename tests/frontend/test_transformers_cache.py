@@ -155,3 +155,14 @@ def test_each_call_returns_a_cache_of_its_own_that_the_model_can_extend():
     assert all(torch.equal(keys, old_keys) and torch.equal(values, old_values)
                for (keys, values), (old_keys, old_values) in zip(layers(second_cache), before))
     assert_same_result(stepped, expected)
+
+
+def test_a_cache_without_layers_is_rebuilt_by_transformers_itself():
+    """Older transformers keep a DynamicCache's tensors in lists, not layers: no template, transformers rebuilds it."""
+    from types import SimpleNamespace
+
+    from ember.frontend.export import _cache_template
+
+    keys, values = [torch.randn(1, 2, 3, 4)], [torch.randn(1, 2, 3, 4)]
+    built = SimpleNamespace(key_cache=keys, value_cache=values)
+    assert _cache_template([keys, values], (["key_cache", "value_cache"], None), lambda children, context: built) is None
