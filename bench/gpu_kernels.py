@@ -1,6 +1,7 @@
 """GPU-only checks of what the CPU tests run in the interpreter: generated pointwise and row-reduction
 kernels compiled by the real Triton, on odd sizes, non-contiguous and broadcast inputs, in every float
-dtype, rows from 7 to 5000 columns, kernels reading through cats, splits, repeats and gathers, inputs off 16-byte alignment after aligned ones; and the device-side grouped matmul against the per-expert loop.
+dtype, rows from 7 to 5000 columns, kernels reading through cats, splits, repeats and gathers, inputs off 16-byte alignment after aligned ones; whether every kernel launches directly after an aligned call (Inductor having run in
+the process); and the device-side grouped matmul against the per-expert loop.
 Usage: python bench/gpu_kernels.py [--out bench/results]
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 import ember
+from ember.codegen import GroupKernel
 from ember.ir.ops import grouped_mm_reference
 from ember.tolerance import tolerance_for
 
@@ -54,6 +56,26 @@ def check_chains() -> list[dict]:
         row, column = torch.randn(37, device="cuda", dtype=dtype), torch.randn(129, 1, device="cuda", dtype=dtype)
         rows.append(compare(f"fused chains {str(dtype).removeprefix('torch.')}", Chains(), (x, row, column)))
     return rows
+
+
+def check_direct_launches() -> dict:
+    """After a call on aligned inputs, every generated kernel launches its compiled binary directly (not through
+    Triton's JIT, about a third more host time per launch), also once torch.compile's Inductor has run in the
+    process (which might set Triton's launch hooks)."""
+    x, row, column = (torch.randn(*shape, device="cuda") for shape in ((64, 256), (256,), (64, 1)))
+    with torch.no_grad():
+        torch.compile(Chains(), mode="default")(x, row, column)
+        program = ember.compile(Chains(), (x, row, column), ember.Options(fusion=True, cuda_graphs=False))
+        for _ in range(2):
+            program(x, row, column)
+    from triton import knobs
+
+    kernels = [step.kernel for step in program.executor.work or () if isinstance(step, GroupKernel)]
+    direct = sum(kernel._direct is not None for kernel in kernels)
+    hooked = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    return {"check": f"direct launches {direct}/{len(kernels)}{', launch hooks set' if hooked else ''}",
+            "max_err": 0.0, "eager_err": 0.0, "limit": 0.0, "groups": len(kernels),
+            "ok": bool(kernels) and direct == len(kernels)}
 
 
 def check_misaligned() -> list[dict]:
@@ -179,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
-    rows = check_chains() + check_misaligned() + check_rows() + check_moves() + check_attention() + [check_grouped_mm()]
+    rows = check_chains() + [check_direct_launches()] + check_misaligned() + check_rows() + check_moves() + check_attention() + [check_grouped_mm()]
     lines = ["Fused kernels and eager against float64 (attention and grouped_mm: against torch's own result)",
              f"{'check':44} {'max err':>10} {'eager err':>10} {'limit':>10} {'groups':>6}  ok"]
     lines += [f"{r['check']:44} {r['max_err']:10.3g} {r['eager_err']:10.3g} {r['limit']:10.3g} {r['groups']:6d}  "
