@@ -213,7 +213,8 @@ class Program:
             buffer.copy_(value)
         outputs = outputs[len(self.mutated_buffers):]
         for position, value in zip(self.mutated_inputs, outputs):
-            inputs[position].copy_(value)
+            if value is not inputs[position]:  # an update run in place already is the input
+                inputs[position].copy_(value)
         outputs = outputs[len(self.mutated_inputs):]
         if self.out_spec is None:
             return tuple(outputs)
