@@ -14,10 +14,10 @@ import torch
 from .errors import CompileError
 from .frontend import from_module
 from .frontend.export import ResultBuilder
-from .ir import Graph, Node, VerifyError
+from .ir import Graph, VerifyError
 from .optimizer import PIPELINE, REORDER
 from .codegen import lower_schedule, precompile
-from .optimizer.arena import plan_arena, update_inputs_in_place
+from .optimizer.arena import plan_arena
 from .optimizer.fusion import fusion_summary, plan_fusion, verify_fusion
 from .optimizer.cost import CostModel, DeviceProfile, load_profile
 from .optimizer.inspect import Report, build_report
@@ -77,16 +77,15 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
             with task(f"compiling {len(fusion.groups)} Triton kernels"):
                 precompile(work, graph.types(), _gpu_device(graph))
             seconds["kernels"] = time.perf_counter() - started
-    arena, layout = None, None
+    arena = None
     if options.arena:
-        arena = plan_arena(graph, fusion=fusion, time_limit=options.plan_time_limit, verify=options.debug)
+        arena = plan_arena(graph, fusion=fusion, updates=_updates(graph, program_args),
+                           time_limit=options.plan_time_limit, verify=options.debug)
         seconds["plan_arena"] = arena.seconds
-        layout = update_inputs_in_place(graph, arena.layout, _updates(graph, program_args),
-                                        None if work is None else {item.name for item in work if isinstance(item, Node)})
     started = time.perf_counter()
     capture = graph_capture(graph, options, cost) if _on_gpu(graph) else {"capture": False, "decided_by": "not on a GPU"}
     report = coverage_report(graph, seconds, arena.summary() if arena else None, fusion_summary(fusion), capture)
-    program = Program(graph, report, layout=layout, work=work,
+    program = Program(graph, report, layout=arena.layout if arena else None, work=work,
                       cuda_graphs=capture["capture"], check_inputs=options.check_inputs, debug_dir=options.debug_dir,
                       captured=captured, **program_args)
     program.report.stage_seconds["build"] = time.perf_counter() - started

@@ -19,7 +19,6 @@ logits). Under CUDA graphs the arenas are allocated once, at capture, from the g
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,9 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir import Arena, ArenaLayout, Graph, TensorType
-from ..ir.schema import inplace_overload
 from .fusion import FusionPlan
-from .liveness import Buffer, base_of, buffers, reuses, steps_of
+from .liveness import Buffer, base_of, buffers, reuses, steps_of, updates_written_over
 from .memory_plan import MemoryPlan, plan_intervals
 from .memory_verify import verify_plan
 
@@ -64,10 +62,11 @@ class ArenaPlan:
                 "reused_values": len(self.layout.reuses)}
 
 
-def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, alignment: int = 256, time_limit: float = 10.0,
-               verify: bool = False) -> ArenaPlan:
+def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, updates: Mapping[str, str] | None = None,
+               alignment: int = 256, time_limit: float = 10.0, verify: bool = False) -> ArenaPlan:
     """Plan the arenas of `graph` in its current order, or in the fusion plan's schedule; the plans share
-    `time_limit` in proportion to their buffers."""
+    `time_limit` in proportion to their buffers. `updates` (input -> the output written back into it after each
+    call) says which inputs the model updates, so that their updates may be written over them."""
     started = time.perf_counter()
     bases = base_of(graph, fusion)
     outside = {bases[name] for name in graph.outputs if name in bases}
@@ -103,7 +102,8 @@ def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, alignment: int
         arenas.append(Arena(plan.arena_bytes, first, max(b.end for b in group)))
         slots.update((b.name, (index, offset, types[b.name])) for b, offset in zip(group, plan.offsets))
     fresh = sorted(b.name for b in all_buffers if b.name not in slots)
-    layout = ArenaLayout(slots, tuple(arenas), reuses(graph, fusion))
+    layout = ArenaLayout(slots, tuple(arenas), {**reuses(graph, fusion),
+                                                **updates_written_over(graph, updates or {}, fusion)})
     lower = int(_live(all_buffers, step_count, alignment).max(initial=0))
     return ArenaPlan(layout, tuple(plans), tuple(fresh), lower, _peak(all_buffers, layout, step_count, alignment),
                      time.perf_counter() - started)
@@ -152,40 +152,3 @@ def _peak(all_buffers: Sequence[Buffer], layout: ArenaLayout, steps: int, alignm
         held[arena.first_step:arena.last_step + 1] += arena.size_bytes
     return int(held.max(initial=0))
 
-
-OVERWRITING_OPS = frozenset({"index_put", "index_copy"})
-"""Ops whose result is their first input with some positions overwritten by values that do not depend on it, so
-that running them in place twice leaves what running them once does (a CUDA graph's warm-up runs a call's
-steps before the call itself): a static KV cache's update, `cache.index_copy_(2, position, keys)`."""
-
-
-def update_inputs_in_place(graph: Graph, layout: ArenaLayout, updates: Mapping[str, str],
-                           standalone: set[str] | None = None) -> ArenaLayout:
-    """`layout` with each input the model updates (`updates`: input -> the value written back into it after the
-    call) written over by the step that makes its new value, where that is safe: an overwriting op (above) over
-    the input itself, not fused (`standalone`: the names of the nodes that run as their own steps; None: all),
-    the input read by nothing else, and the new value returned once, as the update. Functional, that step
-    copies the whole input first and the write-back copies its result again: for a static cache, two copies
-    of every layer's keys and values per decoded token."""
-    producers = {value.name: node for node in graph.nodes for value in node.outputs}
-    readers: dict[str, int] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            readers[name] = readers.get(name, 0) + 1
-    types = graph.types()
-    written = dict(layout.reuses)
-    for source, value in updates.items():
-        node = producers.get(value)
-        if node is None or node.op not in OVERWRITING_OPS or node.attrs.get("accumulate", False) or node.is_extern \
-                or (standalone is not None and node.name not in standalone) or not node.inputs \
-                or node.inputs[0] != source or readers.get(source) != 1 or source in graph.outputs \
-                or list(graph.outputs).count(value) != 1 or not _same_memory(types[source], types[value]) \
-                or inplace_overload(node.definition.target) is None:
-            continue
-        written[value] = source
-    return dataclasses.replace(layout, reuses=written) if written != dict(layout.reuses) else layout
-
-
-def _same_memory(source: TensorType, result: TensorType) -> bool:
-    return (source.shape, source.dtype, tuple(source.layout), source.device) == \
-        (result.shape, result.dtype, tuple(result.layout), result.device)

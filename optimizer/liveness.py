@@ -78,6 +78,37 @@ def reuses(graph: Graph, fusion: FusionPlan | None = None) -> dict[str, str]:
     return _bases(graph, fusion)[1]
 
 
+OVERWRITING_OPS = frozenset({"index_put", "index_copy"})
+"""Ops whose result is their first input with some positions overwritten by values that do not depend on it, so
+that running them in place twice leaves what running them once does (a CUDA graph's warm-up runs a call's
+steps before the call itself): a static KV cache's update, `cache.index_copy_(2, position, keys)`."""
+
+
+def updates_written_over(graph: Graph, updates: Mapping[str, str], fusion: FusionPlan | None = None) -> dict[str, str]:
+    """Update -> the input it is written over, for each input the model updates (`updates`: input -> the value
+    written back into it after the call) where that is safe: an overwriting op (above) over the input itself,
+    run as its own step, the input read by nothing else, and the new value returned once, as the update.
+    Functional, that step copies the whole input first and the write-back copies its result again: for a
+    static cache, two copies of every layer's keys and values per decoded token."""
+    producers = {value.name: node for node in graph.nodes for value in node.outputs}
+    readers: dict[str, int] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            readers[name] = readers.get(name, 0) + 1
+    grouped = {name for group in fusion.groups for name in group.nodes} if fusion is not None else set()
+    types = graph.types()
+    written: dict[str, str] = {}
+    for source, value in updates.items():
+        node = producers.get(value)
+        if node is None or node.op not in OVERWRITING_OPS or node.attrs.get("accumulate", False) or node.is_extern \
+                or node.name in grouped or not node.inputs or node.inputs[0] != source or readers.get(source) != 1 \
+                or source in graph.outputs or list(graph.outputs).count(value) != 1 \
+                or not _same_memory_type(types[source], types[value]) or inplace_overload(node.definition.target) is None:
+            continue
+        written[value] = source
+    return written
+
+
 def _bases(graph: Graph, fusion: FusionPlan | None) -> tuple[dict[str, str], dict[str, str]]:
     steps = steps_of(graph, fusion)
     last_read: dict[str, int] = {}

@@ -23,6 +23,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
+from ..ir import TensorType
+
 log = logging.getLogger(__name__)
 
 WARM_UP_CALLS = 2
@@ -38,9 +40,8 @@ left in the pool are copied out on every call."""
 def lend(tensor: torch.Tensor) -> tuple[torch.Tensor, StorageWeakRef]:
     """A tensor over `tensor`'s memory with a storage of its own that does not own that memory, and a weak
     reference to that storage: it and every view of it share the storage, so `reclaim` moves them all."""
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    storage = torch._C._construct_storage_from_data_pointer(tensor.data_ptr(), tensor.device,
-                                                            extent * tensor.element_size())
+    extent = TensorType(tuple(tensor.shape), tensor.dtype, tuple(tensor.stride())).storage_bytes
+    storage = torch._C._construct_storage_from_data_pointer(tensor.data_ptr(), tensor.device, extent)
     lent = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(storage, 0, tensor.shape, tensor.stride())
     return lent, StorageWeakRef(lent.untyped_storage())
 
