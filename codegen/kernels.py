@@ -85,10 +85,7 @@ class _Direct:
 def _direct_launch(jit: Any, source: KernelSource, dtypes: Sequence[torch.dtype], device: torch.device) -> _Direct | None:
     """The direct launcher of `jit`'s variant for aligned pointers to `dtypes` on `device`, or None where this
     Triton does not offer one as expected (interpreted, launch hooks set, another launcher convention)."""
-    from triton import knobs
-
-    if not hasattr(jit, "device_caches") or knobs.runtime.launch_enter_hook is not None \
-            or knobs.runtime.launch_exit_hook is not None:
+    if not hasattr(jit, "device_caches") or launch_hooks_set():
         return None
     constants = dict(source.constants)
     positional = len(dtypes) + len(source.scalars)
@@ -102,6 +99,14 @@ def _direct_launch(jit: Any, source: KernelSource, dtypes: Sequence[torch.dtype]
     except (AttributeError, KeyError, TypeError) as error:
         log.debug("kernel %s launches through Triton's JIT (no direct launcher: %s)", source.name, error)
         return None
+
+
+def launch_hooks_set() -> bool:
+    """Whether Triton has a launch hook set (a profiler's): None, or (newer Tritons) an empty chain of hooks, is not."""
+    from triton import knobs
+
+    return any(hook is not None and bool(getattr(hook, "calls", True))
+               for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
 
 
 def _raw_stream(device: int) -> int:

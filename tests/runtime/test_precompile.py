@@ -56,3 +56,22 @@ def test_a_kernel_that_does_not_precompile_is_left_to_its_launch(monkeypatch, ca
         precompile(work, graph.types(), torch.device("cuda", 0))
     assert len(calls) == len(work) - 1
     assert f"kernel {work[1].name} did not precompile (no such kernel)" in caplog.text
+
+
+def test_launch_hooks_count_as_set_only_when_a_hook_is_there(monkeypatch):
+    """Triton starts with no hook (None, or on newer Tritons an empty chain): kernels then launch their binary
+    directly; a profiler's hook sends them through Triton's JIT, which calls it."""
+    from triton import knobs
+
+    assert not kernels.launch_hooks_set()
+
+    def hook(*args):
+        return None
+
+    if hasattr(knobs.runtime.launch_enter_hook, "add"):  # a chain: a new one holding the hook
+        hooks = type(knobs.runtime.launch_enter_hook)()
+        hooks.add(hook)
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hooks)
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
+    assert kernels.launch_hooks_set()
