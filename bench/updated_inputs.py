@@ -1,8 +1,8 @@
 """GPU check: a model updating an input in place (a static KV cache handed in) under CUDA-graph capture.
 
-Through both entry points, on the GPU with graphs on: three calls on one cache (captured reading the caller's
-own cache, written back after each call), then calls on a second cache in other memory (captured again,
-copying it in), then the first again; every result and every cache against eager's.
+Through both entry points, on the GPU with graphs on: calls on one cache (captured reading the caller's own
+cache), as many on a second cache in other memory (captured again, reading it), then on each in turn after a
+few calls (captured once more, copying the cache in on every call); every result and every cache against eager's.
 Usage: python bench/updated_inputs.py [--out bench/results]
 """
 from __future__ import annotations
@@ -14,6 +14,10 @@ import torch
 import ember
 
 from common import environment, write_results
+
+
+CACHES = (0,) * 9 + (1,) * 9 + (0, 0, 1, 0)
+"""Which cache each call updates: 9 calls each outlast executor.RECAPTURE_AFTER, the alternation after does not."""
 
 
 class Accumulate(torch.nn.Module):
@@ -38,7 +42,7 @@ def run(entry: str) -> dict:
         compiled = (torch.compile(model, backend="ember", options={"cuda_graphs": True}) if entry == "backend"
                     else ember.compile(model, example, {"cuda_graphs": True}))
         error = 0.0
-        for step, which in enumerate((0, 0, 0, 1, 1, 0)):
+        for step, which in enumerate(CACHES):
             x, position = torch.randn(1, 64, device="cuda"), torch.tensor([step], device="cuda")
             result = compiled(x, caches[which], position)
             reference = model(x, expected[which], position)

@@ -79,7 +79,7 @@ class GraphedCall:
     back uncopied; the `staged` inputs (CPU ones the graph only copies to the device) get buffers on the device.
     The `aliased` inputs (ones the model updates in place, such as a static KV cache, whose new values are
     written back after the call) are captured as the caller's own tensors, not copied in on every call: a call
-    handing one in other memory gets None, and the caller captures again without aliasing.
+    handing one in other memory gets None, and the caller captures again (on the new memory, or copying in).
 
     A call runs on the capture stream, ordered after the caller's stream and before the caller's next work on
     it, tail included: its matrix products then share the workspace cuBLAS made for the capture rather than
@@ -114,6 +114,8 @@ class GraphedCall:
         self.pool = {tensor.untyped_storage().data_ptr() for tensor in pytree.tree_leaves(self.carried)
                      if isinstance(tensor, torch.Tensor)}
         self.lent: list[StorageWeakRef] = []
+        self.calls = 0
+        """Calls replayed so far."""
 
     def __del__(self) -> None:
         # the pool goes with the graph: what the caller still holds of it moves out first
@@ -126,6 +128,7 @@ class GraphedCall:
         for position in self.aliased:
             if inputs[position].data_ptr() != self.inputs[position].data_ptr():
                 return None
+        self.calls += 1
         caller = torch.cuda.current_stream()
         self.stream.wait_stream(caller)
         reclaim(self.lent, self.stream)

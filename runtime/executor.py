@@ -116,6 +116,13 @@ def _launch(group: GroupKernel) -> GivenRun:
     return run
 
 
+RECAPTURE_AFTER = 8
+"""A call handing an input the model updates in place (a static KV cache) in other memory than the capture aliases
+is captured again on the new memory when the old capture served at least this many calls (transformers makes a
+new static cache per generate and reuses it for every token); sooner, the memory changes too often to capture
+each time, and the new capture copies such inputs in on every call instead."""
+
+
 class Executor:
     """Runs one Graph; holds the bound steps and, per device, the generated wrapper that runs them.
 
@@ -159,10 +166,12 @@ class Executor:
         if self.cuda_graphs and device is not None and device.type == "cuda":
             graphed = self._graphed_on(device, inputs)
             outputs = None if graphed is None else graphed(inputs)
-            if outputs is None and graphed is not None:  # an updated input in new memory: capture copying them in
-                log.info("an input the model updates in place came in other memory: capturing again, copying it in")
-                self.aliased = frozenset()
-                del self.graphed[device]
+            if outputs is None and graphed is not None:  # an updated input in other memory: capture again
+                if graphed.calls < RECAPTURE_AFTER:
+                    log.info("an input the model updates in place came in other memory after %d calls: capturing "
+                             "again, copying such inputs in on every call", graphed.calls)
+                    self.aliased = frozenset()
+                del self.graphed[device], graphed  # its pool is freed before the next capture takes one
                 graphed = self._graphed_on(device, inputs)
                 outputs = None if graphed is None else graphed(inputs)
             if outputs is not None:
