@@ -77,6 +77,7 @@ class GraphedCall:
     handed to `run_tail` after each replay; raises at construction if capture fails. The first `written_back`
     outputs are new values of buffers and inputs, copied into them before the next replay, so they are handed
     back uncopied; the `staged` inputs (CPU ones the graph only copies to the device) get buffers on the device.
+    `warm_up` calls run first, uncaptured, for what runs lazily once (none are needed when capturing again).
     The `aliased` inputs (ones the model updates in place, such as a static KV cache, whose new values are
     written back after the call) are captured as the caller's own tensors, not copied in on every call: a call
     handing one in other memory gets None, and the caller captures again (on the new memory, or copying in).
@@ -91,7 +92,7 @@ class GraphedCall:
     def __init__(self, run_prefix: Callable[[Sequence[torch.Tensor]], Any],
                  run_tail: Callable[[Sequence[torch.Tensor], Any], list[torch.Tensor]], example: Sequence[torch.Tensor],
                  device: torch.device, *, written_back: int = 0, staged: frozenset[int] = frozenset(),
-                 aliased: frozenset[int] = frozenset()):
+                 aliased: frozenset[int] = frozenset(), warm_up: int = WARM_UP_CALLS):
         self.inputs = [tensor if position in aliased else tensor.to(device, copy=True) if position in staged
                        else tensor.clone() for position, tensor in enumerate(example)]
         self.aliased = tuple(sorted(aliased))
@@ -101,7 +102,7 @@ class GraphedCall:
         self.stream = capture_stream(device)
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):  # capture wants the lazy initialisations (cuBLAS handles, kernels) done
-            for _ in range(WARM_UP_CALLS):
+            for _ in range(warm_up):
                 run_prefix(self.inputs)
         torch.cuda.current_stream().wait_stream(self.stream)
         # The graph bakes in the address of the cuBLAS workspace it uses: made afresh during capture, that

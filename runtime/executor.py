@@ -18,7 +18,7 @@ import torch
 from ..codegen import GroupKernel
 from ..ir import ArenaLayout, Graph, Node, TensorType, Value
 from .arena import Call, GivenRun, bind_call, plan_call, slot_view
-from .cuda_graph import GraphedCall
+from .cuda_graph import WARM_UP_CALLS, GraphedCall
 from .wrapper import Wrapper, generate_wrapper
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,8 @@ class Executor:
         self.input_names = tuple(value.name for value in graph.inputs)
         self._steps_on: dict[str, tuple[Step, ...]] = {}
         self._wrappers: dict[torch.device | None, Wrapper] = {}
+        self._split: dict[torch.device, tuple[Wrapper, Wrapper]] = {}
+        """Per device, the wrappers of a captured call: the part captured and the tail run after each replay."""
 
     def records_grad(self, inputs: Sequence[torch.Tensor]) -> bool:
         """Whether autograd records a call on `inputs` (it then runs the captured graph's reference steps)."""
@@ -202,11 +204,16 @@ class Executor:
     def _graphed_on(self, device: torch.device, inputs: Sequence[torch.Tensor]) -> GraphedCall | None:
         """This device's captured call, captured on first use; None (and one warning) if it cannot be."""
         if device not in self.graphed:
-            steps = self.steps_on(device)
-            split = tail_start(steps, self.graph, self.layout)
-            carried = _carried(steps[:split], steps[split:], self.graph)
-            prefix = self._generate(device, name=f"{self.name}_captured", stop=split, returns=carried)
-            tail = self._generate(device, name=f"{self.name}_tail", start=split, carried=carried)
+            if device not in self._split:
+                steps = self.steps_on(device)
+                split = tail_start(steps, self.graph, self.layout)
+                carried = _carried(steps[:split], steps[split:], self.graph)
+                self._split[device] = (self._generate(device, name=f"{self.name}_captured", stop=split, returns=carried),
+                                       self._generate(device, name=f"{self.name}_tail", start=split, carried=carried))
+                warm_up = WARM_UP_CALLS
+            else:  # captured before: what runs lazily once (cuBLAS handles, kernel loads) has run
+                warm_up = 0
+            prefix, tail = self._split[device]
 
             def run_prefix(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
                 # arenas still open are the tail's too
@@ -219,7 +226,8 @@ class Executor:
 
             try:
                 self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs, device, written_back=self.written_back,
-                                                   staged=_staged_inputs(self.graph, device), aliased=self.aliased)
+                                                   staged=_staged_inputs(self.graph, device), aliased=self.aliased,
+                                                   warm_up=warm_up)
             except RuntimeError as error:
                 log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)%s",
                             str(error).splitlines()[0], _failing_line(error))

@@ -100,3 +100,39 @@ def test_an_update_whose_input_is_read_elsewhere_or_that_accumulates_stays_funct
             torch.testing.assert_close(adds(x, cache, position, count), Accumulates()(x, expected_cache, position, expected_count))
     torch.testing.assert_close(cache, expected_cache)
     assert count.item() == expected_count.item() == 3
+
+
+class FakeGraphedCall:
+    """Stands for a CUDA-graph capture (no GPU here): records how it was captured, and refuses a call handing an
+    aliased input in other memory, as the real one does."""
+
+    captures: list[tuple[tuple[int, ...], int]] = []
+
+    def __init__(self, run_prefix, run_tail, example, device, *, aliased, warm_up, **_):
+        self.pointers = {position: example[position].data_ptr() for position in aliased}
+        self.calls = 0
+        self.captures.append((tuple(sorted(aliased)), warm_up))
+
+    def __call__(self, inputs):
+        if any(inputs[position].data_ptr() != pointer for position, pointer in self.pointers.items()):
+            return None
+        self.calls += 1
+        return []
+
+
+def test_a_cache_in_new_memory_is_captured_again_on_it_unless_it_moves_too_often(monkeypatch):
+    """A static cache made anew per generate is aliased again (no warm-up: it ran at the first capture); one that
+    moves after a few calls is copied in from then on."""
+    from ember.runtime import executor
+
+    monkeypatch.setattr(executor, "GraphedCall", FakeGraphedCall)
+    monkeypatch.setattr(executor, "_device_of", lambda inputs, graph: torch.device("cuda", 0))
+    monkeypatch.setattr(FakeGraphedCall, "captures", [])
+    caches = [torch.zeros(5, 4), torch.zeros(5, 4)]
+    long, short = executor.RECAPTURE_AFTER, executor.RECAPTURE_AFTER - 1
+    with torch.no_grad():
+        program = ember.compile(Accumulate().eval(), (torch.randn(1, 4), caches[0], torch.tensor([0])))
+        program.executor.cuda_graphs = True
+        for which in (0,) * long + (1,) * long + (0,) * short + (1, 1):
+            program.executor([torch.randn(1, 4), caches[which], torch.tensor([0])])
+    assert FakeGraphedCall.captures == [((1,), executor.WARM_UP_CALLS), ((1,), 0), ((1,), 0), ((), 0)]
