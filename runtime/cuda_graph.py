@@ -7,7 +7,9 @@ the last few steps, those that make the outputs, run after the replay on their o
 that pool (reading what the graph left in it, arenas still open included). An output still in the pool is
 lent: the caller gets a tensor over the pool's memory, and before the next replay overwrites it, any lent
 tensor still referenced (or any view of it) is moved into memory of its own, its data copied there. So the
-caller's tensors never change under it, and the copy (and its memory) is only paid for what is kept. A call
+caller's tensors never change under it, and the copy (and its memory) is only paid for what is kept. (A torch
+that cannot move storages moves the tensor alone; while the caller holds a view of lent memory, calls run
+without the graph.) A call
 that cannot be captured (an op that syncs with the host, such as routing that reads expert counts) leaves
 the Program running step by step, with one warning.
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,33 +37,91 @@ _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 LENDS = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
-"""Whether this torch can move a storage (and so every view of it) into other memory; without it, outputs
-left in the pool are copied out on every call."""
+"""Whether this torch can move a storage (and so every view of it) into other memory. Without it, a lent tensor
+is moved by swapping its contents with a copy's, which only the tensor itself follows: while the caller holds a
+view of lent memory, that memory cannot be moved (the loan is pinned)."""
+
+PINNED_CALLS_BEFORE_COPYING = 3
+"""Calls refused for a pinned loan after which a graph copies its outputs out rather than lend them (a caller,
+or torch.compile's wrappers, that keeps views of results into the next call)."""
+
+_KEPT: list[tuple[Any, list[Loan]]] = []
+"""The pool memory of graphs dropped while loans of it were pinned, kept until those loans end."""
 
 
-def lend(tensor: torch.Tensor) -> tuple[torch.Tensor, StorageWeakRef]:
-    """A tensor over `tensor`'s memory with a storage of its own that does not own that memory, and a weak
-    reference to that storage: it and every view of it share the storage, so `reclaim` moves them all."""
+class PoolInUse(Exception):
+    """The caller still holds views of a graph's pool that this torch cannot move: a replay would overwrite
+    them, so the call runs without the graph."""
+
+
+@dataclass(slots=True)
+class Loan:
+    """Memory lent out of a graph's pool: the storage handed out and, where torch cannot move storages, the
+    tensor handed out (both held weakly: the caller's holding them is what keeps the loan open)."""
+
+    storage: StorageWeakRef
+    tensor: weakref.ref | None
+    holders: int
+    """References to the storage when lent (the tensor's, and torch's own Python object for it): more mean views."""
+
+
+def lend(tensor: torch.Tensor) -> tuple[torch.Tensor, Loan]:
+    """A tensor over `tensor`'s memory with a storage of its own that does not own that memory, and the loan of
+    it: it and every view of it share the storage, so `reclaim` moves them all (where torch can)."""
     extent = TensorType(tuple(tensor.shape), tensor.dtype, tuple(tensor.stride())).storage_bytes
     storage = torch._C._construct_storage_from_data_pointer(tensor.data_ptr(), tensor.device, extent)
     lent = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(storage, 0, tensor.shape, tensor.stride())
-    return lent, StorageWeakRef(lent.untyped_storage())
+    reference = StorageWeakRef(lent.untyped_storage())
+    return lent, Loan(reference, None if LENDS else weakref.ref(lent), torch._C._storage_Use_Count(reference.cdata))
 
 
-def reclaim(lent: Sequence[StorageWeakRef], stream: torch.Stream | None = None) -> int:
-    """Moves every lent storage still referenced into memory of its own (allocated on the current stream), its
-    data copied there on `stream` (default: the current one); returns how many were moved."""
-    moved = 0
-    for reference in lent:
-        storage = None if reference.expired() else torch.UntypedStorage._new_with_weak_ptr(reference.cdata)
-        if storage is None:
+def reclaim(loans: Sequence[Loan], stream: torch.Stream | None = None) -> tuple[int, list[Loan]]:
+    """Moves the memory of every loan still open into memory of its own (allocated on the current stream), its
+    data copied there on `stream` (default: the current one). Returns how many moved, and the loans that could
+    not (pinned: see LENDS)."""
+    moved, pinned = 0, []
+    for loan in loans:
+        if loan.storage.expired():
             continue
-        own = torch.empty(storage.nbytes(), dtype=torch.uint8, device=storage.device).untyped_storage()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            own.copy_(storage)
-        storage._swap_data_ptr_(own)  # `own` now holds the pool's address, owning nothing
+            if LENDS:
+                storage = torch.UntypedStorage._new_with_weak_ptr(loan.storage.cdata)
+                own = torch.empty(storage.nbytes(), dtype=torch.uint8, device=storage.device).untyped_storage()
+                own.copy_(storage)
+                storage._swap_data_ptr_(own)  # `own` now holds the pool's address, owning nothing
+            elif not _swap_out(loan):
+                pinned.append(loan)
+                continue
         moved += 1
-    return moved
+    return moved, pinned
+
+
+def _swap_out(loan: Loan) -> bool:
+    """Moves a lent tensor by swapping its contents with a copy's; False where a view of its memory (or a weak
+    reference to it) is held elsewhere, which the swap would leave behind."""
+    tensor = loan.tensor() if loan.tensor is not None else None
+    if tensor is None or torch._C._storage_Use_Count(loan.storage.cdata) != loan.holders or tensor._use_count() != 1:
+        return False
+    storage = tensor.untyped_storage()
+    own = torch.empty(storage.nbytes(), dtype=torch.uint8, device=tensor.device).untyped_storage()
+    own.copy_(storage)
+    del storage
+    copy = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(own, tensor.storage_offset(), tensor.shape,
+                                                                          tensor.stride())
+    loan.tensor = None  # the swap refuses a tensor with weak references
+    try:
+        torch.utils.swap_tensors(tensor, copy)
+    except RuntimeError:
+        loan.tensor = weakref.ref(tensor)
+        return False
+    return True
+
+
+def keep_pinned(carried: Any, pinned: list[Loan]) -> None:
+    """Keeps a dropped graph's pool memory (`carried`, the tensors in it) while any of its `pinned` loans is open."""
+    _KEPT[:] = [(memory, loans) for memory, loans in _KEPT if not all(loan.storage.expired() for loan in loans)]
+    if pinned:
+        _KEPT.append((carried, pinned))
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -87,7 +149,7 @@ class GraphedCall:
     making one for the caller's stream. The tensors handed back are recorded on the caller's stream, so their
     memory is not reused before the caller's work on them is done. Outputs left in the pool are lent (see the
     module's docstring): those still referenced when the next call comes, or when this one is dropped, are
-    moved out first."""
+    moved out first; a call raises PoolInUse while one cannot be moved."""
 
     def __init__(self, run_prefix: Callable[[Sequence[torch.Tensor]], Any],
                  run_tail: Callable[[Sequence[torch.Tensor], Any], list[torch.Tensor]], example: Sequence[torch.Tensor],
@@ -114,26 +176,37 @@ class GraphedCall:
             self.carried = run_prefix(self.inputs)
         self.pool = {tensor.untyped_storage().data_ptr() for tensor in pytree.tree_leaves(self.carried)
                      if isinstance(tensor, torch.Tensor)}
-        self.lent: list[StorageWeakRef] = []
+        self.lent: list[Loan] = []
         self.calls = 0
         """Calls replayed so far."""
+        self.pinned_calls = 0
+        """Calls refused because a loan was pinned."""
+        self.copies_out = False
+        """Whether outputs in the pool are copied out rather than lent (loans were pinned call after call)."""
 
     def __del__(self) -> None:
-        # the pool goes with the graph: what the caller still holds of it moves out first
+        # the pool goes with the graph: what the caller still holds of it moves out first, or keeps it
         if getattr(self, "lent", None) and not sys.is_finalizing():
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-            reclaim(self.lent)
+            keep_pinned(self.carried, reclaim(self.lent)[1])
             torch.cuda.synchronize(self.stream.device)
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         for position in self.aliased:
             if inputs[position].data_ptr() != self.inputs[position].data_ptr():
                 return None
-        self.calls += 1
         caller = torch.cuda.current_stream()
         self.stream.wait_stream(caller)
-        reclaim(self.lent, self.stream)
-        self.lent = []
+        self.lent = reclaim(self.lent, self.stream)[1]
+        if self.lent:
+            caller.wait_stream(self.stream)
+            self.pinned_calls += 1
+            if self.pinned_calls == PINNED_CALLS_BEFORE_COPYING:
+                log.info("views of lent outputs were held into the next call %d times (this torch cannot move them): "
+                         "copying outputs out of the CUDA graph's memory from now on", self.pinned_calls)
+                self.copies_out = True
+            raise PoolInUse
+        self.calls += 1
         with torch.cuda.stream(self.stream):
             for position in self.copied:
                 self.inputs[position].copy_(inputs[position])
@@ -147,18 +220,19 @@ class GraphedCall:
         return outputs
 
     def _hand_out(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The outputs as the caller gets them: those in the graph's pool lent, or, where torch cannot move
-        storages, copied out (by one multi-tensor copy, not a kernel each); written-back ones as they are."""
-        pooled = [index for index, output in enumerate(outputs) if index >= self.written_back
-                  and output.numel() and output.untyped_storage().data_ptr() in self.pool]
+        """The outputs as the caller gets them: those in the graph's pool lent (or copied out, by one
+        multi-tensor copy, once loans were pinned call after call), the rest (written-back ones included) as
+        they are."""
+        pooled = [index for index in range(self.written_back, len(outputs))
+                  if outputs[index].numel() and outputs[index].untyped_storage().data_ptr() in self.pool]
         handed = list(outputs)
-        if LENDS:
-            for index in pooled:
-                handed[index], reference = lend(outputs[index])
-                self.lent.append(reference)
-        elif pooled:
+        if self.copies_out and pooled:
             copies = [torch.empty_like(outputs[index]) for index in pooled]
             torch._foreach_copy_(copies, [outputs[index] for index in pooled])
             for index, copy in zip(pooled, copies):
                 handed[index] = copy
+            return handed
+        for index in pooled:
+            handed[index], loan = lend(outputs[index])
+            self.lent.append(loan)
         return handed

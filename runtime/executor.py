@@ -18,7 +18,7 @@ import torch
 from ..codegen import GroupKernel
 from ..ir import ArenaLayout, Graph, Node, TensorType, Value
 from .arena import Call, GivenRun, bind_call, plan_call, slot_view
-from .cuda_graph import WARM_UP_CALLS, GraphedCall
+from .cuda_graph import WARM_UP_CALLS, GraphedCall, PoolInUse
 from .wrapper import Wrapper, generate_wrapper
 
 log = logging.getLogger(__name__)
@@ -166,19 +166,28 @@ class Executor:
             return self._run(self.reference_steps, inputs, graph=self.captured)
         device = None if self.layout is None else _device_of(inputs, self.graph)
         if self.cuda_graphs and device is not None and device.type == "cuda":
-            graphed = self._graphed_on(device, inputs)
-            outputs = None if graphed is None else graphed(inputs)
-            if outputs is None and graphed is not None:  # an updated input in other memory: capture again
-                if graphed.calls < RECAPTURE_AFTER:
-                    log.info("an input the model updates in place came in other memory after %d calls: capturing "
-                             "again, copying such inputs in on every call", graphed.calls)
-                    self.aliased = frozenset()
-                del self.graphed[device], graphed  # its pool is freed before the next capture takes one
-                graphed = self._graphed_on(device, inputs)
-                outputs = None if graphed is None else graphed(inputs)
+            try:
+                outputs = self._replay(device, inputs)
+            except PoolInUse:  # the caller holds a view of the last call's outputs that a replay would overwrite
+                outputs = None
             if outputs is not None:
                 return outputs
         return self.wrapper_on(device).function(*inputs)
+
+    def _replay(self, device: torch.device, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The call through this device's captured graph (captured again for an updated input handed in other
+        memory); None where the program cannot be captured."""
+        graphed = self._graphed_on(device, inputs)
+        outputs = None if graphed is None else graphed(inputs)
+        if outputs is None and graphed is not None:  # an updated input in other memory: capture again
+            if graphed.calls < RECAPTURE_AFTER:
+                log.info("an input the model updates in place came in other memory after %d calls: capturing "
+                         "again, copying such inputs in on every call", graphed.calls)
+                self.aliased = frozenset()
+            del self.graphed[device], graphed  # its pool is freed before the next capture takes one
+            graphed = self._graphed_on(device, inputs)
+            outputs = None if graphed is None else graphed(inputs)
+        return outputs
 
     def interpret(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The call, step by step in the executor's loop rather than through the generated wrapper (and never

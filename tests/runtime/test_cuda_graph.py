@@ -10,6 +10,7 @@ from ember import models
 from ember.api import FUSION_PROFILE, HOST_SHARE, graph_capture
 from ember.frontend import from_module
 from ember.optimizer.cost import CostModel, load_profile
+from ember.runtime import cuda_graph
 from ember.runtime.cuda_graph import lend, reclaim
 from ember.runtime.executor import MAX_TAIL_STEPS, _carried, tail_start
 
@@ -120,26 +121,81 @@ def test_cpu_inputs_the_graph_only_copies_to_the_gpu_are_staged_on_it():
     assert _staged_inputs(graph, torch.device("cuda", 0)) == frozenset({1})
 
 
+@pytest.mark.skipif(not cuda_graph.LENDS, reason="this torch cannot move storages")
 def test_a_lent_tensor_and_its_views_keep_their_values_when_the_pool_is_overwritten():
     """What a replay's caller still holds of the pool (the tensor or any view of it) moves out before the next
     replay; what it dropped costs nothing."""
     pool = torch.arange(24.0)
-    lent, reference = lend(pool[2:14].view(3, 4).t())
+    lent, loan = lend(pool[2:14].view(3, 4).t())
     row, expected = lent[1], lent.clone()
     assert lent.data_ptr() == pool.data_ptr() + 2 * pool.element_size() and lent.stride() == (1, 4)
-    assert reclaim([reference]) == 1
+    assert reclaim([loan]) == (1, [])
     pool.fill_(float("nan"))
     assert torch.equal(lent, expected) and torch.equal(row, expected[1]) and lent.data_ptr() != pool.data_ptr() + 8
     del lent, row
-    assert reclaim([reference]) == 0
+    assert reclaim([loan]) == (0, [])
 
 
+@pytest.mark.skipif(not cuda_graph.LENDS, reason="this torch cannot move storages")
 def test_a_view_alone_keeps_the_lent_memory_it_sees():
     pool = torch.randn(5, 7)
-    lent, reference = lend(pool[:, 1:4])
+    lent, loan = lend(pool[:, 1:4])
     column = lent[:, 2]
     expected = column.clone()
     del lent
-    assert reclaim([reference]) == 1
+    assert reclaim([loan]) == (1, [])
     pool.zero_()
     assert torch.equal(column, expected)
+
+
+def test_without_moving_storages_a_lent_tensor_moves_alone_and_a_view_pins_its_memory(monkeypatch):
+    """A torch that cannot move storages (torch 2.11) swaps the lent tensor's contents with a copy's: the
+    tensor keeps its values when the pool is overwritten; while a view of the lent memory is held, the loan stays
+    open (the caller then runs without the graph) until the view is dropped."""
+    monkeypatch.setattr(cuda_graph, "LENDS", False)
+    pool = torch.arange(24.0)
+    lent, loan = lend(pool[2:14].view(3, 4).t())
+    expected = lent.clone()
+    assert reclaim([loan]) == (1, [])
+    pool.fill_(float("nan"))
+    assert torch.equal(lent, expected) and lent.stride() == (1, 4)
+
+    pool = torch.arange(24.0)
+    lent, loan = lend(pool[:12].view(3, 4))
+    row = lent[1]
+    assert reclaim([loan]) == (0, [loan])
+    del row
+    assert reclaim([loan]) == (1, [])
+    pool.zero_()
+    assert torch.equal(lent, torch.arange(12.0).view(3, 4))
+
+    lent, loan = lend(pool[:4])
+    column = lent[1:]
+    del lent
+    assert reclaim([loan]) == (0, [loan])  # the view alone: nothing can move it
+    del column
+    assert reclaim([loan]) == (0, [])
+
+
+def test_a_call_while_lent_memory_is_pinned_runs_without_the_graph(monkeypatch):
+    """The executor runs a call step by step (same results) when a replay would overwrite a pinned loan."""
+    from ember.runtime import executor
+
+    class Pinned:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, inputs):
+            raise cuda_graph.PoolInUse
+
+    inputs = (torch.randn(3, 5), torch.randn(5, 4), torch.randn(4, 2))
+    with torch.no_grad():
+        program = ember.compile(WideLayers(), inputs)
+        run = program.executor
+        on_cpu = run.wrapper_on(torch.device("cpu"))
+        monkeypatch.setattr(executor, "GraphedCall", Pinned)
+        monkeypatch.setattr(executor, "_device_of", lambda inputs, graph: torch.device("cuda", 0))
+        monkeypatch.setattr(run, "wrapper_on", lambda device: on_cpu)
+        run.cuda_graphs = True
+        torch.testing.assert_close(run(list(inputs))[0], WideLayers()(*inputs))
+        assert isinstance(run.graphed[torch.device("cuda", 0)], Pinned)
