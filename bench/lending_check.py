@@ -1,0 +1,94 @@
+"""GPU check: results lent from a CUDA graph's memory keep their values, through both entry points.
+
+Each model (tiny, captured, fp32 and bf16) is called five times on new inputs, every result kept, and from the
+second call on a view of the last result's first output is held into the next call (which a torch that cannot
+move storages must run without the graph, then copy outputs out). Then the Program is dropped, freed memory is
+written over, and every kept result (and view) is compared with eager's. Lists how many calls were refused for a
+pinned loan and whether the graph went on to copy outputs out.
+Usage: python bench/lending_check.py [--out bench/results] [--models gpt2 llama bert_masked]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+from torch.utils import _pytree as pytree
+
+import ember
+from ember import models
+from ember.runtime import cuda_graph
+from ember.tolerance import result_tolerance
+
+from common import environment, write_results
+
+
+def first_tensor(result):
+    return next(leaf for leaf in pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor))
+
+
+def run(name: str, dtype: torch.dtype, entry: str, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model, inputs = models.load(name)
+    model = model.to(device=device, dtype=dtype).eval()
+    first = tuple(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in inputs)
+    calls = [tuple(t.roll(step, -1) if not t.is_floating_point() else torch.randn_like(t) if step else t for t in first)
+             for step in range(5)]
+    refused = []
+    original = cuda_graph.GraphedCall.__call__
+
+    def counted(self, tensors):
+        try:
+            return original(self, tensors)
+        except cuda_graph.PoolInUse:
+            refused.append(self)
+            raise
+
+    cuda_graph.GraphedCall.__call__ = counted
+    try:
+        with torch.no_grad():
+            expected = [model(*args) for args in calls]
+            torch._dynamo.reset()
+            compiled = (torch.compile(model, backend="ember", options={"cuda_graphs": True}) if entry == "backend"
+                        else ember.compile(model, calls[0], {"cuda_graphs": True}))
+            results, held = [], None
+            for args in calls:
+                results.append(compiled(*args))  # `held`, a view of the last result, is kept through this call
+                held = first_tensor(results[-1])[..., :1]
+            copies_out = any(graphed.copies_out for graphed in refused)
+            del compiled, refused[:]
+            torch._dynamo.reset()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                scribble = torch.full((torch.cuda.mem_get_info()[0] // 8,), float("nan"), device=device)
+                del scribble
+            error = max(models.max_error(e, r) for e, r in zip(expected, results))
+            error = max(error, models.max_error(first_tensor(expected[-1])[..., :1], held))
+    finally:
+        cuda_graph.GraphedCall.__call__ = original
+    limit = result_tolerance(expected[0])
+    return {"model": name, "dtype": str(dtype).removeprefix("torch."), "entry": entry, "max_err": error,
+            "tolerance": limit, "refused": len(refused), "copies_out": copies_out, "ok": error <= limit}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--models", nargs="*", default=["gpt2", "llama", "bert_masked"])
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test (nothing is captured)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = [run(name, dtype, entry, device) for name in args.models for dtype in (torch.float32, torch.bfloat16)
+            for entry in ("export", "backend")]
+    lines = [f"Lent results kept over 5 calls (a view held into each next call), then memory written over; "
+             f"moves storages: {cuda_graph.LENDS}",
+             f"{'model':12} {'dtype':9} {'entry':8} {'max err':>9} {'tol':>9} {'refused':>8} {'copies out':>10}  ok"]
+    lines += [f"{r['model']:12} {r['dtype']:9} {r['entry']:8} {r['max_err']:9.2e} {r['tolerance']:9.2e} "
+              f"{r['refused']:8d} {str(r['copies_out']):>10}  {'yes' if r['ok'] else 'NO'}" for r in rows]
+    write_results(args.out, "lending_check" if device.type == "cuda" else "lending_check_cpu",
+                  {**environment(device), "rows": rows}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
