@@ -158,7 +158,9 @@ class GraphedCall:
         self.inputs = [tensor if position in aliased else tensor.to(device, copy=True) if position in staged
                        else tensor.clone() for position, tensor in enumerate(example)]
         self.aliased = tuple(sorted(aliased))
-        self.copied = tuple(position for position in range(len(example)) if position not in aliased)
+        self.staged = tuple(sorted(staged - aliased))
+        self.copied = tuple(position for position in range(len(example)) if position not in aliased | staged)
+        self.buffers = [self.inputs[position] for position in self.copied]
         self.written_back = written_back
         self.run_tail = run_tail
         self.stream = capture_stream(device)
@@ -208,7 +210,9 @@ class GraphedCall:
             raise PoolInUse
         self.calls += 1
         with torch.cuda.stream(self.stream):
-            for position in self.copied:
+            if self.copied:  # one multi-tensor copy, not a copy (and a launch) each
+                torch._foreach_copy_(self.buffers, [inputs[position] for position in self.copied])
+            for position in self.staged:
                 self.inputs[position].copy_(inputs[position])
             self.graph.replay()
             outputs = self.run_tail(inputs, self.carried)
