@@ -3,15 +3,15 @@
 Shapes are static per Program and the weights are held by reference, so one capture serves every later
 call: inputs are copied into the captured input buffers and the graph is replayed. Memory a captured step
 allocates (arenas included) comes from the graph's own pool, once, and the next replay overwrites it; so
-the last few steps, those that make the outputs, run after the replay on their own, into memory outside
-that pool (reading what the graph left in it, arenas still open included). An output still in the pool is
-lent: the caller gets a tensor over the pool's memory, and before the next replay overwrites it, any lent
-tensor still referenced (or any view of it) is moved into memory of its own, its data copied there. So the
-caller's tensors never change under it, and the copy (and its memory) is only paid for what is kept. (A torch
-that cannot move storages moves the tensor alone; while the caller holds a view of lent memory, calls run
-without the graph.) A call
-that cannot be captured (an op that syncs with the host, such as routing that reads expert counts) leaves
-the Program running step by step, with one warning.
+the last few steps, when the outputs they make are large, run after the replay on their own, into memory
+outside that pool (reading what the graph left in it, arenas still open included). A small output still in
+the pool is copied out; a larger one is lent: the caller gets a tensor over the pool's memory, and before
+the next replay overwrites it, any lent tensor still referenced (or any view of it) is moved into memory of
+its own, its data copied there. So the caller's tensors never change under it, and the copy (and its
+memory) is only paid for what is kept. (A torch that cannot move storages moves the tensor alone; while the
+caller holds a view of lent memory, calls run without the graph.) A call that cannot be captured (an op
+that syncs with the host, such as routing that reads expert counts) leaves the Program running step by
+step, with one warning.
 """
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ LENDS = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
 """Whether this torch can move a storage (and so every view of it) into other memory. Without it, a lent tensor
 is moved by swapping its contents with a copy's, which only the tensor itself follows: while the caller holds a
 view of lent memory, that memory cannot be moved (the loan is pinned)."""
+
+LEND_MIN_BYTES = 1 << 20
+"""Outputs in a graph's pool smaller than this are copied out at once rather than lent: copying a small one costs
+the device next to nothing, while moving a kept loan costs the host several microseconds (a small model's KV
+cache would cost a call a few hundred)."""
 
 PINNED_CALLS_BEFORE_COPYING = 3
 """Calls refused for a pinned loan after which a graph copies its outputs out rather than lend them (a caller,
@@ -224,19 +229,20 @@ class GraphedCall:
         return outputs
 
     def _hand_out(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The outputs as the caller gets them: those in the graph's pool lent (or copied out, by one
-        multi-tensor copy, once loans were pinned call after call), the rest (written-back ones included) as
-        they are."""
+        """The outputs as the caller gets them: those in the graph's pool lent when they hold LEND_MIN_BYTES or
+        more, else copied out (all of them by one multi-tensor copy; every one, once loans were pinned call
+        after call); the rest (written-back ones included) as they are."""
         pooled = [index for index in range(self.written_back, len(outputs))
                   if outputs[index].numel() and outputs[index].untyped_storage().data_ptr() in self.pool]
         handed = list(outputs)
-        if self.copies_out and pooled:
-            copies = [torch.empty_like(outputs[index]) for index in pooled]
-            torch._foreach_copy_(copies, [outputs[index] for index in pooled])
-            for index, copy in zip(pooled, copies):
+        copied = [index for index in pooled if self.copies_out or outputs[index].nbytes < LEND_MIN_BYTES]
+        if copied:
+            copies = [torch.empty_like(outputs[index]) for index in copied]
+            torch._foreach_copy_(copies, [outputs[index] for index in copied])
+            for index, copy in zip(copied, copies):
                 handed[index] = copy
-            return handed
         for index in pooled:
-            handed[index], loan = lend(outputs[index])
-            self.lent.append(loan)
+            if handed[index] is outputs[index]:
+                handed[index], loan = lend(outputs[index])
+                self.lent.append(loan)
         return handed

@@ -206,3 +206,19 @@ def test_a_call_while_lent_memory_is_pinned_runs_without_the_graph(monkeypatch):
         run.cuda_graphs = True
         torch.testing.assert_close(run(list(inputs))[0], WideLayers()(*inputs))
         assert isinstance(run.graphed[torch.device("cuda", 0)], Pinned)
+
+
+def test_small_pool_outputs_are_copied_out_and_large_ones_lent():
+    """An output left in the pool is lent from LEND_MIN_BYTES up (copied out below), every one copied once a
+    graph copies out; an output made outside the pool is handed as it is."""
+    call = object.__new__(cuda_graph.GraphedCall)  # the hand-out alone, on the CPU
+    large, small, outside = torch.zeros(cuda_graph.LEND_MIN_BYTES // 4), torch.ones(7), torch.ones(3)
+    call.pool = {large.untyped_storage().data_ptr(), small.untyped_storage().data_ptr()}
+    call.written_back, call.copies_out, call.lent = 0, False, []
+    handed = call._hand_out([large, small, outside])
+    assert handed[0] is not large and handed[0].data_ptr() == large.data_ptr() and len(call.lent) == 1
+    assert handed[1].data_ptr() != small.data_ptr() and torch.equal(handed[1], small)
+    assert handed[2] is outside
+    call.copies_out, call.lent = True, []
+    handed = call._hand_out([large, small, outside])
+    assert handed[0].data_ptr() != large.data_ptr() and torch.equal(handed[0], large) and not call.lent
