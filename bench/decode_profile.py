@@ -1,6 +1,8 @@
 """Where a decode step's host time goes through torch.compile(backend="ember"): ember's log (compiles, capture
 decisions) over a static-cache generate of the suite Llama, then a cProfile of one more generate, then a
-torch.profiler trace of one more (host and device time per op, eager's beside ember's).
+torch.profiler trace of one more (host and device time per op, eager's beside ember's); then, for the decode
+step's captured graph, the host time of one replay (the device idle before it) beside the kernels one
+uncaptured run of it launches: what a graph launch costs per kernel in it.
 Usage: python bench/decode_profile.py [--batch 1] [--new-tokens 64] [--out bench/results]
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pstats
 
 import torch
 
+import ember.api
 from common import environment, write_results
 from decode import PROMPT_TOKENS, generate, llama
 
@@ -27,6 +30,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ember").setLevel(logging.INFO)
     model = llama("suite", torch.bfloat16, "cuda")
+    built = []
+    compile_graph = ember.api.compile_graph
+    ember.api.compile_graph = lambda *a, **k: built.append(compile_graph(*a, **k)) or built[-1]
     model.forward = torch.compile(model.forward, backend="ember", fullgraph=True)
     prompt = torch.randint(1, model.config.vocab_size, (args.batch, PROMPT_TOKENS), device="cuda")
     with torch.no_grad():
@@ -44,7 +50,9 @@ def main() -> None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(args.top)
         sections.append(f"## by {order}\n" + "\n".join(line[:160] for line in text.getvalue().splitlines() if line.strip()))
+    ember.api.compile_graph = compile_graph
     sections += traced(model, prompt, args)
+    sections.append(replay_cost(built[-1]))
     write_results(args.out, "decode_profile", {**environment(torch.device("cuda")), "batch": args.batch,
                                                "new_tokens": args.new_tokens}, "\n\n".join(sections))
 
@@ -67,6 +75,36 @@ def traced(compiled: torch.nn.Module, prompt: torch.Tensor, args: argparse.Names
             table = events.table(sort_by=order, row_limit=args.top, max_name_column_width=60)
             sections.append(f"## torch.profiler, {label}, by {order}\n{table}")
     return sections
+
+
+def replay_cost(program: ember.Program, repeats: int = 50) -> str:
+    """Host µs of one replay of `program`'s captured graph with the device idle before it (median), and the
+    kernels one uncaptured run of the captured steps launches."""
+    import statistics
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    graphed = program.executor.graphed.get(device)
+    if graphed is None:
+        return "## replay\nthe decode step was not captured"
+    seconds = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        graphed.graph.replay()
+        seconds.append(time.perf_counter() - started)
+    torch.cuda.synchronize()
+    prefix = program.executor._split[device][0]
+    with torch.no_grad(), torch.cuda.stream(graphed.stream), profile(activities=[ProfilerActivity.CUDA]) as trace:
+        prefix.function(*graphed.inputs)
+        torch.cuda.synchronize()
+    kernels = sum(event.count for event in trace.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA)
+    host_us = statistics.median(seconds) * 1e6
+    return (f"## replay\none replay of the decode step's graph: {host_us:.1f} µs of host time (median of {repeats}, "
+            f"device idle before each); one uncaptured run of its steps launches {kernels} kernels and copies "
+            f"({host_us / max(kernels, 1):.2f} µs per kernel)")
 
 
 if __name__ == "__main__":
