@@ -28,12 +28,13 @@ class Kernel:
     On a GPU, once bound at the first call, a launch on that GPU whose pointers are all 16-byte aligned (the
     variant `warm_up` compiled) calls the compiled binary's launcher directly, skipping Triton's per-launch argument
     specialization and cache lookup (about a third of a launch's host time); any other launch, Triton's
-    interpreter, or a Triton with launch hooks set (a profiler) takes Triton's own JIT path."""
+    interpreter, or a Triton with launch hooks set (a profiler) takes Triton's own JIT path. Generated wrappers
+    launch the binary themselves (`direct_launch`) and call the kernel only for pointers off alignment."""
 
     source: KernelSource
     _launch: Any = field(default=None, repr=False)
     _options: dict[str, int] = field(default_factory=dict, repr=False)
-    _direct: _Direct | None = field(default=None, repr=False)
+    _direct: DirectLaunch | None = field(default=None, repr=False)
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
         direct = self._direct
@@ -43,7 +44,7 @@ class Kernel:
                 if tensor.data_ptr() & 15:
                     break
             else:
-                direct.run(self.source.programs, 1, 1, _raw_stream(direct.device), direct.function, direct.metadata,
+                direct.run(self.source.programs, 1, 1, raw_stream(direct.device), direct.function, direct.metadata,
                            None, None, None, *tensors, *direct.tail)
                 return
         if self._launch is None:  # loaded on first use; the launch options are built once, not per call
@@ -60,6 +61,13 @@ class Kernel:
         if self.source.programs and tensors and all(tensor.is_cuda for tensor in tensors):
             self._direct = _direct_launch(jit, self.source, [tensor.dtype for tensor in tensors], tensors[0].device)
 
+    def direct_launch(self, dtypes: Sequence[torch.dtype], device: torch.device) -> DirectLaunch | None:
+        """This kernel's compiled binary for 16-byte aligned pointers to `dtypes` (inputs, then outputs) on a
+        GPU, bound for a generated wrapper to launch inline; None where Triton offers none (see `_direct_launch`)."""
+        if self.source.programs == 0 or device.type != "cuda":
+            return None
+        return _direct_launch(load_kernel(self.source.name, self.source.source), self.source, dtypes, device)
+
     def warm_up(self, dtypes: Sequence[torch.dtype]) -> None:
         """Compile for 16-byte aligned pointers to `dtypes` (inputs, then outputs), as a launch on the arena's
         buffers would, without launching."""
@@ -71,7 +79,7 @@ class Kernel:
 
 
 @dataclass(frozen=True, slots=True)
-class _Direct:
+class DirectLaunch:
     """A compiled kernel's launcher, bound: the launch arguments after the tensors are `scalars` then the
     constexpr values in the kernel's parameter order (Triton's launcher takes them and ignores the latter)."""
 
@@ -82,7 +90,7 @@ class _Direct:
     tail: tuple[Any, ...]
 
 
-def _direct_launch(jit: Any, source: KernelSource, dtypes: Sequence[torch.dtype], device: torch.device) -> _Direct | None:
+def _direct_launch(jit: Any, source: KernelSource, dtypes: Sequence[torch.dtype], device: torch.device) -> DirectLaunch | None:
     """The direct launcher of `jit`'s variant for aligned pointers to `dtypes` on `device`, or None where this
     Triton does not offer one as expected (interpreted, launch hooks set, another launcher convention)."""
     if not hasattr(jit, "device_caches") or launch_hooks_set():
@@ -95,7 +103,7 @@ def _direct_launch(jit: Any, source: KernelSource, dtypes: Sequence[torch.dtype]
                                   num_warps=source.num_warps)
             compiled._init_handles()
         tail = (*source.scalars, *(constants[name] for name in jit.arg_names[positional:]))
-        return _Direct(compiled.run, compiled.function, compiled.packed_metadata, device.index, tail)
+        return DirectLaunch(compiled.run, compiled.function, compiled.packed_metadata, device.index, tail)
     except (AttributeError, KeyError, TypeError) as error:
         log.debug("kernel %s launches through Triton's JIT (no direct launcher: %s)", source.name, error)
         return None
@@ -109,7 +117,7 @@ def launch_hooks_set() -> bool:
                for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
 
 
-def _raw_stream(device: int) -> int:
+def raw_stream(device: int) -> int:
     """The current CUDA stream of `device` as the launcher takes it (a capture's stream while capturing)."""
     return torch._C._cuda_getCurrentRawStream(device)
 

@@ -6,7 +6,10 @@ allocated, one `as_strided` per slot, and every op called directly with its cons
 (as Inductor's generated wrappers do). A view of a value whose strides are known exactly (memory the wrapper
 gave it, a generated kernel's result, a weight, or such a view) is one `as_strided` with the sizes, strides
 and offset worked out at generation time, as Inductor's `reinterpret_tensor` does: a third of a view op's
-host time. Constants that are not literals (weights, ops, kernels, dtypes) are the function's globals.
+host time. A generated kernel whose compiled binary Triton lets us launch directly is launched from the
+wrapper's own line (its launcher, function and metadata bound at generation, the stream read once per call)
+when every pointer is 16-byte aligned, and through the kernel otherwise: about 3 µs less host time per launch
+than the kernel's own call. Constants that are not literals (weights, ops, kernels, dtypes) are the function's globals.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..codegen import GroupKernel
+from ..codegen.kernels import raw_stream
 from ..ir import ArenaLayout, Graph, TensorType
 from .arena import linear_arguments, slot_view
 
@@ -80,6 +84,8 @@ def generate_wrapper(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | 
         arenas = ", ".join(writer.arena(index) if index in open_out else "None" for index in range(arena_count))
         results += f", [{arenas}]"
     writer.line(f"return {results}")
+    if writer.streamed:  # the stream the inline launches go to, read once per call (a capture's, while capturing)
+        writer.lines.insert(1, f"    stream = {writer.constant(raw_stream)}({device.index or 0})")
     header = (f"# ember wrapper {name}: steps {start} to {stop - 1} of {len(steps)}"
               + (f", on {device}" if device is not None else "") + "\n")
     source = header + "\n".join(writer.lines) + "\n"
@@ -118,7 +124,7 @@ class _Names:
     """Python identifiers, each given out once, derived from IR names."""
 
     def __init__(self) -> None:
-        self.taken: set[str] = set(dir(builtins)) | {"arenas", "allocate", "device"}
+        self.taken: set[str] = set(dir(builtins)) | {"arenas", "allocate", "device", "stream"}
 
     def fresh(self, hint: str) -> str:
         base = re.sub(r"\W", "_", hint) or "value"
@@ -138,6 +144,9 @@ class _Writer:
     def __init__(self, graph: Graph, layout: ArenaLayout | None, device: torch.device | None,
                  allocate: Callable[[int, torch.device], torch.Tensor]):
         self.layout = layout
+        self.device = device
+        self.streamed = False
+        """Whether a kernel is launched inline (the wrapper then reads the current stream on entry)."""
         self.names = _Names()
         self.lines: list[str] = []
         self.globals: dict[str, Any] = {"allocate": allocate, "device": device}
@@ -321,7 +330,22 @@ class _Writer:
                           f"dtype={self.constant(value_type.dtype)}, device={where})")
             self.line(f"{output} = {memory}")
         kernel = self.constant(group.kernel, group.name)
-        self.line(f"{kernel}(({''.join(f'{name}, ' for name in inputs)}), ({''.join(f'{name}, ' for name in outputs)}))")
+        call = f"{kernel}(({''.join(f'{name}, ' for name in inputs)}), ({''.join(f'{name}, ' for name in outputs)}))"
+        dtypes = [self.types[name].dtype for name in group.inputs] + [value.type.dtype for value in group.outputs]
+        direct = None if self.device is None else group.kernel.direct_launch(dtypes, self.device)
+        if direct is None:
+            self.line(call)
+            return
+        # the binary compiled for aligned pointers, launched as Kernel.__call__ would launch it, without its frame
+        self.streamed = True
+        tensors = [*inputs, *outputs]
+        arguments = ", ".join([str(group.kernel.source.programs), "1", "1", "stream", str(direct.function),
+                               self.constant(direct.metadata, f"{group.name}_metadata"), "None", "None", "None",
+                               *tensors, *(self.constant(value) for value in direct.tail)])
+        self.line(f"if ({' | '.join(f'{name}.data_ptr()' for name in tensors)}) & 15:")
+        self.line(call, indent=2)
+        self.line("else:")
+        self.line(f"{self.constant(direct.run, f'{group.name}_launch')}({arguments})", indent=2)
 
 
 def _substitute(built: Any, tensor: torch.Tensor) -> Any:

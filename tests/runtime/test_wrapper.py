@@ -10,6 +10,7 @@ from torch.utils import _pytree as pytree
 
 import ember
 from ember import models
+from ember.codegen import GroupKernel
 from ember.runtime import executor
 from ember.runtime.executor import _allocate, _carried, _failing_line
 
@@ -155,3 +156,42 @@ def test_a_view_of_memory_the_wrapper_gave_is_one_as_strided_and_a_view_of_an_in
     viewed = [line for line in source.splitlines() if ".as_strided(" in line and "arena" not in line]
     assert len(viewed) >= 3 and any("storage_offset() + 2" in line for line in viewed)
     assert not any(line.split("=")[1].strip().startswith("x.") for line in viewed)
+
+
+def test_kernels_with_a_direct_launcher_are_launched_inline_when_aligned(monkeypatch):
+    """A kernel whose compiled binary can be launched directly is launched from the wrapper's own line (the
+    stream read once per call), unless a pointer is off 16 bytes, which goes through the kernel as before. No
+    GPU here: the launcher is faked, computing through the kernel's own (interpreted) path."""
+    from ember.codegen.kernels import DirectLaunch, Kernel
+    from ember.runtime import wrapper
+
+    launched = []
+
+    def direct_launch(self, dtypes, device):
+        def run(programs, grid_y, grid_z, stream, function, metadata, enter, exit_, scope, *tensors):
+            launched.append((self.source.name, programs, stream))
+            split = len(self.source.inputs)
+            self(tensors[:split], tensors[split:])
+
+        return DirectLaunch(run, 7, (4, 1, 0), 0, ())
+
+    monkeypatch.setattr(Kernel, "direct_launch", direct_launch)
+    monkeypatch.setattr(wrapper, "raw_stream", lambda index: 1234)
+    class Chains(torch.nn.Module):  # kernels reading the inputs themselves
+        def forward(self, x, row):
+            return torch.sigmoid(x * 2.0 + row).relu(), (x - row).exp()
+
+    with torch.inference_mode():
+        inputs = (torch.randn(37, 129), torch.randn(129))
+        program = ember.compile(Chains(), inputs, ember.Options(fusion=True))
+        tensors = list(inputs)
+        want = program.executor.interpret(tensors)
+        _assert_bitwise_equal(program.executor(tensors), want)
+        kernels = {step.kernel.source.name for step in program.executor.work if isinstance(step, GroupKernel)}
+        assert kernels and {name for name, _, _ in launched} == kernels and all(s == 1234 for _, _, s in launched)
+        source = program.executor.wrapper_on(torch.device("cpu")).source
+        assert source.count("stream = ") == 1 and ".data_ptr()) & 15:" in source
+        launched.clear()
+        shifted = [torch.randn(t.numel() + 1)[1:].view(t.shape) for t in tensors]  # 4 bytes off alignment
+        _assert_bitwise_equal(program.executor(shifted), program.executor.interpret(shifted))
+        assert not launched  # every kernel reads an input: each went through the kernel's own path
