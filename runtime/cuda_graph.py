@@ -123,7 +123,8 @@ def _swap_out(loan: Loan) -> bool:
 
 
 def keep_pinned(carried: Any, pinned: list[Loan]) -> None:
-    """Keeps a dropped graph's pool memory (`carried`, the tensors in it) while any of its `pinned` loans is open."""
+    """Keeps a dropped graph's memory (`carried`: the tensors in its pool, its input buffers) while any of its
+    `pinned` loans is open."""
     _KEPT[:] = [(memory, loans) for memory, loans in _KEPT if not all(loan.storage.expired() for loan in loans)]
     if pinned:
         _KEPT.append((carried, pinned))
@@ -183,6 +184,9 @@ class GraphedCall:
             self.carried = run_prefix(self.inputs)
         self.pool = {tensor.untyped_storage().data_ptr() for tensor in pytree.tree_leaves(self.carried)
                      if isinstance(tensor, torch.Tensor)}
+        """Memory the next call overwrites: the graph's (arenas, results) and the buffers inputs are copied into
+        (an output viewing an input views its buffer)."""
+        self.pool |= {self.inputs[position].untyped_storage().data_ptr() for position in (*self.copied, *self.staged)}
         self.lent: list[Loan] = []
         self.calls = 0
         """Calls replayed so far."""
@@ -195,7 +199,7 @@ class GraphedCall:
         # the pool goes with the graph: what the caller still holds of it moves out first, or keeps it
         if getattr(self, "lent", None) and not sys.is_finalizing():
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-            keep_pinned(self.carried, reclaim(self.lent)[1])
+            keep_pinned((self.carried, self.inputs), reclaim(self.lent)[1])
             torch.cuda.synchronize(self.stream.device)
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
