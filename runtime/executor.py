@@ -306,10 +306,10 @@ def tail_start(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | None,
 
     late = {name: maker(name) for name in graph.outputs
             if name in made and len(steps) - maker(name) <= MAX_TAIL_STEPS}
-    start = min(late.values(), default=len(steps))
     types = graph.types()
-    late_bytes = sum(types[name].storage_bytes for name in graph.outputs if made.get(name, -1) >= start)
-    return start if late_bytes >= min_bytes else len(steps)
+    if sum(types[name].storage_bytes for name in late) < min_bytes:
+        return len(steps)
+    return min(late.values(), default=len(steps))
 
 
 def _failing_line(error: BaseException) -> str:
