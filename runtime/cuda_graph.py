@@ -88,28 +88,34 @@ def reclaim(loans: Sequence[Loan], stream: torch.Stream | None = None) -> tuple[
     for loan in loans:
         if loan.storage.expired():
             continue
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            if LENDS:
-                storage = torch.UntypedStorage._new_with_weak_ptr(loan.storage.cdata)
-                own = torch.empty(storage.nbytes(), dtype=torch.uint8, device=storage.device).untyped_storage()
-                own.copy_(storage)
-                storage._swap_data_ptr_(own)  # `own` now holds the pool's address, owning nothing
-            elif not _swap_out(loan):
-                pinned.append(loan)
-                continue
+        if LENDS:
+            storage = torch.UntypedStorage._new_with_weak_ptr(loan.storage.cdata)
+            own = _copied(storage, stream)
+            storage._swap_data_ptr_(own)  # `own` now holds the pool's address, owning nothing
+        elif not _swap_out(loan, stream):
+            pinned.append(loan)
+            continue
         moved += 1
     return moved, pinned
 
 
-def _swap_out(loan: Loan) -> bool:
+def _copied(storage: torch.UntypedStorage, stream: torch.Stream | None) -> torch.UntypedStorage:
+    """A copy of `storage` in memory allocated on the current stream (the caller's, who uses it next), copied
+    on `stream` (ordered after the caller's work, before the next replay)."""
+    own = torch.empty(storage.nbytes(), dtype=torch.uint8, device=storage.device).untyped_storage()
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        own.copy_(storage)
+    return own
+
+
+def _swap_out(loan: Loan, stream: torch.Stream | None) -> bool:
     """Moves a lent tensor by swapping its contents with a copy's; False where a view of its memory (or a weak
     reference to it) is held elsewhere, which the swap would leave behind."""
     tensor = loan.tensor() if loan.tensor is not None else None
     if tensor is None or torch._C._storage_Use_Count(loan.storage.cdata) != loan.holders or tensor._use_count() != 1:
         return False
     storage = tensor.untyped_storage()
-    own = torch.empty(storage.nbytes(), dtype=torch.uint8, device=tensor.device).untyped_storage()
-    own.copy_(storage)
+    own = _copied(storage, stream)
     del storage
     copy = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(own, tensor.storage_offset(), tensor.shape,
                                                                           tensor.stride())
