@@ -6,7 +6,8 @@ allocated, one `as_strided` per slot, and every op called directly with its cons
 (as Inductor's generated wrappers do). A view of a value whose strides are known exactly (memory the wrapper
 gave it, a generated kernel's result, a weight, or such a view) is one `as_strided` with the sizes, strides
 and offset worked out at generation time, as Inductor's `reinterpret_tensor` does: a third of a view op's
-host time. A generated kernel whose compiled binary Triton lets us launch directly is launched from the
+host time. A linear layer on such a row-contiguous value is one `mm` (or `addmm`) of its rows on the weight's
+transpose made at generation, as Inductor's wrappers call `extern_kernels.mm`. A generated kernel whose compiled binary Triton lets us launch directly is launched from the
 wrapper's own line (its launcher, function and metadata bound at generation, the stream read once per call)
 when every pointer is 16-byte aligned, and through the kernel otherwise: about 3 µs less host time per launch
 than the kernel's own call. Constants that are not literals (weights, ops, kernels, dtypes) are the function's globals.
@@ -158,6 +159,9 @@ class _Writer:
         self.types = graph.types()
         self.exact: set[str] = set()
         """Values whose strides at run time are their type's: the `as_strided` of a view of them is exact."""
+        self.graph_weights = graph.weights
+        self.transposed: dict[str, str] = {}
+        """Weight -> the global holding its transpose (made once, for matrix products)."""
         for value_name, tensor in graph.weights.items():
             identifier = self.names.fresh(value_name)
             self.weights[value_name] = identifier
@@ -263,6 +267,10 @@ class _Writer:
             return
         if call.how == "reference" and self._view(step, built, inputs[0] if inputs else "", outputs, given):
             return
+        if call.how in ("reference", "linear") and self._matrix_product(step, built, outputs, given):
+            return
+        if call.op == torch.ops.aten.linear.default and given == [None] and self.types[step.outputs[0]].is_contiguous:
+            self.exact.add(step.outputs[0])  # a linear layer's result is always a fresh row-major tensor
         op = self.constant(call.op)
         if call.how == "in_place":
             self._bind(outputs, step.positions, {0: f"{op}({', '.join(self.arguments(built, inputs))})"})
@@ -312,6 +320,45 @@ class _Writer:
         offset = result.storage_offset()
         moved = f", {source}.storage_offset() + {offset}" if offset else ""
         self.line(f"{outputs[0]} = {source}.as_strided({result_type.shape!r}, {tuple(result_type.layout)!r}{moved})")
+        self.exact.add(step.outputs[0])
+        return True
+
+    def _matrix_product(self, step: Step, built: tuple[list[Any], dict[str, Any]], outputs: Sequence[str],
+                        given: Sequence[str | None]) -> bool:
+        """A linear layer on an exactly strided, row-contiguous input and a weight as one `mm` (or, with a
+        bias, on 2 or 3 dims, one `addmm`) of the rows into the result's rows, with the weight's transpose made
+        once at generation: the call ATen's linear makes, without its dispatch through matmul and the views
+        around it. False, writing nothing, for any other step."""
+        node = self.nodes.get(step.node)
+        if (node is None or node.definition.target != torch.ops.aten.linear.default or step.positions != (0,)
+                or (step.targets and isinstance(step.targets[0], int))):  # never over an input it reads
+            return False
+        x, weight, bias = linear_arguments(*built)
+        names = {name: step.inputs[arg.index] for name, arg in (("x", x), ("weight", weight), ("bias", bias))
+                 if isinstance(arg, _Input)}
+        if bias is not None and "bias" not in names:
+            return False
+        x_type, out_type = self.types[names.get("x", "")] if "x" in names else None, self.types[step.outputs[0]]
+        weight_tensor = self.graph_weights.get(names.get("weight", ""))
+        if (x_type is None or names["x"] not in self.exact or not x_type.is_contiguous or len(x_type.shape) < 2
+                or weight_tensor is None or weight_tensor.dim() != 2 or not weight_tensor.is_contiguous()
+                or not out_type.is_contiguous or (bias is not None and len(x_type.shape) > 3)
+                or (bias is not None and names["bias"] not in self.graph_weights)):
+            return False
+        features, rows = x_type.shape[-1], math.prod(x_type.shape[:-1])
+        columns = out_type.shape[-1]
+        if names["weight"] not in self.transposed:
+            self.transposed[names["weight"]] = self.constant(weight_tensor.t(), f"{self.weights[names['weight']]}_t")
+        transposed = self.transposed[names["weight"]]
+        memory = given[0] or (f"{self.constant(torch.empty_strided)}({out_type.shape!r}, {out_type.layout!r}, "
+                              f"dtype={self.constant(out_type.dtype)}, device={self.value(names['x'])}.device)")
+        self.line(f"{outputs[0]} = {memory}")
+        x_rows = f"{self.value(names['x'])}.as_strided(({rows}, {features}), ({features}, 1))"
+        out_rows = f"{outputs[0]}.as_strided(({rows}, {columns}), ({columns}, 1))"
+        if bias is None:
+            self.line(f"{self.constant(torch.mm)}({x_rows}, {transposed}, out={out_rows})")
+        else:
+            self.line(f"{self.constant(torch.addmm)}({self.value(names['bias'])}, {x_rows}, {transposed}, out={out_rows})")
         self.exact.add(step.outputs[0])
         return True
 

@@ -195,3 +195,28 @@ def test_kernels_with_a_direct_launcher_are_launched_inline_when_aligned(monkeyp
         shifted = [torch.randn(t.numel() + 1)[1:].view(t.shape) for t in tensors]  # 4 bytes off alignment
         _assert_bitwise_equal(program.executor(shifted), program.executor.interpret(shifted))
         assert not launched  # every kernel reads an input: each went through the kernel's own path
+
+
+def test_linear_layers_on_row_contiguous_inputs_are_one_matrix_product_bit_for_bit():
+    """A linear layer reading an exactly strided, row-contiguous input runs as one mm (addmm with a bias, on 2
+    or 3 dims, as ATen's linear does) on the weight's transpose made once; a bias on 4 dims, or an input of
+    strides not known at generation (the call's own input), stays ATen's linear."""
+    class Layers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Linear(6, 6, bias=False)
+            self.biased, self.plain, self.wide = torch.nn.Linear(6, 5), torch.nn.Linear(5, 7, bias=False), torch.nn.Linear(7, 3)
+
+        def forward(self, x):
+            hidden = self.first(x)  # the call's input: ATen's linear, whose result is a fresh row-major tensor
+            three = self.biased(hidden)
+            plain = self.plain(three)
+            return three, plain, self.wide(torch.sigmoid(plain).unsqueeze(1)), self.biased(hidden.reshape(-1, 6))
+
+    x = torch.randn(2, 4, 6)
+    with torch.inference_mode():
+        program = ember.compile(Layers(), (x,))
+        tensors = [torch.randn_like(x)]
+        _assert_bitwise_equal(program.executor(tensors), program.executor.interpret(tensors))
+    source = program.executor.wrapper_on(torch.device("cpu")).source
+    assert source.count("addmm(") == 2 and source.count(" mm(") == 1 and source.count("aten_linear_default(") == 2
