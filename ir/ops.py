@@ -6,6 +6,7 @@ implementation in torch; anything without an entry becomes an `extern` node that
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -248,7 +249,13 @@ def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.T
 
 def _device_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == weight.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0) and x.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0)
+            and _capability(x.get_device()) >= (9, 0) and x.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0)
+
+
+@functools.cache
+def _capability(device: int) -> tuple[int, int]:
+    """A GPU's compute capability, asked of the driver once (a call asks on every grouped matmul)."""
+    return torch.cuda.get_device_capability(device)
 
 
 _GROUPED_MM_LIB = torch.library.Library("ember", "FRAGMENT")
