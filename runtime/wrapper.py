@@ -269,8 +269,8 @@ class _Writer:
             return
         if call.how in ("reference", "linear") and self._matrix_product(step, built, outputs, given):
             return
-        if call.op == torch.ops.aten.linear.default and given == [None] and self.types[step.outputs[0]].is_contiguous:
-            self.exact.add(step.outputs[0])  # a linear layer's result is always a fresh row-major tensor
+        if call.op in ROW_MAJOR_RESULTS and given == [None] and self.types[step.outputs[0]].is_contiguous:
+            self.exact.add(step.outputs[0])
         op = self.constant(call.op)
         if call.how == "in_place":
             self._bind(outputs, step.positions, {0: f"{op}({', '.join(self.arguments(built, inputs))})"})
@@ -393,6 +393,11 @@ class _Writer:
         self.line(call, indent=2)
         self.line("else:")
         self.line(f"{self.constant(direct.run, f'{group.name}_launch')}({arguments})", indent=2)
+
+
+ROW_MAJOR_RESULTS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.embedding.default})
+"""Ops whose result is always a fresh row-major tensor, whatever their inputs' strides (a matrix product's
+output, rows gathered from a table): exactly strided when the IR type says row-major."""
 
 
 def _substitute(built: Any, tensor: torch.Tensor) -> Any:
