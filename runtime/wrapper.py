@@ -7,10 +7,11 @@ allocated, one `as_strided` per slot, and every op called directly with its cons
 gave it, a generated kernel's result, a weight, or such a view) is one `as_strided` with the sizes, strides
 and offset worked out at generation time, as Inductor's `reinterpret_tensor` does: a third of a view op's
 host time. A linear layer on such a row-contiguous value is one `mm` (or `addmm`) of its rows on the weight's
-transpose made at generation, as Inductor's wrappers call `extern_kernels.mm`. A generated kernel whose compiled binary Triton lets us launch directly is launched from the
-wrapper's own line (its launcher, function and metadata bound at generation, the stream read once per call)
-when every pointer is 16-byte aligned, and through the kernel otherwise: about 3 µs less host time per launch
-than the kernel's own call. Constants that are not literals (weights, ops, kernels, dtypes) are the function's globals.
+transpose made at generation, as Inductor's wrappers call `extern_kernels.mm`. A generated kernel whose compiled
+binary Triton lets us launch directly is launched from the wrapper's own line (its launcher, function and
+metadata bound at generation, the stream read once per call) when every pointer is 16-byte aligned, and through
+the kernel otherwise: about 3 µs less host time per launch than the kernel's own call. Constants that are not
+literals (weights, ops, kernels, dtypes) are the function's globals.
 """
 from __future__ import annotations
 
@@ -336,14 +337,13 @@ class _Writer:
         x, weight, bias = linear_arguments(*built)
         names = {name: step.inputs[arg.index] for name, arg in (("x", x), ("weight", weight), ("bias", bias))
                  if isinstance(arg, _Input)}
-        if bias is not None and "bias" not in names:
+        if "x" not in names or (bias is not None and names.get("bias") not in self.graph_weights):
             return False
-        x_type, out_type = self.types[names.get("x", "")] if "x" in names else None, self.types[step.outputs[0]]
+        x_type, out_type = self.types[names["x"]], self.types[step.outputs[0]]
         weight_tensor = self.graph_weights.get(names.get("weight", ""))
-        if (x_type is None or names["x"] not in self.exact or not x_type.is_contiguous or len(x_type.shape) < 2
+        if (names["x"] not in self.exact or not x_type.is_contiguous or len(x_type.shape) < 2
                 or weight_tensor is None or weight_tensor.dim() != 2 or not weight_tensor.is_contiguous()
-                or not out_type.is_contiguous or (bias is not None and len(x_type.shape) > 3)
-                or (bias is not None and names["bias"] not in self.graph_weights)):
+                or not out_type.is_contiguous or (bias is not None and len(x_type.shape) > 3)):
             return False
         features, rows = x_type.shape[-1], math.prod(x_type.shape[:-1])
         columns = out_type.shape[-1]
