@@ -222,3 +222,22 @@ def test_small_pool_outputs_are_copied_out_and_large_ones_lent():
     call.copies_out, call.lent = True, []
     handed = call._hand_out([large, small, outside])
     assert handed[0].data_ptr() != large.data_ptr() and torch.equal(handed[0], large) and not call.lent
+
+
+def test_a_dropped_graph_keeps_its_memory_while_a_pinned_loan_is_open(monkeypatch):
+    """What a view of lent memory sees stays allocated after its graph is dropped, until that view is gone."""
+    monkeypatch.setattr(cuda_graph, "LENDS", False)
+    monkeypatch.setattr(cuda_graph, "_KEPT", [])
+    pool = torch.arange(12.0)
+    lent, loan = lend(pool[:6])
+    view = lent[1:]
+    del lent
+    moved, pinned = reclaim([loan])
+    assert (moved, pinned) == (0, [loan])
+    memory = pool.untyped_storage()
+    cuda_graph.keep_pinned((pool,), pinned)
+    del pool
+    assert cuda_graph._KEPT and cuda_graph._KEPT[0][0][0].untyped_storage().data_ptr() == memory.data_ptr()
+    del view
+    cuda_graph.keep_pinned((), [])  # each drop prunes what no loan holds any more
+    assert cuda_graph._KEPT == []
