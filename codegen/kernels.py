@@ -44,8 +44,7 @@ class Kernel:
                 if tensor.data_ptr() & 15:
                     break
             else:
-                direct.run(self.source.programs, 1, 1, raw_stream(direct.device), direct.function, direct.metadata,
-                           None, None, None, *tensors, *direct.tail)
+                direct.launch(self.source.programs, tensors)
                 return
         if self._launch is None:  # loaded on first use; the launch options are built once, not per call
             self._bind(inputs, outputs)
@@ -88,6 +87,11 @@ class DirectLaunch:
     metadata: Any
     device: int
     tail: tuple[Any, ...]
+
+    def launch(self, programs: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Launch on `programs` programs over `tensors` (16-byte aligned, on this device) on the current stream."""
+        self.run(programs, 1, 1, raw_stream(self.device), self.function, self.metadata, None, None, None, *tensors,
+                 *self.tail)
 
 
 def _direct_launch(jit: Any, source: KernelSource, dtypes: Sequence[torch.dtype], device: torch.device) -> DirectLaunch | None:

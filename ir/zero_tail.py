@@ -44,25 +44,21 @@ def zero_rows_from_last_offset(out: torch.Tensor, offsets: torch.Tensor) -> torc
     rows, columns = out.shape
     programs, scalars = -(-rows // BLOCK_ROWS), (offsets.numel() - 1, rows, columns, out.stride(0))
     if out.is_cuda and not (out.data_ptr() | offsets.data_ptr()) & 15:
-        direct = _direct(out.dtype, offsets.dtype, scalars, out.get_device())
+        direct = _direct(out.dtype, offsets.dtype, programs, scalars, out.get_device())
         if direct is not None:  # the compiled binary, without Triton's per-launch specialization (a third of it)
-            from ..codegen.kernels import raw_stream
-
-            direct.run(programs, 1, 1, raw_stream(direct.device), direct.function, direct.metadata, None, None, None,
-                       out, offsets, *direct.tail)
+            direct.launch(programs, (out, offsets))
             return out
     _kernel()[(programs,)](out, offsets, *scalars, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
     return out
 
 
 @functools.cache
-def _direct(dtype: torch.dtype, offsets_dtype: torch.dtype, scalars: tuple[int, ...], device: int) -> Any:
+def _direct(dtype: torch.dtype, offsets_dtype: torch.dtype, programs: int, scalars: tuple[int, ...], device: int) -> Any:
     """The kernel compiled for aligned pointers and these sizes on `device`, bound for launching directly
     (codegen's DirectLaunch), or None where Triton offers no direct launch (see codegen.kernels)."""
     from ..codegen.kernels import _direct_launch
     from ..codegen.source import KernelSource
 
-    rows = scalars[1]
-    source = KernelSource("zero_rows_from", "", (), (), -(-rows // BLOCK_ROWS), scalars,
+    source = KernelSource("zero_rows_from", "", (), (), programs, scalars,
                           (("BLOCK_ROWS", BLOCK_ROWS), ("BLOCK_COLUMNS", BLOCK_COLUMNS)))
     return _direct_launch(_kernel(), source, (dtype, offsets_dtype), torch.device("cuda", device))

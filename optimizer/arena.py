@@ -151,4 +151,3 @@ def _peak(all_buffers: Sequence[Buffer], layout: ArenaLayout, steps: int, alignm
     for arena in layout.arenas:
         held[arena.first_step:arena.last_step + 1] += arena.size_bytes
     return int(held.max(initial=0))
-

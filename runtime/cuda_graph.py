@@ -198,8 +198,6 @@ class GraphedCall:
         """Calls replayed so far."""
         self.pinned_calls = 0
         """Calls refused because a loan was pinned."""
-        self.copies_out = False
-        """Whether outputs in the pool are copied out rather than lent (loans were pinned call after call)."""
 
     def __del__(self) -> None:
         # the pool goes with the graph: what the caller still holds of it moves out first, or keeps it
@@ -221,7 +219,6 @@ class GraphedCall:
             if self.pinned_calls == PINNED_CALLS_BEFORE_COPYING:
                 log.info("views of lent outputs were held into the next call %d times (this torch cannot move them): "
                          "copying outputs out of the CUDA graph's memory from now on", self.pinned_calls)
-                self.copies_out = True
             raise PoolInUse
         self.calls += 1
         with torch.cuda.stream(self.stream):
@@ -237,6 +234,11 @@ class GraphedCall:
             if output.is_cuda:
                 output.record_stream(caller)
         return outputs
+
+    @property
+    def copies_out(self) -> bool:
+        """Whether outputs in the pool are copied out rather than lent (loans were pinned call after call)."""
+        return self.pinned_calls >= PINNED_CALLS_BEFORE_COPYING
 
     def _hand_out(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The outputs as the caller gets them: those in the graph's pool lent when they hold LEND_MIN_BYTES or

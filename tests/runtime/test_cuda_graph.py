@@ -214,12 +214,12 @@ def test_small_pool_outputs_are_copied_out_and_large_ones_lent():
     call = object.__new__(cuda_graph.GraphedCall)  # the hand-out alone, on the CPU
     large, small, outside = torch.zeros(cuda_graph.LEND_MIN_BYTES // 4), torch.ones(7), torch.ones(3)
     call.pool = {large.untyped_storage().data_ptr(), small.untyped_storage().data_ptr()}
-    call.written_back, call.copies_out, call.lent = 0, False, []
+    call.written_back, call.pinned_calls, call.lent = 0, 0, []
     handed = call._hand_out([large, small, outside])
     assert handed[0] is not large and handed[0].data_ptr() == large.data_ptr() and len(call.lent) == 1
     assert handed[1].data_ptr() != small.data_ptr() and torch.equal(handed[1], small)
     assert handed[2] is outside
-    call.copies_out, call.lent = True, []
+    call.pinned_calls, call.lent = cuda_graph.PINNED_CALLS_BEFORE_COPYING, []
     handed = call._hand_out([large, small, outside])
     assert handed[0].data_ptr() != large.data_ptr() and torch.equal(handed[0], large) and not call.lent
 

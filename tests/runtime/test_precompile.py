@@ -75,3 +75,15 @@ def test_launch_hooks_count_as_set_only_when_a_hook_is_there(monkeypatch):
     else:
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
     assert kernels.launch_hooks_set()
+
+
+def test_a_direct_launch_passes_triton_launchers_their_arguments_in_order(monkeypatch):
+    """Grid, stream, function, metadata, three unset hooks, the tensors, then the scalars and constexprs: the
+    convention generated kernels and the grouped matmul's zero-tail kernel share (no GPU: the launcher is faked)."""
+    calls = []
+    monkeypatch.setattr(kernels, "raw_stream", lambda device: 99)
+    direct = kernels.DirectLaunch(lambda *args: calls.append(args), 7, ("meta",), 0, (3, 256))
+    a, b = torch.zeros(2), torch.ones(2)
+    direct.launch(5, (a, b))
+    assert len(calls) == 1 and calls[0][:9] == (5, 1, 1, 99, 7, ("meta",), None, None, None)
+    assert calls[0][9] is a and calls[0][10] is b and calls[0][11:] == (3, 256)
