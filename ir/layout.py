@@ -19,8 +19,11 @@ class Arena:
 @dataclass(frozen=True, slots=True)
 class ArenaLayout:
     """Value name -> (arena index, byte offset, type) for values living in `arenas`; `reuses` maps a result to
-    the input its step writes it over; every other value is allocated by its step on each call."""
+    the input its step writes it over; every other value is allocated by its step on each call. `unrepeatable`:
+    the graph inputs an update is written over that running the call twice would change again (a counter's add),
+    so that a CUDA graph's warm-up calls run on copies of them."""
 
     slots: Mapping[str, tuple[int, int, TensorType]]
     arenas: tuple[Arena, ...]
     reuses: Mapping[str, str] = field(default_factory=dict)
+    unrepeatable: frozenset[str] = frozenset()

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..ir import Arena, ArenaLayout, Graph, TensorType
 from .fusion import FusionPlan
-from .liveness import Buffer, base_of, buffers, reuses, steps_of, updates_written_over
+from .liveness import Buffer, base_of, buffers, reuses, steps_of, unrepeatable_updates, updates_written_over
 from .memory_plan import MemoryPlan, plan_intervals
 from .memory_verify import verify_plan
 
@@ -102,8 +102,9 @@ def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, updates: Mappi
         arenas.append(Arena(plan.arena_bytes, first, max(b.end for b in group)))
         slots.update((b.name, (index, offset, types[b.name])) for b, offset in zip(group, plan.offsets))
     fresh = sorted(b.name for b in all_buffers if b.name not in slots)
-    layout = ArenaLayout(slots, tuple(arenas), {**reuses(graph, fusion),
-                                                **updates_written_over(graph, updates or {}, fusion)})
+    written = updates_written_over(graph, updates or {}, fusion)
+    layout = ArenaLayout(slots, tuple(arenas), {**reuses(graph, fusion), **written},
+                         unrepeatable_updates(graph, written))
     lower = int(_live(all_buffers, step_count, alignment).max(initial=0))
     return ArenaPlan(layout, tuple(plans), tuple(fresh), lower, _peak(all_buffers, layout, step_count, alignment),
                      time.perf_counter() - started)

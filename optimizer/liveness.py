@@ -8,7 +8,7 @@ input's buffer. Graph inputs and weights are not buffers (they live outside the 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,33 +80,65 @@ def reuses(graph: Graph, fusion: FusionPlan | None = None) -> dict[str, str]:
 
 OVERWRITING_OPS = frozenset({"index_put", "index_copy"})
 """Ops whose result is their first input with some positions overwritten by values that do not depend on it, so
-that running them in place twice leaves what running them once does (a CUDA graph's warm-up runs a call's
-steps before the call itself): a static KV cache's update, `cache.index_copy_(2, position, keys)`."""
+that running them in place twice leaves what running them once does: a static KV cache's update,
+`cache.index_copy_(2, position, keys)`."""
 
 
 def updates_written_over(graph: Graph, updates: Mapping[str, str], fusion: FusionPlan | None = None) -> dict[str, str]:
     """Update -> the input it is written over, for each input the model updates (`updates`: input -> the value
-    written back into it after the call) where that is safe: an overwriting op (above) over the input itself,
-    run as its own step, the input read by nothing else, and the new value returned once, as the update.
-    Functional, that step copies the whole input first and the write-back copies its result again: for a
-    static cache, two copies of every layer's keys and values per decoded token."""
+    written back into it after the call) where that is safe: a step of its own (not inside a fused group) reading
+    the input, either an overwriting op (above, not accumulating) over it or an elementwise op (a static cache's
+    position counter, `count.add_(n)`), the last step to read the input or any view of it, the input dense and
+    laid out as the update, returned once, as the update. Functional, a cache update copies the whole input and
+    the write-back copies its result again: two copies of every layer's keys and values per decoded token.
+
+    Only an overwriting op may run twice in place and leave what running once does; a capture's warm-up calls
+    leave the other inputs as they are (`unrepeatable_updates`)."""
+    steps = steps_of(graph, fusion)
+    step_of = {name: index for index, (name, _, _, _) in enumerate(steps)}
     producers = {value.name: node for node in graph.nodes for value in node.outputs}
-    readers: dict[str, int] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            readers[name] = readers.get(name, 0) + 1
     grouped = {name for group in fusion.groups for name in group.nodes} if fusion is not None else set()
     types = graph.types()
     written: dict[str, str] = {}
     for source, value in updates.items():
         node = producers.get(value)
-        if node is None or node.op not in OVERWRITING_OPS or node.attrs.get("accumulate", False) or node.is_extern \
-                or node.name in grouped or not node.inputs or node.inputs[0] != source or readers.get(source) != 1 \
+        if node is None or node.name in grouped or node.is_extern or source not in node.inputs \
                 or source in graph.outputs or list(graph.outputs).count(value) != 1 \
-                or not _same_memory_type(types[source], types[value]) or inplace_overload(node.definition.target) is None:
+                or not _same_memory_type(types[source], types[value]) or not _dense(types[source]):
             continue
-        written[value] = source
+        if node.op in OVERWRITING_OPS:
+            fits = (node.inputs[0] == source and not node.attrs.get("accumulate", False)
+                    and inplace_overload(node.definition.target) is not None)
+        else:
+            how = _how(node)
+            fits = how == "elementwise" or (how == "in_place" and node.inputs[0] == source)
+        views = _views_of(source, steps)
+        index = step_of[node.name]
+        if fits and all(index >= at or not views.intersection(reads) for at, (_, reads, _, _) in enumerate(steps)) \
+                and all(name == source or name not in views for name in node.inputs):
+            written[value] = source
     return written
+
+
+def unrepeatable_updates(graph: Graph, written: Mapping[str, str]) -> frozenset[str]:
+    """The inputs among those `written` over (update -> input) whose update running twice leaves another value
+    than running once (a counter's add, unlike a cache's index_copy)."""
+    producers = {value.name: node for node in graph.nodes for value in node.outputs}
+    return frozenset(source for value, source in written.items()
+                     if value in producers and producers[value].op not in OVERWRITING_OPS)
+
+
+def _views_of(source: str, steps: Sequence[StepSpec]) -> set[str]:
+    """`source` and every value viewing its memory, through chains of view steps."""
+    views = {source}
+    for _, reads, writes, how in steps:
+        if how == "view" and reads and reads[0] in views:
+            views.update(value.name for value in writes)
+    return views
+
+
+def _dense(type_: TensorType) -> bool:
+    return type_.storage_bytes == math.prod(type_.shape) * type_.dtype.itemsize
 
 
 def _bases(graph: Graph, fusion: FusionPlan | None) -> tuple[dict[str, str], dict[str, str]]:
@@ -151,8 +183,7 @@ def _overwritable(name: str, candidates: tuple[str, ...], reads: tuple[str, ...]
         base = bases.get(source)
         source_type = types[source]
         if (base is not None and base not in excluded and base_last[base] == step
-                and _same_memory_type(source_type, types[name])
-                and source_type.storage_bytes == math.prod(source_type.shape) * source_type.dtype.itemsize
+                and _same_memory_type(source_type, types[name]) and _dense(source_type)
                 and all(other == source or bases.get(other) != base for other in reads)):
             return source
     return None

@@ -155,6 +155,9 @@ class GraphedCall:
     The `aliased` inputs (ones the model updates in place, such as a static KV cache, whose new values are
     written back after the call) are captured as the caller's own tensors, not copied in on every call: a call
     handing one in other memory gets None, and the caller captures again (on the new memory, or copying in).
+    Each warm-up call runs on fresh copies of the `unrepeatable` inputs (aliased ones an update is written over
+    that a second run would change again, a counter's add), so that the caller's values change only once per call
+    and every warm-up call writes what the first did (a cache update at the position its counter holds).
 
     A call runs on the capture stream, ordered after the caller's stream and before the caller's next work on
     it, tail included: its matrix products then share the workspace cuBLAS made for the capture rather than
@@ -166,20 +169,21 @@ class GraphedCall:
     def __init__(self, run_prefix: Callable[[Sequence[torch.Tensor]], Any],
                  run_tail: Callable[[Sequence[torch.Tensor], Any], list[torch.Tensor]], example: Sequence[torch.Tensor],
                  device: torch.device, *, written_back: int = 0, staged: frozenset[int] = frozenset(),
-                 aliased: frozenset[int] = frozenset(), warm_up: int = WARM_UP_CALLS):
+                 aliased: frozenset[int] = frozenset(), unrepeatable: frozenset[int] = frozenset(),
+                 warm_up: int = WARM_UP_CALLS):
         self.inputs = [tensor if position in aliased else tensor.to(device, copy=True) if position in staged
                        else tensor.clone() for position, tensor in enumerate(example)]
         self.aliased = tuple(sorted(aliased))
         self.staged = tuple(sorted(staged - aliased))
         self.copied = tuple(position for position in range(len(example)) if position not in aliased | staged)
-        self.buffers = [self.inputs[position] for position in self.copied]
+        self.copies_in = _by_dtype(self.copied, self.inputs)
+        """(buffers, input positions) per dtype: each set copied in by one multi-tensor copy."""
         self.written_back = written_back
         self.run_tail = run_tail
         self.stream = capture_stream(device)
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):  # capture wants the lazy initialisations (cuBLAS handles, kernels) done
-            for _ in range(warm_up):
-                run_prefix(self.inputs)
+            warm_up_calls(run_prefix, self.inputs, warm_up, unrepeatable & aliased)
         torch.cuda.current_stream().wait_stream(self.stream)
         # The graph bakes in the address of the cuBLAS workspace it uses: made afresh during capture, that
         # workspace lives in the graph's own pool, so a later clearing of workspaces (torch.compile's
@@ -222,16 +226,17 @@ class GraphedCall:
             raise PoolInUse
         self.calls += 1
         with torch.cuda.stream(self.stream):
-            if self.copied:  # one multi-tensor copy, not a copy (and a launch) each
-                torch._foreach_copy_(self.buffers, [inputs[position] for position in self.copied])
+            for buffers, positions in self.copies_in:
+                torch._foreach_copy_(buffers, [inputs[position] for position in positions])
             for position in self.staged:
                 self.inputs[position].copy_(inputs[position])
             self.graph.replay()
             outputs = self.run_tail(inputs, self.carried)
             outputs = self._hand_out(outputs)
         caller.wait_stream(self.stream)
+        own = {id(inputs[position]) for position in self.aliased}
         for output in outputs:  # made on the capture stream, used on the caller's: freed only once the caller is done
-            if output.is_cuda:
+            if output.is_cuda and id(output) not in own:
                 output.record_stream(caller)
         return outputs
 
@@ -248,13 +253,33 @@ class GraphedCall:
                   if outputs[index].numel() and outputs[index].untyped_storage().data_ptr() in self.pool]
         handed = list(outputs)
         copied = [index for index in pooled if self.copies_out or outputs[index].nbytes < LEND_MIN_BYTES]
-        if copied:
-            copies = [torch.empty_like(outputs[index]) for index in copied]
-            torch._foreach_copy_(copies, [outputs[index] for index in copied])
-            for index, copy in zip(copied, copies):
+        for sources, indices in _by_dtype(copied, outputs):
+            copies = [torch.empty_like(source) for source in sources]
+            torch._foreach_copy_(copies, sources)
+            for index, copy in zip(indices, copies):
                 handed[index] = copy
         for index in pooled:
             if handed[index] is outputs[index]:
                 handed[index], loan = lend(outputs[index])
                 self.lent.append(loan)
         return handed
+
+
+def warm_up_calls(run: Callable[[Sequence[torch.Tensor]], Any], inputs: Sequence[torch.Tensor], calls: int,
+                  fresh: frozenset[int]) -> None:
+    """Runs `run` on `inputs` `calls` times, each on fresh copies of the inputs at positions `fresh` (ones it
+    updates in place that a second run would change again): the caller's tensors there are left as they were,
+    and every call writes what the first did into the others (a cache update at the position a counter holds)."""
+    for _ in range(calls):
+        run([tensor.clone() if position in fresh else tensor for position, tensor in enumerate(inputs)])
+
+
+def _by_dtype(positions: Sequence[int], tensors: Sequence[torch.Tensor]) -> list[tuple[list[torch.Tensor], list[int]]]:
+    """The tensors at `positions`, with their positions, one set per dtype: torch's multi-tensor copy runs as one
+    launch only over tensors of one dtype, and as a copy (and a launch) per tensor otherwise."""
+    sets: dict[torch.dtype, tuple[list[torch.Tensor], list[int]]] = {}
+    for position in positions:
+        chosen, where = sets.setdefault(tensors[position].dtype, ([], []))
+        chosen.append(tensors[position])
+        where.append(position)
+    return list(sets.values())

@@ -236,12 +236,17 @@ class Executor:
             try:
                 self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs, device, written_back=self.written_back,
                                                    staged=_staged_inputs(self.graph, device), aliased=self.aliased,
-                                                   warm_up=warm_up)
+                                                   unrepeatable=self._unrepeatable(), warm_up=warm_up)
             except RuntimeError as error:
                 log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)%s",
                             str(error).splitlines()[0], _failing_line(error))
                 self.graphed[device] = None
         return self.graphed[device]
+
+    def _unrepeatable(self) -> frozenset[int]:
+        """Positions of the inputs an update is written over that a second run would change again."""
+        names = self.layout.unrepeatable if self.layout else frozenset()
+        return frozenset(position for position, value in enumerate(self.graph.inputs) if value.name in names)
 
     def _run(self, steps: Sequence[Step], inputs: Sequence[torch.Tensor], device: torch.device | None = None,
              graph: Graph | None = None) -> list[torch.Tensor]:

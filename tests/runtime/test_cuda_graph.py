@@ -241,3 +241,14 @@ def test_a_dropped_graph_keeps_its_memory_while_a_pinned_loan_is_open(monkeypatc
     del view
     cuda_graph.keep_pinned((), [])  # each drop prunes what no loan holds any more
     assert cuda_graph._KEPT == []
+
+
+def test_copies_in_and_out_are_one_multi_tensor_copy_per_dtype():
+    """torch's multi-tensor copy takes one launch only over tensors of one dtype; mixed, it copies each alone."""
+    from ember.runtime.cuda_graph import _by_dtype
+
+    tensors = [torch.zeros(2), torch.zeros(3, dtype=torch.long), torch.zeros(4), torch.zeros((), dtype=torch.bool)]
+    sets = _by_dtype([0, 1, 2, 3], tensors)
+    assert [positions for _, positions in sets] == [[0, 2], [1], [3]]
+    assert all(chosen[i] is tensors[p] for chosen, positions in sets for i, p in enumerate(positions))
+    assert _by_dtype([], tensors) == []
