@@ -2,7 +2,9 @@
 decisions) over a static-cache generate of the suite Llama, then a cProfile of one more generate, then a
 torch.profiler trace of one more (host and device time per op, eager's beside ember's); then, for the decode
 step's captured graph, the host time of one replay (the device idle before it) beside the kernels one
-uncaptured run of it launches: what a graph launch costs per kernel in it.
+uncaptured run of it launches: what a graph launch costs per kernel in it; last, each decode step's forward
+called inside generate, through ember and through the forward generate compiles by itself: host µs until the call
+returns.
 Usage: python bench/decode_profile.py [--batch 1] [--new-tokens 64] [--out bench/results]
 """
 from __future__ import annotations
@@ -33,7 +35,9 @@ def main() -> None:
     built = []
     compile_graph = ember.api.compile_graph
     ember.api.compile_graph = lambda *a, **k: built.append(compile_graph(*a, **k)) or built[-1]
-    model.forward = torch.compile(model.forward, backend="ember", fullgraph=True)
+    eager_forward = model.forward
+    compiled = torch.compile(eager_forward, backend="ember", fullgraph=True)
+    model.forward = compiled
     prompt = torch.randint(1, model.config.vocab_size, (args.batch, PROMPT_TOKENS), device="cuda")
     with torch.no_grad():
         generate(model, prompt, args.new_tokens, 1024)
@@ -53,6 +57,7 @@ def main() -> None:
     ember.api.compile_graph = compile_graph
     sections += traced(model, prompt, args)
     sections.append(replay_cost(built[-1]))
+    sections.append(forward_host(model, compiled, eager_forward, prompt, args))
     write_results(args.out, "decode_profile", {**environment(torch.device("cuda")), "batch": args.batch,
                                                "new_tokens": args.new_tokens}, "\n\n".join(sections))
 
@@ -105,6 +110,44 @@ def replay_cost(program: ember.Program, repeats: int = 50) -> str:
     return (f"## replay\none replay of the decode step's graph: {host_us:.1f} µs of host time (median of {repeats}, "
             f"device idle before each); one uncaptured run of its steps launches {kernels} kernels and copies "
             f"({host_us / max(kernels, 1):.2f} µs per kernel)")
+
+
+def forward_host(model: torch.nn.Module, ember_forward, eager_forward, prompt: torch.Tensor,
+                 args: argparse.Namespace) -> str:
+    """Host µs of each decode step's forward call (until it returns) inside a generate, through ember and through
+    the forward generate compiles by itself (Inductor, reduce-overhead): medians over one generate after two."""
+    import statistics
+    import time
+
+    seconds: dict[str, list[float]] = {"ember": [], "generate_auto": []}
+
+    def timed(label: str, forward):
+        def call(*positional, **kwargs):
+            started = time.perf_counter()
+            result = forward(*positional, **kwargs)
+            if kwargs["input_ids"].shape[1] == 1:
+                seconds[label].append(time.perf_counter() - started)
+            return result
+        return call
+
+    compiled_call = model.get_compiled_call
+    model.get_compiled_call = lambda config: timed("generate_auto", compiled_call(config))
+    rates = {}
+    with torch.no_grad():
+        for label, forward in (("ember", timed("ember", ember_forward)), ("generate_auto", eager_forward)):
+            model.forward = forward
+            for _ in range(3):
+                seconds[label].clear()
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                generate(model, prompt, args.new_tokens, 1024, auto_compile=label == "generate_auto")
+                torch.cuda.synchronize()
+                rates[label] = args.batch * args.new_tokens / (time.perf_counter() - started)
+    model.get_compiled_call = compiled_call
+    lines = ["## each decode step's forward inside generate (host µs until it returns; median of one generate)",
+             f"{'variant':14} {'host µs':>8} {'tokens/s':>9}"]
+    lines += [f"{label:14} {statistics.median(seconds[label]) * 1e6:8.1f} {rates[label]:9.1f}" for label in seconds]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
