@@ -113,9 +113,8 @@ def updates_written_over(graph: Graph, updates: Mapping[str, str], fusion: Fusio
             how = _how(node)
             fits = how == "elementwise" or (how == "in_place" and node.inputs[0] == source)
         views = _views_of(source, steps)
-        index = step_of[node.name]
-        if fits and all(index >= at or not views.intersection(reads) for at, (_, reads, _, _) in enumerate(steps)) \
-                and all(name == source or name not in views for name in node.inputs):
+        last_read = max(at for at, (_, reads, _, _) in enumerate(steps) if views.intersection(reads))
+        if fits and last_read == step_of[node.name] and views.intersection(node.inputs) == {source}:
             written[value] = source
     return written
 
