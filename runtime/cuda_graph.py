@@ -180,6 +180,9 @@ class GraphedCall:
         """(buffers, input positions) per dtype: each set copied in by one multi-tensor copy."""
         self.written_back = written_back
         self.run_tail = run_tail
+        self.own = frozenset(id(self.inputs[position]) for position in self.aliased)
+        """The caller's own tensors among what a replay hands back (aliased inputs updated in place): made on the
+        caller's side, never recorded on its stream."""
         self.stream = capture_stream(device)
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):  # capture wants the lazy initialisations (cuBLAS handles, kernels) done
@@ -234,9 +237,8 @@ class GraphedCall:
             outputs = self.run_tail(inputs, self.carried)
             outputs = self._hand_out(outputs)
         caller.wait_stream(self.stream)
-        own = {id(inputs[position]) for position in self.aliased}
         for output in outputs:  # made on the capture stream, used on the caller's: freed only once the caller is done
-            if output.is_cuda and id(output) not in own:
+            if output.is_cuda and id(output) not in self.own:
                 output.record_stream(caller)
         return outputs
 
@@ -247,8 +249,8 @@ class GraphedCall:
 
     def _hand_out(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The outputs as the caller gets them: those in the graph's pool lent when they hold LEND_MIN_BYTES or
-        more, else copied out (all of them by one multi-tensor copy; every one, once loans were pinned call
-        after call); the rest (written-back ones included) as they are."""
+        more, else copied out (by one multi-tensor copy per dtype; every one, once loans were pinned call after
+        call); the rest (written-back ones included) as they are."""
         pooled = [index for index in range(self.written_back, len(outputs))
                   if outputs[index].numel() and outputs[index].untyped_storage().data_ptr() in self.pool]
         handed = list(outputs)
