@@ -159,10 +159,11 @@ class GraphedCall:
     that a second run would change again, a counter's add), so that the caller's values change only once per call
     and every warm-up call writes what the first did (a cache update at the position its counter holds).
 
-    A call runs on the capture stream, ordered after the caller's stream and before the caller's next work on
-    it, tail included: its matrix products then share the workspace cuBLAS made for the capture rather than
+    A call with a `tail` runs on the capture stream, ordered after the caller's stream and before the caller's
+    next work on it: the tail's matrix products then share the workspace cuBLAS made for the capture rather than
     making one for the caller's stream. The tensors handed back are recorded on the caller's stream, so their
-    memory is not reused before the caller's work on them is done. Outputs left in the pool are lent (see the
+    memory is not reused before the caller's work on them is done. A call without one (the replay alone, as a
+    decode step's) runs on the caller's stream: no stream to switch to and back, nothing to record. Outputs left in the pool are lent (see the
     module's docstring): those still referenced when the next call comes, or when this one is dropped, are
     moved out first; a call raises PoolInUse while one cannot be moved."""
 
@@ -170,7 +171,7 @@ class GraphedCall:
                  run_tail: Callable[[Sequence[torch.Tensor], Any], list[torch.Tensor]], example: Sequence[torch.Tensor],
                  device: torch.device, *, written_back: int = 0, staged: frozenset[int] = frozenset(),
                  aliased: frozenset[int] = frozenset(), unrepeatable: frozenset[int] = frozenset(),
-                 warm_up: int = WARM_UP_CALLS):
+                 warm_up: int = WARM_UP_CALLS, tail: bool = True):
         self.inputs = [tensor if position in aliased else tensor.to(device, copy=True) if position in staged
                        else tensor.clone() for position, tensor in enumerate(example)]
         self.aliased = tuple(sorted(aliased))
@@ -180,6 +181,7 @@ class GraphedCall:
         """(buffers, input positions) per dtype: each set copied in by one multi-tensor copy."""
         self.written_back = written_back
         self.run_tail = run_tail
+        self.tail = tail
         self.own = frozenset(id(self.inputs[position]) for position in self.aliased)
         """The caller's own tensors among what a replay hands back (aliased inputs updated in place): made on the
         caller's side, never recorded on its stream."""
@@ -218,29 +220,36 @@ class GraphedCall:
             if inputs[position].data_ptr() != self.inputs[position].data_ptr():
                 return None
         caller = torch.cuda.current_stream()
-        self.stream.wait_stream(caller)
-        self.lent = reclaim(self.lent, self.stream)[1]
+        if self.tail:
+            self.stream.wait_stream(caller)
+        self.lent = reclaim(self.lent, self.stream if self.tail else None)[1]
         if self.lent:
-            caller.wait_stream(self.stream)
+            if self.tail:
+                caller.wait_stream(self.stream)
             self.pinned_calls += 1
             if self.pinned_calls == PINNED_CALLS_BEFORE_COPYING:
                 log.info("views of lent outputs were held into the next call %d times (this torch cannot move them): "
                          "copying outputs out of the CUDA graph's memory from now on", self.pinned_calls)
             raise PoolInUse
         self.calls += 1
+        if not self.tail:
+            return self._replay_here(inputs)
         with torch.cuda.stream(self.stream):
-            for buffers, positions in self.copies_in:
-                torch._foreach_copy_(buffers, [inputs[position] for position in positions])
-            for position in self.staged:
-                self.inputs[position].copy_(inputs[position])
-            self.graph.replay()
-            outputs = self.run_tail(inputs, self.carried)
-            outputs = self._hand_out(outputs)
+            outputs = self._replay_here(inputs)
         caller.wait_stream(self.stream)
         for output in outputs:  # made on the capture stream, used on the caller's: freed only once the caller is done
             if output.is_cuda and id(output) not in self.own:
                 output.record_stream(caller)
         return outputs
+
+    def _replay_here(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies `inputs` in, replays, runs the tail and hands the outputs out, all on the current stream."""
+        for buffers, positions in self.copies_in:
+            torch._foreach_copy_(buffers, [inputs[position] for position in positions])
+        for position in self.staged:
+            self.inputs[position].copy_(inputs[position])
+        self.graph.replay()
+        return self._hand_out(self.run_tail(inputs, self.carried))
 
     @property
     def copies_out(self) -> bool:

@@ -156,6 +156,8 @@ class Executor:
         self._wrappers: dict[torch.device | None, Wrapper] = {}
         self._split: dict[torch.device, tuple[Wrapper, Wrapper]] = {}
         """Per device, the wrappers of a captured call: the part captured and the tail run after each replay."""
+        self._tail: dict[torch.device, bool] = {}
+        """Per device, whether any step runs after the replay."""
 
     def records_grad(self, inputs: Sequence[torch.Tensor]) -> bool:
         """Whether autograd records a call on `inputs` (it then runs the captured graph's reference steps)."""
@@ -219,6 +221,7 @@ class Executor:
                 carried = _carried(steps[:split], steps[split:], self.graph)
                 self._split[device] = (self._generate(device, name=f"{self.name}_captured", stop=split, returns=carried),
                                        self._generate(device, name=f"{self.name}_tail", start=split, carried=carried))
+                self._tail[device] = split < len(steps)
                 warm_up = WARM_UP_CALLS
             else:  # captured before: what runs lazily once (cuBLAS handles, kernel loads) has run
                 warm_up = 0
@@ -236,7 +239,8 @@ class Executor:
             try:
                 self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs, device, written_back=self.written_back,
                                                    staged=_staged_inputs(self.graph, device), aliased=self.aliased,
-                                                   unrepeatable=self._unrepeatable(), warm_up=warm_up)
+                                                   unrepeatable=self._unrepeatable(), warm_up=warm_up,
+                                                   tail=self._tail[device])
             except RuntimeError as error:
                 log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)%s",
                             str(error).splitlines()[0], _failing_line(error))
