@@ -11,7 +11,8 @@ float32 copies: on an H200, BERT's attention was most of ember's kernel time (be
 Written out, the scores' scale, the mask and a softmax that gives 0 on a fully masked row are one row
 kernel of the fusion pass, between two cuBLAS batched matmuls, as Inductor's lowering does.
 A boolean mask of the fused attention that remains is made additive once for all the layers reading it, and
-keys and values repeated for grouped-query heads are read unrepeated where torch's fused kernels take them so.
+keys and values repeated for grouped-query heads are read unrepeated where torch's fused kernels take them so
+(grouped heads as they are, or, for one query per head, the queries folded into the key heads' rows).
 """
 from __future__ import annotations
 
@@ -307,6 +308,80 @@ def group_query_heads(graph: Graph, select: Select = takes_grouped_heads) -> Gra
     if not replaced:
         return graph
     return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(replaced.get(n.name, n) for n in graph.nodes)))
+
+
+def takes_folded_queries(node: Node, types: Mapping[str, TensorType]) -> bool:
+    """Whether torch, on this machine's GPU, runs this attention (its queries folded into the key heads' rows)
+    on a fused kernel."""
+    return takes_grouped_heads(node, types)
+
+
+def fold_query_groups(graph: Graph, select: Select = takes_folded_queries) -> Graph:
+    """Attention of one query per head (a decode step) over keys and values repeated for grouped-query heads,
+    with a mask the same for every head and query where there is one, where torch would not take the grouped
+    heads as they are: each group's queries become rows of its key head ([batch, key heads, group, features])
+    against the unrepeated keys and values, the mask broadcasting over those rows as it did over the heads.
+    The two copies of a layer's whole cache that repeating makes go, and each cached key is read once per group
+    rather than once per query head; the result is laid out in the memory the node's was. Where `select`
+    accepts the folded attention (by default, where torch runs it on a fused kernel)."""
+    producer = {value.name: node for node in graph.nodes for value in node.outputs}
+    types = graph.types()
+    replaced: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        if node.op != "scaled_dot_product_attention" or len(node.outputs) != 1:
+            continue
+        folded = _folded(node, producer, types)
+        if folded is not None and select(folded[0], {**types, **{n.outputs[0].name: n.outputs[0].type
+                                                                   for n in folded[1]}}):
+            replaced[node.name] = [*folded[1], folded[0], *folded[2]]
+    if not replaced:
+        return graph
+    nodes = [new for node in graph.nodes for new in replaced.get(node.name, [node])]
+    return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(nodes)))
+
+
+def _folded(node: Node, producer: Mapping[str, Node], types: Mapping[str, TensorType]
+            ) -> tuple[Node, list[Node], list[Node]] | None:
+    """(the folded attention, the nodes before it, the nodes after it) replacing `node`, or None where it does
+    not qualify or its result's memory cannot be given by views of the folded one."""
+    attrs = node.attrs
+    if attrs.get("enable_gqa", False) or attrs.get("dropout_p", 0.0) or attrs.get("is_causal", False):
+        return None
+    query = types[node.inputs[0]]
+    key, value = (_repeated_heads(name, producer, types) for name in node.inputs[1:3])
+    if key is None or value is None or len(query.shape) != 4 or query.shape[2] != 1:
+        return None
+    batch, heads, _, features = query.shape
+    key_heads = types[key].shape[1]
+    if types[value].shape[1] != key_heads or heads % key_heads or types[key].shape[0] != batch:
+        return None
+    if len(node.inputs) > 3:
+        mask = types[node.inputs[3]].shape
+        if (len(mask) >= 2 and mask[-2] != 1) or (len(mask) >= 3 and mask[-3] != 1):
+            return None  # differs by query row or by head
+    folded_shape = (batch, key_heads, heads // key_heads, features)
+    if not _viewable(query, folded_shape):
+        return None
+    write = _Writer(node, types)
+    queries = write("view", (node.inputs[0],), {"size": folded_shape})
+    attention = write("scaled_dot_product_attention", (queries, key, value, *node.inputs[3:]), attrs)
+    before, folded_node = write.nodes[:-1], write.nodes[-1]
+    made = write.types[attention]
+    result = node.outputs[0]
+    order = sorted(range(4), key=lambda dim: -result.type.layout[dim])  # the result's memory order
+    if made.layout != contiguous_strides(made.shape):
+        attention = write("clone", (attention,), {"memory_format": torch.contiguous_format})
+    in_order = tuple(result.type.shape[dim] for dim in order)
+    if not _viewable(write.types[attention], in_order):
+        return None
+    if order == sorted(order):
+        write("view", (attention,), {"size": in_order}, name=result.name)
+    else:
+        write("permute", (write("view", (attention,), {"size": in_order}),),
+              {"dims": [order.index(dim) for dim in range(4)]}, name=result.name)
+    if write.types[result.name].layout != result.type.layout or write.types[result.name].shape != result.type.shape:
+        return None
+    return folded_node, before, write.nodes[len(before) + 1:]
 
 
 def _repeated_heads(name: str, producer: Mapping[str, Node], types: Mapping[str, TensorType]) -> str | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..ir import Graph
-from .attention import convert_attention_masks, decompose_attention, fold_constant_masks, group_query_heads
+from .attention import (convert_attention_masks, decompose_attention, fold_constant_masks, fold_query_groups,
+                        group_query_heads)
 from .canonicalize import drop_empty_cat_inputs, eliminate_dead_code
 from .fold import fold_constants
 from .layout import pad_linear_features
@@ -13,6 +14,7 @@ from .reorder import reorder_for_memory
 Pass = Callable[[Graph], Graph]
 
 PIPELINE: tuple[Pass, ...] = (eliminate_dead_code, fold_constant_masks, fold_constants, drop_empty_cat_inputs,
-                              decompose_attention, group_query_heads, convert_attention_masks, pad_linear_features)
+                              decompose_attention, group_query_heads, fold_query_groups, convert_attention_masks,
+                              pad_linear_features)
 REORDER: tuple[Pass, ...] = (reorder_for_memory,)
 """Run after the pipeline when Options(reorder=True)."""

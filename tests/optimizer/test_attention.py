@@ -15,7 +15,7 @@ from ember.frontend import from_module
 from ember.ir import Graph, Node, TensorType, Value
 from ember.ir.types import contiguous_strides
 from ember.optimizer.attention import (_unmasked, _viewable, convert_attention_masks, decompose_attention, fold_constant_masks,
-                                      group_query_heads, runs_math_path)
+                                      fold_query_groups, group_query_heads, runs_math_path)
 from ember.optimizer.cost import CostModel, load_profile
 from ember.optimizer.fusion import plan_fusion
 from ember import models
@@ -143,6 +143,63 @@ def test_repeated_keys_and_values_are_read_unrepeated_by_grouped_query_attention
 def test_grouped_query_attention_is_asked_of_torch_and_off_the_gpu_left_as_written():
     graph = from_module(*models.load("llama", "tiny")).graph
     assert group_query_heads(graph) is graph
+
+
+class DecodeAttention(nn.Module):
+    """One query per head over a cache repeated for grouped-query heads (transformers' repeat_kv), with a mask over
+    the keys, as a static-cache decode step attends."""
+
+    def forward(self, x, keys, values, mask):
+        batch, rows, heads, features = x.shape
+        groups = heads // keys.shape[1]
+
+        def repeat(cache):
+            shape = cache.shape
+            expanded = cache[:, :, None, :, :].expand(shape[0], shape[1], groups, shape[2], shape[3])
+            return expanded.reshape(shape[0], shape[1] * groups, shape[2], shape[3])
+
+        out = F.scaled_dot_product_attention(x.transpose(1, 2), repeat(keys), repeat(values), attn_mask=mask)
+        return out.transpose(1, 2).reshape(batch, rows, -1)
+
+
+def _decode_inputs(rows: int = 1, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    mask = torch.rand(2, 1, rows, 13) < 0.7
+    mask[..., 0] = True
+    return (torch.randn(2, rows, 6, 8, dtype=dtype), torch.randn(2, 2, 13, 8, dtype=dtype),
+            torch.randn(2, 2, 13, 8, dtype=dtype), mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_per_head_is_folded_into_the_key_heads_rows_against_the_unrepeated_cache(dtype):
+    """Queries [2, 6 heads, 1, 8] over keys of 2 heads: each group of 3 queries becomes 3 rows of its key head,
+    the key mask broadcasting over them; the cache's repeated copies go and the result is eager's."""
+    model, inputs = DecodeAttention().eval(), _decode_inputs(dtype=dtype)
+    graph = from_module(model, inputs).graph
+    folded = fold_query_groups(graph, select=lambda node, types: True)
+    folded.verify()
+    (attention,) = [node for node in folded.nodes if node.op == "scaled_dot_product_attention"]
+    types = folded.types()
+    assert types[attention.inputs[0]].shape == (2, 2, 3, 8) and types[attention.inputs[1]].shape == (2, 2, 13, 8)
+    assert not [node for node in folded.nodes if node.op == "clone" and types[node.outputs[0].name].shape[-2] == 13]
+    assert folded.types()[folded.outputs[0]] == graph.types()[graph.outputs[0]]
+    with torch.no_grad():
+        (got,) = compile_graph(folded, ember.Options())(*inputs)
+        want = model(*inputs)
+    assert_close(got, want)
+
+
+def test_several_queries_per_head_or_a_mask_by_head_are_left_as_written():
+    model = DecodeAttention().eval()
+    rows = from_module(model, _decode_inputs(rows=3)).graph
+    assert fold_query_groups(rows, select=lambda node, types: True) is rows
+    x, keys, values, _ = _decode_inputs()
+    by_head = from_module(model, (x, keys, values, torch.rand(2, 6, 1, 13) < 0.7)).graph
+    assert fold_query_groups(by_head, select=lambda node, types: True) is by_head
+
+
+def test_folding_queries_is_asked_of_torch_and_off_the_gpu_left_as_written():
+    graph = from_module(DecodeAttention().eval(), _decode_inputs()).graph
+    assert fold_query_groups(graph) is graph
 
 
 def test_whether_a_value_can_be_viewed_is_answered_under_torch_compiles_fake_tensors_too():
