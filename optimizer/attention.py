@@ -159,9 +159,13 @@ class _Writer:
     def __init__(self, node: Node, types: Mapping[str, TensorType]) -> None:
         self.node, self.types, self.nodes = node, dict(types), []
 
-    def __call__(self, op: str, inputs: tuple[str, ...], attrs: Mapping[str, Any], name: str | None = None) -> str:
+    def __call__(self, op: str, inputs: tuple[str, ...], attrs: Mapping[str, Any], name: str | None = None,
+                 traced: bool = False) -> str:
+        """The node's result; `traced`: typed by running torch's own kernel choice on fake tensors, for the strides
+        its result really has (a fused attention lays its result out as its kernel chooses)."""
         definition = OP_TABLE[op]
-        (result,) = definition.infer(definition, [self.types[n] for n in inputs], attrs)
+        infer = infer_by_tracing if traced else definition.infer
+        (result,) = infer(definition, [self.types[n] for n in inputs], attrs)
         name = name or f"{self.node.name}_math{len(self.nodes)}"
         self.types[name] = result
         self.nodes.append(Node(name, op, inputs, attrs, (Value(name, result),), source=self.node.source))
@@ -364,16 +368,16 @@ def _folded(node: Node, producer: Mapping[str, Node], types: Mapping[str, Tensor
         return None
     write = _Writer(node, types)
     queries = write("view", (node.inputs[0],), {"size": folded_shape})
-    attention = write("scaled_dot_product_attention", (queries, key, value, *node.inputs[3:]), attrs)
+    try:
+        attention = write("scaled_dot_product_attention", (queries, key, value, *node.inputs[3:]), attrs, traced=True)
+    except (RuntimeError, NotImplementedError, ValueError):  # torch declining the folded call: not folded
+        return None
     before, folded_node = write.nodes[:-1], write.nodes[-1]
-    made = write.types[attention]
     result = node.outputs[0]
     order = sorted(range(4), key=lambda dim: -result.type.layout[dim])  # the result's memory order
-    if made.layout != contiguous_strides(made.shape):
-        attention = write("clone", (attention,), {"memory_format": torch.contiguous_format})
     in_order = tuple(result.type.shape[dim] for dim in order)
-    if not _viewable(write.types[attention], in_order):
-        return None
+    if not _viewable(write.types[attention], in_order):  # flash lays the rows of a group outermost: one small copy
+        attention = write("clone", (attention,), {"memory_format": torch.contiguous_format})
     if order == sorted(order):
         write("view", (attention,), {"size": in_order}, name=result.name)
     else:

@@ -16,6 +16,7 @@ from ember.ir import Graph, Node, TensorType, Value
 from ember.ir.types import contiguous_strides
 from ember.optimizer.attention import (_unmasked, _viewable, convert_attention_masks, decompose_attention, fold_constant_masks,
                                       fold_query_groups, group_query_heads, runs_math_path)
+from ember.optimizer import attention as attention_module
 from ember.optimizer.cost import CostModel, load_profile
 from ember.optimizer.fusion import plan_fusion
 from ember import models
@@ -182,6 +183,30 @@ def test_one_query_per_head_is_folded_into_the_key_heads_rows_against_the_unrepe
     assert types[attention.inputs[0]].shape == (2, 2, 3, 8) and types[attention.inputs[1]].shape == (2, 2, 13, 8)
     assert not [node for node in folded.nodes if node.op == "clone" and types[node.outputs[0].name].shape[-2] == 13]
     assert folded.types()[folded.outputs[0]] == graph.types()[graph.outputs[0]]
+    with torch.no_grad():
+        (got,) = compile_graph(folded, ember.Options())(*inputs)
+        want = model(*inputs)
+    assert_close(got, want)
+
+
+def test_a_folded_result_laid_out_group_rows_outermost_is_copied_before_it_is_viewed_as_query_heads(monkeypatch):
+    """Flash attention lays its result out [batch, rows, heads, features] whatever the IR's type says; the folded
+    result is typed by torch's own choice, and where that layout cannot be viewed as the query heads, one small
+    contiguous copy comes first (a view of it would fail, a kernel reading it as contiguous would be wrong)."""
+    traced = attention_module.infer_by_tracing
+
+    def flash_layout(definition, inputs, attrs):
+        (made,) = traced(definition, inputs, attrs)
+        batch, heads, rows, features = made.shape
+        return (dataclasses.replace(made, strides=(rows * heads * features, features, heads * features, 1)),)
+
+    model, inputs = DecodeAttention().eval(), _decode_inputs()
+    graph = from_module(model, inputs).graph
+    monkeypatch.setattr(attention_module, "infer_by_tracing", flash_layout)
+    folded = fold_query_groups(graph, select=lambda node, types: True)
+    (attention,) = [node for node in folded.nodes if node.op == "scaled_dot_product_attention"]
+    (copy,) = [node for node in folded.nodes if attention.outputs[0].name in node.inputs]
+    assert copy.op == "clone" and folded.types()[copy.outputs[0].name].is_contiguous
     with torch.no_grad():
         (got,) = compile_graph(folded, ember.Options())(*inputs)
         want = model(*inputs)
