@@ -1,10 +1,12 @@
-"""Host cost of a Program run step by step on the GPU: where the Python time goes, and what one kernel launch costs.
+"""Host cost of a model run step by step on the GPU, through the entry users take: where the Python time goes, and
+what one kernel launch costs.
 
-For each model (suite size, bf16): the per-call time of `ember.compile(..., cuda_graphs=False)`, its step count,
-and a cProfile of a few calls (top functions by own time); then the host time of launching one generated kernel
-through ember's Kernel (Triton's JIT launch path) against the same compiled kernel's own runner
-(`CompiledKernel[grid]`), and against one ATen op, each timed without synchronizing (host time only).
-Usage: python bench/host_cost.py [--models llama_b1 bert] [--out bench/results]
+For each model (suite size, bf16), `torch.compile(backend="ember", options={"cuda_graphs": False})` beside
+torch.compile's default mode: host µs per call (queued without waiting for the device), wall µs per call, and the
+device launches one call makes (kernels, copies and fills, counted by torch.profiler); ember's step count, its
+generated kernels, and a cProfile of a few calls (top functions by own time). Then the host time of launching one
+generated kernel through ember's Kernel against the same compiled kernel's own runner and one ATen op.
+Usage: python bench/host_cost.py [--models mixtral bert_masked] [--out bench/results]
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import ember
 from ember import models
 from ember.codegen import GroupKernel
 from ember.codegen.cache import load_kernel
+from ember.runtime import program
 
 from common import environment, write_results
 
@@ -37,35 +40,70 @@ def host_us(fn, calls: int = 2000) -> float:
     return elapsed / calls * 1e6
 
 
+def launches_per_call(fn, calls: int = 5) -> float:
+    """Device launches (kernels, copies, fills) per call, counted by torch.profiler over `calls` calls."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(1 for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA) / calls
+
+
+def wall_us(fn, calls: int = 20) -> float:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
 def profile_model(name: str) -> tuple[dict, str, GroupKernel | None, list]:
     torch.manual_seed(0)
     model, inputs = models.load(name, "suite", device="cuda")
+    programs = []
     with torch.no_grad():
-        program = ember.compile(model, inputs, {"cuda_graphs": False})
-        call_us = host_us(lambda: program(*inputs), calls=50)
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(20):
-            program(*inputs)
-        torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - started) / 20 * 1e6
+        torch._dynamo.reset()
+        inductor = torch.compile(model, mode="default")
+        for _ in range(3):
+            inductor(*inputs)
+        inductor_row = {"host_us": host_us(lambda: inductor(*inputs), calls=50), "wall_us": wall_us(lambda: inductor(*inputs)),
+                        "launches": launches_per_call(lambda: inductor(*inputs))}
+        torch._dynamo.reset()
+        original = program.Program.__init__
+
+        def kept(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            programs.append(self)
+
+        program.Program.__init__ = kept
+        try:
+            compiled = torch.compile(model, backend="ember", options={"cuda_graphs": False})
+            for _ in range(3):
+                compiled(*inputs)
+        finally:
+            program.Program.__init__ = original
+        ember_row = {"host_us": host_us(lambda: compiled(*inputs), calls=50), "wall_us": wall_us(lambda: compiled(*inputs)),
+                     "launches": launches_per_call(lambda: compiled(*inputs))}
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(10):
-            program(*inputs)
+            compiled(*inputs)
         profiler.disable()
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
-    kernels = [step for step in program.executor.work or () if isinstance(step, GroupKernel)]
-    types = program.graph.types()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(24)
+    steps = [step for made in programs for step in made.executor.steps]
+    kernels = [step for made in programs for step in made.executor.work or () if isinstance(step, GroupKernel)]
     tensors = None
     if kernels:
         kernel = kernels[0]
+        types = programs[0].graph.types()
         tensors = [torch.randn(types[n].shape, device="cuda").to(types[n].dtype) if types[n].dtype.is_floating_point
                    else torch.zeros(types[n].shape, dtype=types[n].dtype, device="cuda") for n in kernel.inputs]
         tensors += [torch.empty(v.type.shape, dtype=v.type.dtype, device="cuda") for v in kernel.outputs]
-    row = {"model": name, "steps": len(program.executor.steps), "host_us_per_call": call_us, "wall_us_per_call": wall_us,
-           "kernels": len(kernels)}
+    row = {"model": name, "graphs": len(programs), "steps": len(steps), "kernels": len(kernels),
+           "ember": ember_row, "inductor": inductor_row}
     return row, text.getvalue(), kernels[0] if kernels else None, tensors
 
 
@@ -86,13 +124,18 @@ def launch_costs(kernel: GroupKernel, tensors: list[torch.Tensor]) -> dict:
         runner_us, runner_error = float("nan"), f"{type(error).__name__}: {error}"
     a, b = tensors[0], tensors[0]
     aten_us = host_us(lambda: torch.ops.aten.add.Tensor(a, b))
+    x, weight = torch.randn(4096, 384, device="cuda", dtype=torch.bfloat16), torch.randn(384, 384, device="cuda", dtype=torch.bfloat16)
+    bias, out = torch.randn(384, device="cuda", dtype=torch.bfloat16), torch.empty(4096, 384, device="cuda", dtype=torch.bfloat16)
+    products = {"mm_us": host_us(lambda: torch.mm(x, weight.t(), out=out)),
+                "addmm_us": host_us(lambda: torch.addmm(bias, x, weight.t(), out=out)),
+                "linear_us": host_us(lambda: torch.nn.functional.linear(x, weight, bias))}
     return {"kernel": source.name, "ember_launch_us": ember_us, "compiled_runner_us": runner_us,
-            "runner_error": runner_error, "aten_add_us": aten_us}
+            "runner_error": runner_error, "aten_add_us": aten_us, **products}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["llama_b1", "bert"])
+    parser.add_argument("--models", nargs="*", default=["mixtral", "bert_masked", "llama_b1"])
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     rows, profiles, launch = [], [], None
@@ -102,14 +145,20 @@ def main() -> None:
         profiles.append(f"## {name}\n{profile}")
         if launch is None and kernel is not None:
             launch = launch_costs(kernel, tensors)
-    lines = ["Host cost step by step (cuda_graphs=False), µs per call",
-             f"{'model':10} {'steps':>6} {'kernels':>8} {'host µs':>9} {'wall µs':>9} {'host µs/step':>13}"]
+    lines = ["Host cost step by step (backend, cuda_graphs=False) beside torch.compile default: µs per call, device "
+             "launches per call",
+             f"{'model':12} {'graphs':>6} {'steps':>6} {'kernels':>8} {'host µs e/c':>13} {'wall µs e/c':>13} "
+             f"{'launches e/c':>13} {'host µs/step':>13}"]
     for r in rows:
-        lines.append(f"{r['model']:10} {r['steps']:6d} {r['kernels']:8d} {r['host_us_per_call']:9.0f} "
-                     f"{r['wall_us_per_call']:9.0f} {r['host_us_per_call'] / r['steps']:13.1f}")
+        e, c = r["ember"], r["inductor"]
+        lines.append(f"{r['model']:12} {r['graphs']:6d} {r['steps']:6d} {r['kernels']:8d} "
+                     f"{e['host_us']:6.0f}/{c['host_us']:<6.0f} {e['wall_us']:6.0f}/{c['wall_us']:<6.0f} "
+                     f"{e['launches']:6.0f}/{c['launches']:<6.0f} {e['host_us'] / max(r['steps'], 1):13.1f}")
     if launch:
         lines.append(f"one generated kernel ({launch['kernel']}): ember launch {launch['ember_launch_us']:.1f} µs, compiled "
                      f"runner {launch['compiled_runner_us']:.1f} µs {launch['runner_error']}; aten add {launch['aten_add_us']:.1f} µs")
+        lines.append(f"a bf16 [4096, 384] × [384, 384] product: mm {launch['mm_us']:.1f} µs, addmm {launch['addmm_us']:.1f} µs, "
+                     f"linear {launch['linear_us']:.1f} µs (host, queued)")
     write_results(args.out, "host_cost", {**environment(torch.device("cuda")), "models": rows, "launch": launch,
                                           "profiles": profiles}, "\n".join(lines) + "\n\n" + "\n".join(profiles))
 

@@ -265,6 +265,12 @@ _GROUPED_MM_LIB.impl(
     "grouped_mm", lambda x, weight, offsets: x.new_empty(x.shape[0], weight.shape[2]), "Meta"
 )
 
+PYTHON_IMPLEMENTATIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
+    torch.ops.ember.grouped_mm.default: grouped_mm_reference}
+"""ember's own ops written in Python, by overload: a generated wrapper (which runs without autograd) calls the
+function itself, not through torch's dispatcher (whose boxing into Python and back cost a Mixtral call about
+half a millisecond of host time step by step)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # The table

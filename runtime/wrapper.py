@@ -31,6 +31,7 @@ import torch
 from ..codegen import GroupKernel
 from ..codegen.kernels import raw_stream
 from ..ir import ArenaLayout, Graph, TensorType
+from ..ir.ops import PYTHON_IMPLEMENTATIONS
 from .arena import linear_arguments, slot_view
 
 if TYPE_CHECKING:
@@ -417,9 +418,11 @@ def _returns_one_tensor(op: Any) -> bool:
 
 
 def _direct(value: Any) -> Any:
-    """What the wrapper calls for `value`: an ATen overload's own operator (OpOverload.__call__ only forwards to
-    it), else the value itself."""
-    return value._op if type(value) is torch._ops.OpOverload else value
+    """What the wrapper calls for `value`: ember's Python implementation of one of its own ops, an ATen
+    overload's own operator (OpOverload.__call__ only forwards to it), else the value itself."""
+    if type(value) is not torch._ops.OpOverload:
+        return value
+    return PYTHON_IMPLEMENTATIONS.get(value, value._op)
 
 
 def _literal(value: Any) -> str | None:

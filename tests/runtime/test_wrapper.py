@@ -220,3 +220,20 @@ def test_linear_layers_on_row_contiguous_inputs_are_one_matrix_product_bit_for_b
         _assert_bitwise_equal(program.executor(tensors), program.executor.interpret(tensors))
     source = program.executor.wrapper_on(torch.device("cpu")).source
     assert source.count("addmm(") == 2 and source.count(" mm(") == 1 and source.count("aten_linear_default(") == 2
+
+
+def test_embers_own_python_ops_are_called_directly_not_through_torchs_dispatcher():
+    """A Mixtral call's grouped matmuls run ember's Python implementation from the wrapper (the dispatcher's
+    boxing into Python and back is host time on every step), with the step loop's results."""
+    from ember.ir.ops import grouped_mm_reference
+
+    model, inputs = models.load("mixtral")
+    with torch.inference_mode():
+        program = ember.compile(model, inputs)
+        tensors = _tensors(program, _fresh(inputs))
+        want = program.executor.interpret(tensors)
+        got = program.executor(tensors)
+    wrapper = program.executor.wrapper_on(None)
+    assert "grouped_mm" in wrapper.source
+    assert grouped_mm_reference in wrapper.function.__globals__.values()
+    _assert_bitwise_equal(got, want)
