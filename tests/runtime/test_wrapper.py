@@ -96,7 +96,7 @@ def test_a_call_split_where_an_arena_is_open_computes_the_whole_call():
 
 def test_the_source_reads_like_a_forward(tmp_path):
     """Ops by their ATen names, values by their IR names, dead values deleted, arenas typed once and sliced with
-    one as_strided per slot; dumped to the debug directory."""
+    one reinterpret_tensor per slot; dumped to the debug directory."""
     model, inputs = models.load("llama_b1")
     with torch.inference_mode():
         program = ember.compile(model, inputs)
@@ -108,7 +108,7 @@ def test_the_source_reads_like_a_forward(tmp_path):
     assert "aten_embedding_default(" in source and "linear_into(" in source
     assert any(line.strip().startswith("del ") for line in lines)
     assert "arena_0 = allocate(" in source and "arena_0_float32 = arena_0.view(float32)" in source
-    assert ".as_strided(" in source and "slot_view" not in source
+    assert "reinterpret_tensor(arena_0_float32, " in source and "slot_view" not in source
     assert lines[-1].strip().startswith("return [")
     assert (tmp_path / "LlamaForCausalLM_wrapper.py").read_text() == source
 
@@ -132,10 +132,10 @@ def test_a_call_that_autograd_records_stays_on_the_reference_steps():
     assert not program.executor._wrappers
 
 
-def test_a_view_of_memory_the_wrapper_gave_is_one_as_strided_and_a_view_of_an_input_is_the_op():
+def test_a_view_of_memory_the_wrapper_gave_is_one_reinterpret_tensor_and_a_view_of_an_input_is_the_op():
     """The strides of a value in an arena slot (or of a view of it) are its type's, so its views are written as
-    `as_strided` worked out at generation time, offsets included; an input's strides are the caller's, so a
-    view of it stays the op."""
+    `reinterpret_tensor` worked out at generation time, offsets included; an input's strides are the caller's, so
+    a view of it stays the op."""
     class Heads(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -153,9 +153,9 @@ def test_a_view_of_memory_the_wrapper_gave_is_one_as_strided_and_a_view_of_an_in
         got = program.executor(tensors)
     _assert_bitwise_equal(got, want)
     source = program.executor.wrapper_on(torch.device("cpu")).source
-    viewed = [line for line in source.splitlines() if ".as_strided(" in line and "arena" not in line]
-    assert len(viewed) >= 3 and any("storage_offset() + 2" in line for line in viewed)
-    assert not any(line.split("=")[1].strip().startswith("x.") for line in viewed)
+    viewed = [line for line in source.splitlines() if "reinterpret_tensor(" in line and "arena" not in line]
+    assert len(viewed) >= 3 and any(line.endswith(", 2)") for line in viewed)
+    assert not any("reinterpret_tensor(x," in line for line in viewed)
 
 
 def test_kernels_with_a_direct_launcher_are_launched_inline_when_aligned(monkeypatch):
@@ -237,3 +237,13 @@ def test_embers_own_python_ops_are_called_directly_not_through_torchs_dispatcher
     assert "grouped_mm" in wrapper.source
     assert grouped_mm_reference in wrapper.function.__globals__.values()
     _assert_bitwise_equal(got, want)
+
+
+def test_reinterpret_tensor_and_its_fallback_view_past_the_tensors_own_offset():
+    from ember.runtime.wrapper import _as_strided_from, reinterpret_tensor
+
+    base = torch.arange(40.0)[3:]
+    for view in (reinterpret_tensor, _as_strided_from):
+        got = view(base, (2, 3), (1, 2), 4)
+        assert got.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+        assert got.storage_offset() == 7 and got.tolist() == [[7.0, 9.0, 11.0], [8.0, 10.0, 12.0]]
