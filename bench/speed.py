@@ -8,6 +8,9 @@ median of each), after warm-up: median ms per call, speedup over eager, peak mem
 inputs (the most allocated while a variant is built and first called, so what it keeps between calls,
 such as ember's arena or a CUDA-graph pool, counts; cuBLAS's workspaces are cleared before each variant,
 so each pays for its own), compile time (first calls included), and each ember variant's max error against eager.
+Compile caches on disk (Inductor's, Triton's, ember's) start empty in a fresh temporary directory, so each tool's
+first variant of a model compiles cold, as on a user's first run (a tool's later variants reuse what its first
+compiled, in both tools); --warm-caches keeps the usual ones.
 Usage: python bench/speed.py [--out bench/results] [--models mlp gpt2 ...] [--rounds 3] [--stem speed]
        python bench/speed.py --from-json part1.json part2.json   (one table from runs split across calls)
 """
@@ -16,7 +19,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -96,7 +101,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stem", default="speed", help="name of the result files")
     parser.add_argument("--from-json", nargs="*", default=[], help="tabulate the rows of earlier runs instead of measuring")
+    parser.add_argument("--warm-caches", action="store_true", help="keep the usual on-disk compile caches")
     args = parser.parse_args()
+    if not args.warm_caches:
+        fresh = tempfile.mkdtemp(prefix="speed-caches-")
+        for variable, folder in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"),
+                                 ("EMBER_CACHE_DIR", "ember")):
+            os.environ[variable] = os.path.join(fresh, folder)
     if args.from_json:
         runs = [json.loads(open(path).read()) for path in args.from_json]
         environment_ = {key: value for key, value in runs[0].items() if key != "models"}
