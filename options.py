@@ -29,10 +29,12 @@ class Options:
     cuda_graphs: on a GPU, capture a call in a CUDA graph and replay it (inputs copied in; the last few
         steps, which make the outputs, run after it, and outputs made inside it are copied out); needs the
         arena. A program that cannot be captured runs step by step, with one warning. None (default): capture
-        unless the cost model predicts the host's dispatch takes under a tenth of the device's time (see
-        api.HOST_SHARE); kernels that keep the device that busy gain nothing from a graph but pay its pool
-        and input copies.
-    mode: torch.compile's mode, accepted for compatibility and recorded in the report.
+        unless `mode` says otherwise or the cost model predicts the host's dispatch takes under a tenth of the
+        device's time (see optimizer.pipeline.HOST_SHARE); kernels that keep the device that busy gain nothing
+        from a graph but pay its pool and input copies.
+    mode: torch.compile's mode, meaning for CUDA graphs what it means for Inductor: "reduce-overhead" and
+        "max-autotune" capture, "max-autotune-no-cudagraphs" does not, "default" leaves it to the cost model;
+        `cuda_graphs`, when set, wins. The report's capture decision says which decided.
     """
 
     verify: bool = True

@@ -230,7 +230,8 @@ class _WeightedRunner:
 
     def build(self, args: Mapping[int, Any] | Sequence[Any]) -> None:
         """Compile with the parameters found at the static positions of `args`."""
-        from ..api import checkpoint, compile_graph
+        from ..api import compile_graph
+        from ..optimizer.pipeline import checkpoint
 
         weights = {self.names[position]: args[position] for position in self.static}
         graph = lower_fx(self.fx_gm, weights=weights)

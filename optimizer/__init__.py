@@ -1,4 +1,4 @@
-"""ember's optimizer: passes over the IR, ordered by the pipeline."""
-from .pipeline import PIPELINE, REORDER
+"""ember's optimizer: passes over the IR and the planners after them, in the order of the pipeline."""
+from .pipeline import PASSES, REORDER, Compilation, Target, stages
 
-__all__ = ["PIPELINE", "REORDER"]
+__all__ = ["PASSES", "REORDER", "Compilation", "Target", "stages"]

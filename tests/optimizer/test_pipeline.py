@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ember
-import ember.api
 from ember.ir import Graph
+from ember.optimizer import pipeline
 
 
 def _drop_first_node(graph: Graph) -> Graph:
@@ -16,13 +16,13 @@ def _drop_first_node(graph: Graph) -> Graph:
 
 
 def test_a_pass_that_breaks_the_ir_is_caught_at_that_stage(monkeypatch):
-    monkeypatch.setattr(ember.api, "PIPELINE", (*ember.api.PIPELINE, _drop_first_node))
+    monkeypatch.setattr(pipeline, "PASSES", (*pipeline.PASSES, _drop_first_node))
     with pytest.raises(ember.CompileError, match="invalid after stage '_drop_first_node'.*before it is defined"):
         ember.compile(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.randn(3, 4),))
 
 
 def test_verification_can_be_turned_off(monkeypatch):
-    monkeypatch.setattr(ember.api, "PIPELINE", (*ember.api.PIPELINE, _drop_first_node))
+    monkeypatch.setattr(pipeline, "PASSES", (*pipeline.PASSES, _drop_first_node))
     ember.compile(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.randn(3, 4),),
                   options={"verify": False})
 
@@ -40,3 +40,55 @@ def test_debug_dir_holds_the_ir_after_each_stage(tmp_path):
 def test_debug_dir_defaults_to_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_DEBUG_DIR", str(tmp_path))
     assert ember.Options().debug_dir == str(tmp_path)
+
+
+def test_every_stage_runs_in_the_order_the_pipeline_lists_and_is_timed():
+    """Graph passes, then the planners: what compile runs is the list, read top to bottom."""
+    options = ember.Options()
+    names = [pipeline.stage_name(stage) for stage in pipeline.stages(options)]
+    assert names == [transform.__name__ for transform in pipeline.PASSES] + [
+        "fuse", "lower_kernels", "compile_kernels", "plan_memory", "decide_capture"]
+    program = ember.compile(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+    assert set(names) <= set(program.report.stage_seconds)
+
+
+def test_a_new_planner_is_one_function_in_the_list(monkeypatch):
+    """A stage added to the list runs in its place, sees what earlier stages decided, and what it records is kept."""
+    seen = []
+
+    def count_groups(compilation):
+        seen.append((compilation.arena is not None, compilation.capture))
+        return dataclasses.replace(compilation, seconds={**compilation.seconds, "counted": 1.0})
+
+    stages = pipeline.stages
+    monkeypatch.setattr(pipeline, "stages", lambda options: (*stages(options), count_groups))
+    monkeypatch.setattr(ember.api, "stages", pipeline.stages)
+    program = ember.compile(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+    assert seen == [(True, {"capture": False, "decided_by": "not on a GPU"})]
+    assert program.report.stage_seconds["counted"] == 1.0
+
+
+def test_the_target_is_decided_once_from_where_the_model_is():
+    """Off a GPU: no device, the reference profile (generated kernels in the interpreter are planned as for a GPU)."""
+    graph = ember.compile(torch.nn.Linear(4, 2), (torch.randn(3, 4),)).graph
+    target = pipeline.decide_target(graph)
+    assert target.device is None and not target.on_gpu and target.profile.name == pipeline.REFERENCE_PROFILE
+
+
+@pytest.mark.parametrize("options, decided, captured", [
+    ({}, "cost model", None), ({"cuda_graphs": False}, "options", False),
+    ({"mode": "reduce-overhead"}, "mode 'reduce-overhead'", True),
+    ({"mode": "max-autotune-no-cudagraphs"}, "mode 'max-autotune-no-cudagraphs'", False),
+    ({"arena": False, "cuda_graphs": True}, "no arena (Options.arena=False)", False)])
+def test_capture_is_decided_by_options_then_mode_then_cost_and_never_without_an_arena(options, decided, captured):
+    """A program on a GPU target (faked: the decision reads only the record): torch.compile's modes say what they
+    say for Inductor; without an arena nothing is captured, and the report says so rather than promise graphs."""
+    graph = ember.compile(torch.nn.Linear(4, 2), (torch.randn(3, 4),)).graph
+    target = pipeline.Target(torch.device("cuda", 0), pipeline.decide_target(graph).profile, "test")
+    compilation = pipeline.plan_memory(pipeline.Compilation(graph, ember.Options(**options), target))
+    capture = pipeline.decide_capture(compilation).capture
+    assert capture["decided_by"] == decided
+    if captured is not None:
+        assert capture["capture"] is captured
+    else:
+        assert capture["capture"] is (capture["host_us"] >= pipeline.HOST_SHARE * capture["device_us"])

@@ -7,7 +7,7 @@ from torch import nn
 
 import ember
 from ember import models
-from ember.api import FUSION_PROFILE, HOST_SHARE, graph_capture
+from ember.optimizer.pipeline import HOST_SHARE, REFERENCE_PROFILE, capture_by_cost
 from ember.frontend import from_module
 from ember.optimizer.cost import CostModel, load_profile
 from ember.runtime import cuda_graph
@@ -15,7 +15,7 @@ from ember.runtime.cuda_graph import lend, reclaim
 from ember.runtime.executor import MAX_TAIL_STEPS, _carried, tail_start
 
 
-COST = CostModel(load_profile(FUSION_PROFILE))
+COST = CostModel(load_profile(REFERENCE_PROFILE))
 
 
 def _steps(model: nn.Module, inputs: tuple[torch.Tensor, ...]):
@@ -98,11 +98,9 @@ def test_graphs_are_captured_where_the_cost_model_predicts_the_host_is_the_bottl
     wide = from_module(WideLayers(), (torch.randn(4096, 2048), torch.randn(2048, 4096), torch.randn(4096, 2048))).graph
     small = from_module(ManySmallOps(), (torch.randn(3, 5),)).graph
     for graph, capture in ((wide, False), (small, True)):
-        decision = graph_capture(graph, ember.Options(), COST)
+        decision = capture_by_cost(graph, COST)
         assert decision["capture"] is capture and decision["decided_by"] == "cost model"
         assert (decision["host_us"] >= HOST_SHARE * decision["device_us"]) is capture
-        assert graph_capture(graph, ember.Options(cuda_graphs=not capture), COST) == {
-            "capture": not capture, "decided_by": "options"}
 
 
 def test_a_program_off_the_gpu_is_never_captured():

@@ -39,7 +39,7 @@ def test_str_shows_the_real_counts_and_no_ansi(report):
 
 def test_every_stage_is_a_row_with_its_time(report):
     text = str(report)
-    assert set(report.stage_seconds) >= {"capture", "lower", "plan_arena", "build"}
+    assert set(report.stage_seconds) >= {"capture", "lower", "plan_memory", "build"}
     for stage in report.stage_seconds:
         assert re.search(rf"│ {stage} +│ +[\d.,]+ (µs|ms|s) │", text), stage
     assert re.search(r"│ total +│", text)
