@@ -13,10 +13,10 @@ import torch
 
 from common import environment, write_results
 from decode import PROMPT_TOKENS, generate, llama
-from ember.frontend import dynamo
+from ember import backend
 from ember.runtime import cuda_graph, executor, program
 
-LAYERS = {"runner (all of ember)": (dynamo.ExportedRunner, "__call__"),
+LAYERS = {"runner (all of ember)": (backend.ExportedRunner, "__call__"),
           "executor": (executor.Executor, "__call__"),
           "captured call": (cuda_graph.GraphedCall, "__call__"),
           "replay": (torch.cuda.CUDAGraph, "replay"),

@@ -3,5 +3,6 @@ from .kernels import GroupKernel, Kernel, generate_group, lower_schedule, precom
 from .pointwise import generate
 from .reduction import generate_rows
 from .source import KernelSource
+from .grouped_mm import PYTHON_IMPLEMENTATIONS
 
-__all__ = ["GroupKernel", "Kernel", "KernelSource", "generate", "generate_group", "generate_rows", "lower_schedule", "precompile"]
+__all__ = ["GroupKernel", "Kernel", "KernelSource", "PYTHON_IMPLEMENTATIONS", "generate", "generate_group", "generate_rows", "lower_schedule", "precompile"]

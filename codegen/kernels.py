@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..ir import Graph, Node, TensorType, Value
-from ..optimizer.fusion import FusionGroup, FusionPlan
+from ..ir.plans import FusionGroup, FusionPlan
 from .cache import load_kernel
 from .pointwise import generate
 from .reduction import generate_rows

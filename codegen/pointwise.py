@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from ..ir import Graph, Node, TensorType
 from ..ir.expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, operands
-from ..optimizer.fusion import reads_of
+from ..ir.plans import reads_of
 from .source import KernelSource, check_dtypes, coordinates, header, load, offset
 
 BLOCK = 1024

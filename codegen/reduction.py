@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ..ir import Graph, Node, TensorType
 from ..ir.expressions import EXPRESSIONS, TRITON_TYPES, operands
 from ..ir.reductions import REDUCTIONS, emit_reduction
-from ..optimizer.fusion import reads_of
+from ..ir.plans import reads_of
 from .source import KernelSource, check_dtypes, coordinates, header, load, offset
 
 ELEMENTS_PER_PROGRAM = 4096

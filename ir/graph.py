@@ -14,6 +14,7 @@ import torch
 from .ops import OP_TABLE, OpDef, extern_def
 from .schema import _tensor_kind, copies_out, out_overload
 from .types import TensorType
+from .verify import verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +100,6 @@ class Graph:
 
     def verify(self) -> None:
         """Raise ember.ir.VerifyError unless the graph is well formed (see ir/verify.py)."""
-        from .verify import verify
-
         verify(self)
 
     def to_networkx(self) -> nx.MultiDiGraph:

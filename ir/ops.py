@@ -6,7 +6,6 @@ implementation in torch; anything without an entry becomes an `extern` node that
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .schema import bind_arguments
 from .types import TensorType, type_of
-from .zero_tail import zero_rows_from_last_offset
 
 Reference = Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]]
 Infer = Callable[["OpDef", Sequence[TensorType], Mapping[str, Any]], tuple[TensorType | None, ...]]
@@ -231,13 +229,8 @@ def attention_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType],
 # Reference implementations that are not a single ATen call
 
 def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows [offsets[e-1], offsets[e]) of x times weight[e]; rows past the last offset are zero.
-
-    On a Hopper-class GPU in bfloat16 this is torch's grouped GEMM, which reads the offsets on the device
-    (no host sync, so a call can be captured in a CUDA graph); elsewhere, one matmul per expert.
-    """
-    if _device_grouped_mm(x, weight):
-        return zero_rows_from_last_offset(torch._grouped_mm(x, weight, offs=offsets.to(torch.int32)), offsets)
+    """Rows [offsets[e-1], offsets[e]) of x times weight[e]; rows past the last offset are zero. One matmul per
+    expert (it reads the offsets on the host); codegen.grouped_mm registers the GPU's grouped GEMM for CUDA."""
     out = x.new_zeros(x.shape[0], weight.shape[2])
     start = 0
     for expert, end in enumerate(offsets.tolist()):
@@ -247,29 +240,12 @@ def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.T
     return out
 
 
-def _device_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == weight.dtype == torch.bfloat16
-            and _capability(x.get_device()) >= (9, 0) and x.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0)
-
-
-@functools.cache
-def _capability(device: int) -> tuple[int, int]:
-    """A GPU's compute capability, asked of the driver once (a call asks on every grouped matmul)."""
-    return torch.cuda.get_device_capability(device)
-
-
 _GROUPED_MM_LIB = torch.library.Library("ember", "FRAGMENT")
 _GROUPED_MM_LIB.define("grouped_mm(Tensor input, Tensor weight, Tensor offsets) -> Tensor")
 _GROUPED_MM_LIB.impl("grouped_mm", grouped_mm_reference, "CompositeExplicitAutograd")
 _GROUPED_MM_LIB.impl(
     "grouped_mm", lambda x, weight, offsets: x.new_empty(x.shape[0], weight.shape[2]), "Meta"
 )
-
-PYTHON_IMPLEMENTATIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
-    torch.ops.ember.grouped_mm.default: grouped_mm_reference}
-"""ember's own ops written in Python, by overload: a generated wrapper (which runs without autograd) calls the
-function itself, not through torch's dispatcher (whose boxing into Python and back cost a Mixtral call about
-half a millisecond of host time step by step)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,12 @@ It never trusts the code that built the graph: every type is recomputed from the
 """
 from __future__ import annotations
 
-from .graph import Graph
+from typing import TYPE_CHECKING
+
 from .types import SUPPORTED_DTYPES
+
+if TYPE_CHECKING:
+    from .graph import Graph
 
 
 class VerifyError(ValueError):

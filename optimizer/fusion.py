@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..ir import Graph, Node, TensorType
+from ..ir.plans import FusionGroup, FusionPlan, reads_of
 from ..ir.expressions import MATERIALIZED, MOVES, fusible, movable
 from ..ir.reductions import REDUCTIONS, reduced_dims
 from .cost import CostModel
@@ -32,37 +33,6 @@ log = logging.getLogger(__name__)
 
 MAX_ROW_COLUMNS = 16384
 """A reduction group holds whole rows in registers; longer rows are left to ATen."""
-
-
-@dataclass(frozen=True, slots=True)
-class FusionGroup:
-    """Nodes run as one kernel; `inputs` are the values it reads from outside, `outputs` the values it writes
-    (read after it, or returned). The kernel iterates over `shape`, reducing its last `reduced` dims. The
-    times are predicted device time, unfused and fused: ember replays CUDA graphs, so the host's dispatch is
-    not what a fusion saves."""
-
-    name: str
-    nodes: tuple[str, ...]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    shape: tuple[int, ...]
-    reduced: int
-    unfused_us: float
-    fused_us: float
-
-    @property
-    def kind(self) -> str:
-        """"reduction" when the kernel reduces dims, "pointwise" otherwise."""
-        return "reduction" if self.reduced else "pointwise"
-
-
-@dataclass(frozen=True, slots=True)
-class FusionPlan:
-    """Groups kept, groups the cost model turned down, and the order of steps (a group's or a node's name)."""
-
-    groups: tuple[FusionGroup, ...]
-    rejected: tuple[FusionGroup, ...]
-    schedule: tuple[str, ...]
 
 
 class FusionError(ValueError):
@@ -154,11 +124,23 @@ def plan_fusion(graph: Graph, cost: CostModel) -> FusionPlan:
     for index, nodes in members.items():
         if len(nodes) < 2 and not any(permuted(types[name]) for name in nodes[0].inputs):
             continue
-        group = _priced(f"fused_{len(kept) + len(rejected)}", nodes, spaces[index], graph, cost, readers)
+        group = _priced(group_name(nodes, len(kept) + len(rejected)), nodes, spaces[index], graph, cost, readers)
         (kept if group.fused_us < group.unfused_us else rejected).append(group)
     plan = FusionPlan(tuple(kept), tuple(rejected), _schedule(graph, dag, kept))
     log.info("fusion: %d groups kept (%d nodes), %d turned down", len(kept), sum(len(g.nodes) for g in kept), len(rejected))
     return plan
+
+
+NAMED_OPS = 4
+"""The most op names a group's name carries (the rest are counted)."""
+
+
+def group_name(nodes: Sequence[Node], index: int) -> str:
+    """A name that says what the group holds, as Inductor names its kernels: its ops sorted (the first
+    NAMED_OPS, then how many more), and its number: `fused_add_mean_mul_pow_and_2_more_0`."""
+    ops = sorted({node.op.split(".")[0].lstrip("_") for node in nodes})
+    more = f"_and_{len(ops) - NAMED_OPS}_more" if len(ops) > NAMED_OPS else ""
+    return f"fused_{'_'.join(ops[:NAMED_OPS])}{more}_{index}"
 
 
 def _replay(nodes: Sequence[Node], types: Mapping[str, TensorType], read: frozenset[str]) -> _Space | None:
@@ -335,12 +317,6 @@ def _closes_a_cycle(dag: nx.DiGraph, group: set[str], *nodes: str) -> bool:
     """Whether `nodes` in one kernel with `group` make a cycle: some path leaves the group and reaches them."""
     outside = {p for node in nodes for p in dag.predecessors(node) if p not in group}
     return any(group & nx.ancestors(dag, p) for p in outside)
-
-
-def reads_of(nodes: Sequence[Node]) -> tuple[str, ...]:
-    """The values a group of nodes reads from outside itself, in order of first read."""
-    inside = {value.name for node in nodes for value in node.outputs}
-    return tuple(dict.fromkeys(name for node in nodes for name in node.inputs if name not in inside))
 
 
 def _priced(name: str, nodes: list[Node], space: _Space, graph: Graph, cost: CostModel,

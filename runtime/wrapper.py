@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..codegen import GroupKernel
+from ..codegen import PYTHON_IMPLEMENTATIONS, GroupKernel
 from ..codegen.kernels import raw_stream
-from ..ir import ArenaLayout, Graph, TensorType
-from ..ir.ops import PYTHON_IMPLEMENTATIONS
+from ..ir import ArenaLayout, Graph
 from .arena import linear_arguments, slot_view
 
 if TYPE_CHECKING:

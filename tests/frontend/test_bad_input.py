@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ember
-from ember.frontend import dynamo
+from ember import backend
 
 
 class DataDependentBranch(torch.nn.Module):
@@ -90,7 +90,7 @@ def test_backend_accepts_torch_compile_mode_and_options(compiled_programs):
 
 
 def test_backward_runs_eagerly_with_one_warning_and_correct_gradients(caplog):
-    dynamo._warn_once.cache_clear()
+    backend._warn_once.cache_clear()
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
     reference = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
     reference.load_state_dict(model.state_dict())

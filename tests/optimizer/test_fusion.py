@@ -111,7 +111,8 @@ def test_an_rms_norm_written_op_by_op_is_one_kernel_more_accurate_than_eager_in_
     with torch.no_grad():
         program = ember.compile(model, (x,), ember.Options(fusion=True))
         got, eager = program(x), model(x)
-    assert [step.node for step in program.executor.steps] == ["fused_0"]
+    (step,) = program.executor.steps
+    assert step.node.startswith("fused_add_mean_mul_pow_and_") and step.node.endswith("_more_0")  # rsqrt, casts
     assert program.report.fusion["decisions"][0]["nodes"] == len(program.graph.nodes)
     exact = model.weight.double() * x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
     assert (got.double() - exact).abs().max() <= (eager.double() - exact).abs().max()
@@ -213,7 +214,7 @@ def test_half_precision_chains_compute_in_float32_and_round_once():
 
     program = ember.compile(Chain(), (x,), ember.Options(fusion=True))
     assert program.report.fusion["fused_nodes"] == 4
-    assert [step.node for step in program.executor.steps] == ["fused_0"]  # one generated kernel, nothing else
+    assert [step.node for step in program.executor.steps] == ["fused_add_mul_silu_sub_0"]  # one kernel, nothing else
     exact = torch.nn.functional.silu(x.float() * 3.0 + 1.0) - x.float()
     fused_error = (program(x).float() - exact).abs().max()
     eager_error = (Chain()(x).float() - exact).abs().max()
@@ -235,7 +236,8 @@ def test_on_the_cpu_fusion_is_off_by_default():
 def test_generated_kernels_are_dumped_with_their_ir(tmp_path):
     ember.compile(BiasGeluScale(), (torch.randn(5, 7), torch.randn(7, 9), torch.randn(9)),
                   ember.Options(fusion=True, debug_dir=str(tmp_path)))
-    source = (tmp_path / "fused_0.py").read_text()
+    (dumped,) = tmp_path.glob("fused_*_0.py")
+    source = dumped.read_text()
     assert source.startswith("# %") and "gelu" in source and "@triton.jit" in source
 
 
@@ -276,7 +278,7 @@ def test_a_rotary_embedding_is_one_kernel_reading_through_its_cat(dtype):
     cos, sin = torch.randn(11, 18, dtype=dtype), torch.randn(11, 18, dtype=dtype)
     program, kernels, got = _fused_through_moves(Rotary(), x, cos, sin)
     views = [node for node in program.graph.nodes if node.op in ("transpose.int", "slice.Tensor")]
-    assert kernels == ["fused_0"] and len(program.executor.steps) == 1 + len(views)  # views are read through strides
+    assert len(kernels) == 1 and len(program.executor.steps) == 1 + len(views)  # views are read through strides
     assert program.report.fusion["fused_nodes"] == len(program.graph.nodes) - len(views)  # the cat too
 
 
@@ -319,7 +321,7 @@ def test_keys_rotated_and_repeated_for_grouped_query_attention_are_one_kernel(dt
     k = torch.randn(2, 5, 3, 7, 10, dtype=dtype)[..., 1, :, :]  # odd sizes, not contiguous
     cos, sin = torch.randn(7, 10, dtype=dtype), torch.randn(7, 10, dtype=dtype)
     program, kernels, _ = _fused_through_moves(RotatedKeysRepeated(), k, cos, sin)
-    assert kernels == ["fused_0"]
+    assert len(kernels) == 1
     assert {"unsqueeze", "expand", "clone", "cat"} <= {node.op for node in program.graph.nodes}
 
 
@@ -339,7 +341,7 @@ def test_weighted_experts_gathered_back_and_summed_are_one_kernel(dtype):
     order[3] -= 22  # a negative index counts from the end, as in torch
     program, kernels, _ = _fused_through_moves(CombineExperts(), expert_out, weights, order)
     steps = [step.node for step in program.executor.steps]
-    assert kernels == ["fused_0"] and steps == ["unsqueeze", "fused_0"]  # gather, view and sum read through
+    assert len(kernels) == 1 and steps == ["unsqueeze", *kernels]  # gather, view and sum read through
 
 
 def test_a_sum_over_many_elements_is_not_unrolled():

@@ -22,10 +22,12 @@ from torch._guards import TracingContext
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from ..errors import CompileError
-from ..options import Options
-from .decompositions import ember_decompositions
-from .lower import SymbolicShapeError, lower_fx
+from .api import compile as ember_compile, compile_graph
+from .errors import CompileError
+from .frontend.decompositions import ember_decompositions
+from .frontend.lower import SymbolicShapeError, lower_fx
+from .optimizer.pipeline import checkpoint
+from .options import Options
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +113,6 @@ class ExportedRunner:
         self._compile(args)
 
     def _compile(self, args: Sequence[Any]) -> Any:
-        from ..api import compile as ember_compile
-
         program = ember_compile(_Lifted(self.gm, args, self.static),
                                 tuple(args[position] for position in self.input_positions), self.options)
         self.programs[self._key(args)] = program
@@ -230,9 +230,6 @@ class _WeightedRunner:
 
     def build(self, args: Mapping[int, Any] | Sequence[Any]) -> None:
         """Compile with the parameters found at the static positions of `args`."""
-        from ..api import compile_graph
-        from ..optimizer.pipeline import checkpoint
-
         weights = {self.names[position]: args[position] for position in self.static}
         graph = lower_fx(self.fx_gm, weights=weights)
         checkpoint(graph, "lower", self.options, index=0)

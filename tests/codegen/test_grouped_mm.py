@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.ir.zero_tail import zero_rows_from_last_offset
+from ember.codegen.grouped_mm import zero_rows_from_last_offset
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -1,15 +1,22 @@
-"""Zeroing the rows of a grouped matmul's result past its last offset, without a host sync or a full pass.
+"""ember's grouped matmul on the GPU: torch's grouped GEMM, which reads the offsets on the device (no host sync,
+so a call can be captured in a CUDA graph), then the rows past the last offset zeroed.
 
 torch's grouped GEMM leaves those rows as they were; ember's grouped_mm defines them as zero. A masked
 fill over the whole result would read and write every element (46 µs a call on Mixtral's up-projection on an
 H200); this kernel reads the last offset on the device, and only the programs holding rows past it store zeros.
+The op's definition and its reference (one matmul per expert) are in ir.ops; this registers the CUDA path.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ..ir.ops import grouped_mm_reference
+from .kernels import _direct_launch
+from .source import KernelSource
 
 BLOCK_ROWS = 16
 BLOCK_COLUMNS = 256
@@ -56,9 +63,34 @@ def zero_rows_from_last_offset(out: torch.Tensor, offsets: torch.Tensor) -> torc
 def _direct(dtype: torch.dtype, offsets_dtype: torch.dtype, programs: int, scalars: tuple[int, ...], device: int) -> Any:
     """The kernel compiled for aligned pointers and these sizes on `device`, bound for launching directly
     (codegen's DirectLaunch), or None where Triton offers no direct launch (see codegen.kernels)."""
-    from ..codegen.kernels import _direct_launch
-    from ..codegen.source import KernelSource
-
     source = KernelSource("zero_rows_from", "", (), (), programs, scalars,
                           (("BLOCK_ROWS", BLOCK_ROWS), ("BLOCK_COLUMNS", BLOCK_COLUMNS)))
     return _direct_launch(_kernel(), source, (dtype, offsets_dtype), torch.device("cuda", device))
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """ember.grouped_mm: on a Hopper-class GPU in bfloat16, the grouped GEMM and the zeroed tail; elsewhere the
+    reference."""
+    if not _device_grouped_mm(x, weight):
+        return grouped_mm_reference(x, weight, offsets)
+    return zero_rows_from_last_offset(torch._grouped_mm(x, weight, offs=offsets.to(torch.int32)), offsets)
+
+
+def _device_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == weight.dtype == torch.bfloat16
+            and _capability(x.get_device()) >= (9, 0) and x.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0)
+
+
+@functools.cache
+def _capability(device: int) -> tuple[int, int]:
+    """A GPU's compute capability, asked of the driver once (a call asks on every grouped matmul)."""
+    return torch.cuda.get_device_capability(device)
+
+
+_LIBRARY = torch.library.Library("ember", "IMPL")
+_LIBRARY.impl("grouped_mm", grouped_mm, "CUDA")
+
+PYTHON_IMPLEMENTATIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = {torch.ops.ember.grouped_mm.default: grouped_mm}
+"""ember's own ops written in Python, by overload: a generated wrapper (which runs without autograd) calls the
+function itself, not through torch's dispatcher (whose boxing into Python and back cost a Mixtral call about
+half a millisecond of host time step by step)."""
