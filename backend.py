@@ -22,7 +22,7 @@ from torch._guards import TracingContext
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .api import compile as ember_compile, compile_graph
+from . import api
 from .errors import CompileError
 from .frontend.decompositions import ember_decompositions
 from .frontend.lower import SymbolicShapeError, lower_fx
@@ -113,8 +113,8 @@ class ExportedRunner:
         self._compile(args)
 
     def _compile(self, args: Sequence[Any]) -> Any:
-        program = ember_compile(_Lifted(self.gm, args, self.static),
-                                tuple(args[position] for position in self.input_positions), self.options)
+        program = api.compile(_Lifted(self.gm, args, self.static),
+                              tuple(args[position] for position in self.input_positions), self.options)
         self.programs[self._key(args)] = program
         self.pointers = _pointers(args, self.static)
         return program
@@ -233,7 +233,7 @@ class _WeightedRunner:
         weights = {self.names[position]: args[position] for position in self.static}
         graph = lower_fx(self.fx_gm, weights=weights)
         checkpoint(graph, "lower", self.options, index=0)
-        self.program = compile_graph(graph, self.options)
+        self.program = api.compile_graph(graph, self.options)
         self.pointers = _pointers(args, self.static)
 
     def __call__(self, args: list[Any]) -> list[torch.Tensor]:
