@@ -44,3 +44,7 @@ def reads_of(nodes: Sequence[Node]) -> tuple[str, ...]:
     """The values a group of nodes reads from outside itself, in order of first read."""
     inside = {value.name for node in nodes for value in node.outputs}
     return tuple(dict.fromkeys(name for node in nodes for name in node.inputs if name not in inside))
+
+
+class FusionError(ValueError):
+    """A fusion plan that would compute something else: a cycle, a node twice, a shape mismatch."""

@@ -35,10 +35,6 @@ MAX_ROW_COLUMNS = 16384
 """A reduction group holds whole rows in registers; longer rows are left to ATen."""
 
 
-class FusionError(ValueError):
-    """A fusion plan that would compute something else: a cycle, a node twice, a shape mismatch."""
-
-
 @dataclass(slots=True)
 class _Space:
     """A group being formed: its iteration shape, how many trailing dims it reduces, and for each value it
@@ -266,37 +262,6 @@ def _outputs_of(nodes: Sequence[Node], readers: Mapping[str, set[str]], returned
     inside = {node.name for node in nodes}
     return tuple(value.name for node in nodes for value in node.outputs
                  if readers.get(value.name, set()) - inside or value.name in returned)
-
-
-def verify_fusion(plan: FusionPlan, graph: Graph) -> None:
-    """Raise FusionError unless every node runs exactly once, each group's nodes fit its iteration space in
-    order, and the schedule respects every dependency."""
-    types = graph.types()
-    read = _read_values(graph)
-    nodes = {node.name: node for node in graph.nodes}
-    seen: dict[str, str] = {}
-    for group in plan.groups:
-        members = [nodes[name] for name in group.nodes]
-        through_moves = not group.reduced and not all(fusible(node, types) for node in members)
-        space = _through_moves(members, types, group.outputs) if through_moves else _replay(members, types, read)
-        if space is None or (space.shape, space.reduced) != (group.shape, group.reduced):
-            raise FusionError(f"group {group.name} holds a node its {group.kind} kernel over {group.shape} "
-                              f"(reducing {group.reduced} dims) cannot compute")
-        for name in group.nodes:
-            if name in seen:
-                raise FusionError(f"node {name} is in both {seen[name]} and {group.name}")
-            seen[name] = group.name
-    step_of = {name: group for name, group in seen.items()}
-    expected = {step_of.get(node.name, node.name) for node in graph.nodes}
-    if set(plan.schedule) != expected or len(plan.schedule) != len(expected):
-        raise FusionError("the schedule does not run every node or group exactly once")
-    position = {step: index for index, step in enumerate(plan.schedule)}
-    produced_at = {value.name: position[step_of.get(node.name, node.name)] for node in graph.nodes for value in node.outputs}
-    for node in graph.nodes:
-        here = position[step_of.get(node.name, node.name)]
-        for name in node.inputs:
-            if name in produced_at and produced_at[name] > here:
-                raise FusionError(f"{node.name} reads %{name} before the step that computes it")
 
 
 def _read_values(graph: Graph) -> frozenset[str]:

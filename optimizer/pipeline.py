@@ -32,7 +32,8 @@ from .attention import (convert_attention_masks, decompose_attention, fold_const
 from .canonicalize import drop_empty_cat_inputs, eliminate_dead_code
 from .cost import CostModel, DeviceProfile, known_profiles, load_profile
 from .fold import fold_constants
-from .fusion import FusionPlan, plan_fusion, verify_fusion
+from .fusion import FusionPlan, plan_fusion
+from .fusion_verify import verify_fusion
 from .layout import pad_linear_features
 from .reorder import reorder_for_memory
 

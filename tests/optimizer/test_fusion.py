@@ -13,7 +13,9 @@ import ember
 from ember import models
 from ember.frontend import from_module
 from ember.optimizer.cost import CostModel, load_profile
-from ember.optimizer.fusion import FusionError, plan_fusion, verify_fusion
+from ember.ir.plans import FusionError
+from ember.optimizer.fusion import plan_fusion
+from ember.optimizer.fusion_verify import verify_fusion
 from ember.tolerance import result_tolerance, tolerance_for
 
 MODELS = ["mlp", "cnn", "unet", "demo", "gpt2", "llama", "mixtral", "bert"]
@@ -170,6 +172,22 @@ def test_the_verifier_rejects_a_schedule_out_of_order_and_a_node_in_two_groups()
     twice = dataclasses.replace(plan.groups[0], name="copy")
     with pytest.raises(FusionError, match="in both"):
         verify_fusion(dataclasses.replace(plan, groups=(plan.groups[0], twice)), graph)
+
+
+def test_the_verifier_checks_what_a_group_reads_and_writes_and_what_it_may_hold():
+    """Re-derived from the graph, not taken from the planner: a group's inputs, the values it must write, and
+    whether a kernel can compute each node (a matmul cannot)."""
+    graph, plan = _plan(BiasGeluScale(), torch.randn(5, 7), torch.randn(7, 9), torch.randn(9))
+    group = plan.groups[0]
+    with pytest.raises(FusionError, match="says it reads"):
+        verify_fusion(dataclasses.replace(plan, groups=(dataclasses.replace(group, inputs=group.inputs[1:]),)), graph)
+    with pytest.raises(FusionError, match="does not write"):
+        verify_fusion(dataclasses.replace(plan, groups=(dataclasses.replace(group, outputs=()),)), graph)
+    matmul = next(node for node in graph.nodes if node.name not in group.nodes)
+    grown = dataclasses.replace(group, nodes=(matmul.name, *group.nodes), inputs=tuple(matmul.inputs) + group.inputs[1:])
+    schedule = tuple(step for step in plan.schedule if step != matmul.name)
+    with pytest.raises(FusionError, match="no expression, move or row reduction"):
+        verify_fusion(dataclasses.replace(plan, groups=(grown,), schedule=schedule), graph)
 
 
 @pytest.mark.parametrize("name", MODELS)
