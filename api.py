@@ -13,7 +13,8 @@ from .frontend.export import ResultBuilder
 from .ir import Graph
 from .optimizer.cost import DeviceProfile, load_profile
 from .optimizer.fusion import fusion_summary
-from .optimizer.pipeline import Compilation, checkpoint, decide_target, pass_stages, run, stages
+from .optimizer.pipeline import (Compilation, Target, checkpoint, decide_target, pass_stages, planning_stages, run,
+                                 stages)
 from .optimizer.inspect import Report, build_report
 from .options import Options
 from .progress import task
@@ -79,7 +80,8 @@ def inspect(
     model: torch.nn.Module, example_inputs: Any, device: str | DeviceProfile = "h100",
     options: Options | Mapping[str, Any] | None = None,
 ) -> Report:
-    """Where time and memory go: capture and optimize `model`, then price every node on `device`.
+    """Where time and memory go: capture `model` and plan it as `ember.compile` would on `device` (its passes,
+    fusion groups, arenas and capture decision, all priced on that device's profile), then price every node.
 
     `device` is a profile name (`h100`, `h200`, `a100`, `cpu`, or one `ember calibrate` saved), a path to
     a profile JSON, or a DeviceProfile. Nothing runs: a model on the meta device works.
@@ -88,9 +90,13 @@ def inspect(
     options = _as_options(options)
     captured = from_module(model, example_inputs)
     checkpoint(captured.graph, "lower", options, index=0)
-    graph = optimize(captured.graph, options, dict(captured.stage_seconds))
-    with task(f"pricing {len(graph.nodes)} nodes on {profile.name} and planning memory"):
-        return build_report(graph, profile, model=type(model).__name__)
+    target = Target(torch.device("cuda") if profile.asynchronous else None, profile, "asked for")
+    updates = _updates(captured.graph, {"mutated_buffers": captured.mutated_buffers,
+                                        "mutated_inputs": captured.mutated_inputs})
+    compilation = run(Compilation(captured.graph, options, target, updates, dict(captured.stage_seconds)),
+                      planning_stages(options))
+    with task(f"pricing {len(compilation.graph.nodes)} nodes on {profile.name}"):
+        return build_report(compilation, model=type(model).__name__)
 
 
 def _as_options(options: Options | Mapping[str, Any] | None) -> Options:

@@ -311,7 +311,7 @@ def fusion_summary(plan: FusionPlan | None) -> dict[str, object]:
     """Plain numbers for reports: groups kept and turned down, with each decision's predicted times."""
     if plan is None:
         return {}
-    decisions = [{"group": group.name, "nodes": len(group.nodes), "unfused_us": group.unfused_us,
+    decisions = [{"group": group.name, "kind": group.kind, "nodes": len(group.nodes), "unfused_us": group.unfused_us,
                   "fused_us": group.fused_us, "kept": kept}
                  for kept, groups in ((True, plan.groups), (False, plan.rejected)) for group in groups]
     return {"groups": len(plan.groups), "fused_nodes": sum(len(g.nodes) for g in plan.groups),

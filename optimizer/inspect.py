@@ -15,12 +15,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from typing import TYPE_CHECKING
+
 from ..ir import Graph
 from ..units import format_bytes, format_us
-from .cost import CostModel, DeviceProfile
+from .cost import CostModel
+from .fusion import fusion_summary
 from .liveness import buffers, live_bytes
-from .fusion import fusion_summary, plan_fusion
 from .memory_plan import MemoryPlan, plan_intervals
+
+if TYPE_CHECKING:
+    from .pipeline import Compilation
 
 COSTLIEST = 10
 PLAN_SECONDS = 2.0
@@ -66,6 +71,10 @@ class Report:
     """The arena plan of its buffers (not part of the JSON), for drawing."""
     fusion_groups: Mapping[str, str] = field(default_factory=dict)
     """The kept fusion group of each fused node, by node name."""
+    arena: Mapping[str, Any] = field(default_factory=dict)
+    """The arenas compile plans on this device (in its step order, fusion included): see ArenaPlan.summary."""
+    capture: Mapping[str, Any] = field(default_factory=dict)
+    """Whether compile would capture calls in a CUDA graph on this device, what decided it, and its numbers."""
 
     def costliest(self, count: int = COSTLIEST) -> list[Row]:
         """The `count` rows with the largest predicted time."""
@@ -86,8 +95,10 @@ class Report:
         return console.file.getvalue()
 
 
-def build_report(graph: Graph, profile: DeviceProfile, model: str = "model") -> Report:
-    """Price every node of `graph` on `profile` and measure live memory in execution order."""
+def build_report(compilation: Compilation, model: str = "model") -> Report:
+    """Price every node of the compiled graph on the target's profile, with the plans compile made for it (fusion,
+    arenas, capture) and, for drawing, live memory in the graph's own order."""
+    graph, profile = compilation.graph, compilation.target.profile
     cost_model = CostModel(profile)
     types = graph.types()
     costs = [cost_model.node(node, types) for node in graph.nodes]
@@ -113,10 +124,11 @@ def build_report(graph: Graph, profile: DeviceProfile, model: str = "model") -> 
         "predicted_us": sum(row.predicted_us for row in rows), "nodes": len(rows),
         "extern_nodes": sum(row.extern for row in rows),
     }
-    fusion_plan = plan_fusion(graph, CostModel(profile))
-    groups = {name: group.name for group in fusion_plan.groups for name in group.nodes}
-    return Report(model, profile.name, tuple(rows), totals, memory, by_kind, fusion_summary(fusion_plan), graph, plan,
-                  groups)
+    fusion = compilation.fusion
+    groups = {name: group.name for group in fusion.groups for name in group.nodes} if fusion else {}
+    arena = compilation.arena.summary() if compilation.arena else {}
+    return Report(model, profile.name, tuple(rows), totals, memory, by_kind, fusion_summary(fusion), graph, plan,
+                  groups, arena, dict(compilation.capture))
 
 
 def memory_summary(graph: Graph, time_limit: float = PLAN_SECONDS) -> tuple[dict[str, Any], MemoryPlan]:
@@ -167,18 +179,33 @@ def render(report: Report, console: Console, *, all_rows: bool = False) -> None:
         f"(the lower bound of any arena in this order; no reuse would need {format_bytes(memory['no_reuse_bytes'])})"
     )
     console.print(
-        f"arena plan (256-byte aligned): lower bound {format_bytes(memory['lower_bound_bytes'])}, greedy "
-        f"{format_bytes(memory['greedy_bytes'])}, planned {format_bytes(memory['planned_bytes'])} "
+        f"one arena in that order (drawn by --plot-memory): lower bound {format_bytes(memory['lower_bound_bytes'])}, "
+        f"greedy {format_bytes(memory['greedy_bytes'])}, planned {format_bytes(memory['planned_bytes'])} "
         f"({memory['plan_status']}, gap {memory['plan_gap']:.1%}, {memory['plan_seconds']:.2f} s)"
     )
+    arena = report.arena
+    if arena:
+        console.print(
+            f"arena plan as compile builds it ({arena['arenas']} arena(s), in its step order): largest "
+            f"{format_bytes(arena['arena_bytes'])}, predicted peak {format_bytes(arena['peak_bytes'])}, lower bound "
+            f"{format_bytes(arena['lower_bound_bytes'])} ({arena['status']}, gap {arena['gap']:.1%}, "
+            f"{arena['plan_seconds']:.2f} s)"
+        )
     fusion = report.fusion
     if fusion:
         kept = [d for d in fusion["decisions"] if d["kept"]]
+        kinds = ", ".join(f"{sum(d['kind'] == kind for d in kept)} {kind}" for kind in ("reduction", "pointwise"))
         console.print(
-            f"fusion: {fusion['groups']} pointwise groups kept ({fusion['fused_nodes']} nodes), "
+            f"fusion: {fusion['groups']} groups kept ({kinds}; {fusion['fused_nodes']} nodes), "
             f"{fusion['rejected']} turned down; kept groups predicted {format_us(sum(d['unfused_us'] for d in kept))} "
             f"unfused → {format_us(sum(d['fused_us'] for d in kept))} fused"
         )
+    if report.capture:
+        decision = report.capture
+        numbers = (f" (host {format_us(decision['host_us'])} against device {format_us(decision['device_us'])})"
+                   if "host_us" in decision else "")
+        console.print(f"CUDA graphs: {'captured' if decision['capture'] else 'not captured'}, decided by "
+                      f"{decision['decided_by']}{numbers}")
     rows = report.rows if all_rows else report.costliest()
     table = Table(title="every node" if all_rows else f"the {len(rows)} costliest nodes")
     numeric = ("#", "GFLOP", "moved", "FLOP/B", "µs", "share")

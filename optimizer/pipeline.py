@@ -229,6 +229,12 @@ def stages(options: Options) -> tuple[Stage, ...]:
     return (*pass_stages(options), fuse, lower_kernels, compile_kernels, plan_memory, decide_capture)
 
 
+def planning_stages(options: Options) -> tuple[Stage, ...]:
+    """The stages that decide what a compile builds, without generating or compiling a kernel (for inspection:
+    nothing runs, and the target need not be this machine's)."""
+    return tuple(stage for stage in stages(options) if stage not in (lower_kernels, compile_kernels))
+
+
 def run(compilation: Compilation, to_run: Sequence[Stage]) -> Compilation:
     """Each stage in order, timed into `seconds`; after each graph pass, a checkpoint."""
     with task("compiling", total=len(to_run)) as update:

@@ -11,8 +11,9 @@ from matplotlib.text import Text
 
 import ember
 from ember import models
-from ember.optimizer.cost import load_profile
+from ember.optimizer.cost import CostModel, load_profile
 from ember.optimizer.graph_view import layout_graph, write_graph
+from ember.optimizer.pipeline import capture_by_cost
 from ember.optimizer.plots import plot_roofline
 from ember.units import format_bytes
 
@@ -151,3 +152,19 @@ def test_inspect_accepts_a_profile_path_and_a_cpu_model(tmp_path):
     path.write_text(load_profile("a100").to_json())
     report = ember.inspect(torch.nn.Linear(64, 32), (torch.randn(9, 64),), device=str(path))
     assert report.device == "a100" and report.rows[0].flops == 2 * 9 * 64 * 32 + 9 * 32
+
+
+def test_inspect_shows_the_plan_compile_builds():
+    """The same fusion groups, the same arenas and the capture decision compile's cost model makes, on the same
+    profile (compile off a GPU prices with the reference profile, h100)."""
+    model, inputs = models.load("llama_b1")
+    report = ember.inspect(model, inputs, device="h100")
+    program = ember.compile(model, inputs, ember.Options(fusion=True))
+    assert report.fusion["decisions"] and report.fusion["decisions"] == program.report.fusion["decisions"]
+
+    def planned(summary):
+        return {key: value for key, value in summary.items() if key != "plan_seconds"}
+
+    assert planned(report.arena) == planned(program.report.memory)
+    assert report.capture == capture_by_cost(program.graph, CostModel(load_profile("h100")))
+    assert "arena plan as compile builds it" in str(report) and "CUDA graphs: " in str(report)
