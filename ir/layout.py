@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from .types import TensorType
 
+ALIGNMENT = 256
+"""Bytes every arena slot's offset (and every planned buffer's size) is rounded up to: the alignment CUDA's caching
+allocator gives, which vectorized kernels and cuBLAS expect of their operands."""
+
 
 @dataclass(frozen=True, slots=True)
 class Arena:

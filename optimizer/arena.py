@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ir import Arena, ArenaLayout, Graph, TensorType
-from .fusion import FusionPlan
+from ..ir import ALIGNMENT, Arena, ArenaLayout, Graph, TensorType
+from ..ir.plans import FusionPlan
 from .liveness import Buffer, base_of, buffers, reuses, steps_of, unrepeatable_updates, updates_written_over
 from .memory_plan import MemoryPlan, plan_intervals
 from .memory_verify import verify_plan
@@ -63,7 +63,7 @@ class ArenaPlan:
 
 
 def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, updates: Mapping[str, str] | None = None,
-               alignment: int = 256, time_limit: float = 10.0, verify: bool = False) -> ArenaPlan:
+               alignment: int = ALIGNMENT, time_limit: float = 10.0, verify: bool = False) -> ArenaPlan:
     """Plan the arenas of `graph` in its current order, or in the fusion plan's schedule; the plans share
     `time_limit` in proportion to their buffers. `updates` (input -> the output written back into it after each
     call) says which inputs the model updates, so that their updates may be written over them."""
@@ -111,7 +111,7 @@ def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, updates: Mappi
 
 
 def arena_windows(all_buffers: Sequence[Buffer], outside: set[str], steps: int,
-                  alignment: int = 256) -> list[tuple[int, int]]:
+                  alignment: int = ALIGNMENT) -> list[tuple[int, int]]:
     """Consecutive step windows [first, last], each as long as it can be while one arena for the buffers
     inside it, plus every buffer live outside it, stays within the lower bound at each of its steps."""
     live = _live(all_buffers, steps, alignment)

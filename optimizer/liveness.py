@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from ..ir import Graph, Node, TensorType, Value
 from ..ir.schema import inplace_overload
 
 if TYPE_CHECKING:
-    from .fusion import FusionPlan
+    from ..ir.plans import FusionPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,14 +29,22 @@ class Buffer:
     end: int
 
 
-StepSpec = tuple[str, tuple[str, ...], tuple[Value, ...], str]
-"""One step of execution: (name, values read, values written, how: "view" (its results view its first input),
-"elementwise" (each result element is computed, in one program, from input elements at its own index or row,
-so a result may overwrite an input of its type), "in_place" (elementwise, but only over its first input, through
-the op's in-place variant) or "other")."""
+StepHow = Literal["view", "elementwise", "in_place", "other"]
+"""How a step writes its results: "view" (its results view its first input), "elementwise" (each result element
+is computed, in one program, from input elements at its own index or row, so a result may overwrite an input of
+its type), "in_place" (elementwise, but only over its first input, through the op's in-place variant) or "other"."""
 
 
-def _how(node: Node) -> str:
+class StepSpec(NamedTuple):
+    """One step of execution: a node, or a fusion group run as one kernel."""
+
+    name: str
+    reads: tuple[str, ...]
+    writes: tuple[Value, ...]
+    how: StepHow
+
+
+def _how(node: Node) -> StepHow:
     if node.returns_view:
         return "view"
     if node.definition.kind != "pointwise" or node.is_cast or node.is_extern:
@@ -51,17 +59,17 @@ def steps_of(graph: Graph, fusion: FusionPlan | None = None) -> list[StepSpec]:
     step that writes only the values read after it)."""
     nodes = {node.name: node for node in graph.nodes}
     if fusion is None:
-        return [(node.name, node.inputs, node.outputs, _how(node)) for node in graph.nodes]
+        return [StepSpec(node.name, node.inputs, node.outputs, _how(node)) for node in graph.nodes]
     groups = {group.name: group for group in fusion.groups}
     types = graph.types()
     steps: list[StepSpec] = []
     for name in fusion.schedule:
         if name in groups:
             group = groups[name]
-            steps.append((name, group.inputs, tuple(Value(v, types[v]) for v in group.outputs), "elementwise"))
+            steps.append(StepSpec(name, group.inputs, tuple(Value(v, types[v]) for v in group.outputs), "elementwise"))
         else:
             node = nodes[name]
-            steps.append((name, node.inputs, node.outputs, _how(node)))
+            steps.append(StepSpec(name, node.inputs, node.outputs, _how(node)))
     return steps
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pulp
 
 from ..errors import PlanError
+from ..ir.layout import ALIGNMENT
 from ..progress import task
 from ..units import format_bytes
 from .memory_search import pack
@@ -69,7 +70,7 @@ class _Problem:
 
 
 def plan_intervals(
-    sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int], *, alignment: int = 256,
+    sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int], *, alignment: int = ALIGNMENT,
     time_limit: float = 10.0, method: str = "mip",
 ) -> MemoryPlan:
     """Return offsets so that buffers live at the same step never overlap.

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import PlanError
+from ..ir.layout import ALIGNMENT
 
 
 def overlapping_pair(sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int],
@@ -21,7 +22,7 @@ def overlapping_pair(sizes: Sequence[int], starts: Sequence[int], ends: Sequence
     return None
 
 
-def verify_plan(plan, sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int], *, alignment: int = 256) -> None:
+def verify_plan(plan, sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int], *, alignment: int = ALIGNMENT) -> None:
     """Raise PlanError unless `plan` places every buffer aligned, inside its arena, apart from every
     buffer live at the same time, and its arena is at least the lower bound it claims."""
     count = len(sizes)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..ir import Graph
+from ..ir import ALIGNMENT, Graph
 from .cost import DeviceProfile
 from .inspect import COSTLIEST, Report, Row
 from .liveness import buffers, live_bytes
@@ -106,7 +106,7 @@ def plot_memory(graph: Graph, memory: Mapping[str, Any], plan: MemoryPlan, path:
     live.set_ylabel(unit)
     live.set_title(f"{title}: live memory by step, and the arena plan ({plan.status}, gap {plan.gap:.1%})")
     live.legend(fontsize=7, loc="upper right")
-    sizes = [-(-b.size_bytes // 256) * 256 for b in all_buffers]
+    sizes = [-(-b.size_bytes // ALIGNMENT) * ALIGNMENT for b in all_buffers]
     patches = [Rectangle((b.start, offset / scale), b.end + 1 - b.start, size / scale)
                for b, offset, size in zip(all_buffers, plan.offsets, sizes)]
     boxes.add_collection(PatchCollection(patches, facecolor="tab:orange", edgecolor="0.2", linewidth=0.3, alpha=0.8))
