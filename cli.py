@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--size", choices=SIZES, default="suite", help="built-in model size (default: suite)")
     optimize.add_argument("--reorder", action="store_true", help="reorder operators to lower the peak")
     optimize.add_argument("--time-limit", type=_positive_seconds, default=10.0, help="seconds for the memory planner (default: 10)")
+    optimize.add_argument("--device", default="h100",
+                          help="the device whose compile plan to show: a profile name or profile.json (default: h100)")
     optimize.add_argument("--json", action="store_true", help="print the memory summary as JSON")
     optimize.add_argument("--plot-memory", metavar="PNG", help="write live memory over time and the arena plan (needs matplotlib)")
     optimize.add_argument("--out", metavar="DIR", help="write the optimized IR (graph.ir.txt) and the plan (memory_plan.json)")
@@ -190,11 +192,13 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_optimize(args: argparse.Namespace) -> int:
-    """Capture and optimize the model (built-ins on the meta device), plan its arena, show and export the plan."""
+    """Capture and plan the model as compile would on `--device` (built-ins on the meta device); show the arenas
+    compile plans, and the memory planner on one arena in the graph's order against greedy and no reuse."""
     from rich.console import Console
 
-    from .api import optimize as optimize_graph
+    from .api import inspect as ember_inspect
     from .frontend import from_module
+    from .optimizer.cost import load_profile
     from .optimizer.inspect import memory_summary
     from .optimizer.liveness import buffers, peak_live_bytes
     from .optimizer.plots import plot_memory
@@ -202,11 +206,13 @@ def run_optimize(args: argparse.Namespace) -> int:
 
     model, inputs = _load(args.model, args.size, "meta" if args.model in BUILTIN_MODELS else None)
     options = Options(reorder=args.reorder, plan_time_limit=args.time_limit)
-    captured = from_module(model, inputs)
-    graph = optimize_graph(captured.graph, options, dict(captured.stage_seconds))
+    report = ember_inspect(model, inputs, device=load_profile(args.device), options=options)
+    graph = report.graph
     memory, plan = memory_summary(graph, args.time_limit)
-    memory["eager_order_peak_bytes"] = peak_live_bytes(captured.graph)[0]
+    memory["eager_order_peak_bytes"] = peak_live_bytes(from_module(model, inputs).graph)[0]
     memory["nodes"] = len(graph.nodes)
+    memory["compile"] = {"device": report.device, "arena": dict(report.arena), "fusion_groups": report.fusion.get("groups", 0),
+                         "capture": dict(report.capture)}
     if args.json:
         print(json.dumps(memory, indent=2))
     else:
@@ -244,6 +250,12 @@ def _print_memory(model: str, memory: dict) -> None:
     console.print(table)
     console.print(f"plan: {memory['plan_status']}, gap {memory['plan_gap']:.2%}, solved in {memory['plan_seconds']:.2f} s; "
                   f"weights {format_bytes(memory['weights_bytes'])}")
+    compiled = memory["compile"]
+    arena = compiled["arena"]
+    console.print(f"as compile plans it on {compiled['device']} ({compiled['fusion_groups']} fusion groups): "
+                  f"{arena['arenas']} arena(s), largest {format_bytes(arena['arena_bytes'])}, predicted peak "
+                  f"{format_bytes(arena['peak_bytes'])}, lower bound {format_bytes(arena['lower_bound_bytes'])} "
+                  f"({arena['status']}, gap {arena['gap']:.2%})")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

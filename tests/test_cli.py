@@ -97,6 +97,9 @@ def test_optimize_shows_and_exports_the_memory_plan(capsys, tmp_path):
     assert main(["optimize", "gpt2", "--size", "tiny", "--json", "--plot-memory", str(plot), "--out", str(out)]) == 0
     memory = json.loads(capsys.readouterr().out)
     assert memory["lower_bound_bytes"] <= memory["planned_bytes"] <= memory["greedy_bytes"] <= memory["no_reuse_bytes"]
+    compiled = memory["compile"]  # the plan compile builds on the asked device, as inspect shows it
+    assert compiled["device"] == "h100" and compiled["arena"]["arenas"] >= 1 and compiled["fusion_groups"] > 0
+    assert compiled["capture"]["decided_by"] == "cost model"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     exported = json.loads((out / "memory_plan.json").read_text())
     assert exported["planned_bytes"] == memory["planned_bytes"]
