@@ -18,7 +18,6 @@ import time
 
 import torch
 
-import ember
 from ember import models
 from ember.codegen import GroupKernel
 from ember.codegen.cache import load_kernel
