@@ -31,6 +31,7 @@ from .attention import (convert_attention_masks, decompose_attention, fold_const
                         group_query_heads)
 from .canonicalize import drop_empty_cat_inputs, eliminate_dead_code
 from .cost import CostModel, DeviceProfile, known_profiles, load_profile
+from .cost.calibrate import calibrated_name
 from .fold import fold_constants
 from .fusion import FusionPlan, plan_fusion
 from .fusion_verify import verify_fusion
@@ -111,11 +112,11 @@ def decide_target(graph: Graph) -> Target:
         device = None
     if device is None:
         return Target(None, load_profile(REFERENCE_PROFILE), "reference (generated kernels off a GPU)")
-    words = re.findall(r"[a-z0-9]+", torch.cuda.get_device_name(device).lower())
     known = known_profiles()
-    calibrated = "-".join(word for word in words if word not in ("nvidia", "tesla")) + "-calibrated"
+    calibrated = calibrated_name(device)
     if calibrated in known:
         return Target(device, load_profile(calibrated), f"calibrated ({known[calibrated]})")
+    words = re.findall(r"[a-z0-9]+", torch.cuda.get_device_name(device).lower())
     shipped = next((word for word in words if word in known), None)
     if shipped is not None:
         return Target(device, load_profile(shipped), "shipped, by the GPU's name")

@@ -150,7 +150,7 @@ def calibrate(device: str | torch.device | None = None, *, quick: bool = False, 
         update(advance=1)
     sm_count = properties.multi_processor_count if gpu else (os.cpu_count() or 1)
     draft = DeviceProfile(
-        name=name or _default_name(device), peak_tflops=peaks, memory_bandwidth_gbps=memory_bandwidth,
+        name=name or calibrated_name(device), peak_tflops=peaks, memory_bandwidth_gbps=memory_bandwidth,
         l2_bandwidth_gbps=l2_bandwidth, l2_bytes=l2_bytes, sm_count=sm_count,
         launch_overhead_us=_launch_us(device), dispatch_us={"default": 0.0}, asynchronous=gpu,
         matmul_base_efficiency=1.0, description=f"calibrated on {_device_name(device)} with torch {torch.__version__}",
@@ -340,8 +340,9 @@ def _device_name(device: torch.device) -> str:
     return f"{os.cpu_count()}-core CPU"
 
 
-def _default_name(device: torch.device) -> str:
-    """`h200` from "NVIDIA H200", `cpu` for the CPU: the name `--device` finds it by."""
+def calibrated_name(device: torch.device) -> str:
+    """The name a calibrated profile of `device` is saved under, and found by: `h200-calibrated` from "NVIDIA
+    H200", `cpu-calibrated` for the CPU."""
     if device.type != "cuda":
         return "cpu-calibrated"
     words = re.findall(r"[a-z0-9]+", torch.cuda.get_device_name(device).lower())

@@ -92,3 +92,24 @@ def test_capture_is_decided_by_options_then_mode_then_cost_and_never_without_an_
         assert capture["capture"] is captured
     else:
         assert capture["capture"] is (capture["host_us"] >= pipeline.HOST_SHARE * capture["device_us"])
+
+
+@pytest.mark.parametrize("gpu, calibrated, expected", [
+    ("NVIDIA H200", False, "h200"), ("NVIDIA H100 80GB HBM3", False, "h100"), ("NVIDIA A100-SXM4-80GB", False, "a100"),
+    ("NVIDIA H200", True, "h200-calibrated"), ("NVIDIA B300", False, pipeline.REFERENCE_PROFILE)])
+def test_a_gpu_is_priced_with_its_calibrated_profile_else_the_shipped_one_by_name_else_the_reference(
+        gpu, calibrated, expected, monkeypatch, tmp_path):
+    """The GPU is faked (its name is all the choice reads); a calibrated profile is one `ember calibrate` saved."""
+    from ember.ir import Value
+    from ember.optimizer.cost import load_profile, save_profile
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    if calibrated:
+        save_profile(dataclasses.replace(load_profile("h200"), name="h200-calibrated"))
+    graph = ember.compile(torch.nn.ReLU(), (torch.randn(3, 4),)).graph
+    on_gpu = dataclasses.replace(graph, inputs=tuple(Value(value.name, dataclasses.replace(value.type, device="cuda"))
+                                                     for value in graph.inputs))
+    target = pipeline.decide_target(on_gpu)
+    assert target.on_gpu and target.device == torch.device("cuda", 0) and target.profile.name == expected
