@@ -13,9 +13,9 @@ from .frontend.export import ResultBuilder
 from .ir import Graph
 from .optimizer.cost import DeviceProfile, load_profile
 from .optimizer.fusion import fusion_summary
+from .optimizer.inspect import Report, build_report
 from .optimizer.pipeline import (Compilation, Target, checkpoint, decide_target, pass_stages, planning_stages, run,
                                  stages)
-from .optimizer.inspect import Report, build_report
 from .options import Options
 from .progress import task
 from .runtime import Program
