@@ -17,7 +17,7 @@ import torch
 import ember
 from ember import models
 
-from common import environment, write_results
+from common import environment, wall_us, write_results
 
 CALLS = 200
 
@@ -36,16 +36,6 @@ def host_us(call, calls: int = 30) -> float:
         best = min(best, (time.perf_counter() - started) / calls * 1e6)
     torch.cuda.synchronize()
     return best
-
-
-def wall_us(call) -> float:
-    """Wall µs per call over CALLS calls back to back."""
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(CALLS):
-        call()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - started) / CALLS * 1e6
 
 
 def pieces(program: ember.Program, inputs: tuple) -> dict[str, float]:
@@ -106,7 +96,7 @@ def main() -> None:
                 call = lambda: compiled(*inputs)  # noqa: E731
                 for _ in range(3):
                     call()
-                rows.append({"model": name, "variant": variant, "host_us": host_us(call), "wall_us": wall_us(call),
+                rows.append({"model": name, "variant": variant, "host_us": host_us(call), "wall_us": wall_us(call, CALLS),
                              "device_us": device_us(call)})
                 if variant == "ember export":
                     rows[-1]["pieces_host_us"] = pieces(compiled, inputs)

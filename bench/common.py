@@ -1,8 +1,11 @@
-"""What every benchmark shares: the environment it ran in, and writing its JSON and table under one name."""
+"""What every benchmark shares: the environment it ran in, writing its JSON and table under one name, and the
+wall time of a call."""
 from __future__ import annotations
 
 import json
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,3 +30,13 @@ def write_results(out: str, stem: str, result: dict, table: str) -> None:
     Path(out, f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     Path(out, f"{stem}.txt").write_text(table + "\n")
     print(table)
+
+
+def wall_us(call: Callable[[], object], calls: int) -> float:
+    """Wall µs per call over `calls` calls back to back, the device's work included."""
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / calls * 1e6

@@ -23,7 +23,7 @@ from ember.codegen import GroupKernel
 from ember.codegen.cache import load_kernel
 from ember.runtime import program
 
-from common import environment, write_results
+from common import environment, wall_us, write_results
 
 
 def host_us(fn, calls: int = 2000) -> float:
@@ -49,15 +49,6 @@ def launches_per_call(fn, calls: int = 5) -> float:
     return sum(1 for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA) / calls
 
 
-def wall_us(fn, calls: int = 20) -> float:
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - started) / calls * 1e6
-
-
 def profile_model(name: str) -> tuple[dict, str, GroupKernel | None, list]:
     torch.manual_seed(0)
     model, inputs = models.load(name, "suite", device="cuda")
@@ -67,7 +58,7 @@ def profile_model(name: str) -> tuple[dict, str, GroupKernel | None, list]:
         inductor = torch.compile(model, mode="default")
         for _ in range(3):
             inductor(*inputs)
-        inductor_row = {"host_us": host_us(lambda: inductor(*inputs), calls=50), "wall_us": wall_us(lambda: inductor(*inputs)),
+        inductor_row = {"host_us": host_us(lambda: inductor(*inputs), calls=50), "wall_us": wall_us(lambda: inductor(*inputs), 20),
                         "launches": launches_per_call(lambda: inductor(*inputs))}
         torch._dynamo.reset()
         original = program.Program.__init__
@@ -83,7 +74,7 @@ def profile_model(name: str) -> tuple[dict, str, GroupKernel | None, list]:
                 compiled(*inputs)
         finally:
             program.Program.__init__ = original
-        ember_row = {"host_us": host_us(lambda: compiled(*inputs), calls=50), "wall_us": wall_us(lambda: compiled(*inputs)),
+        ember_row = {"host_us": host_us(lambda: compiled(*inputs), calls=50), "wall_us": wall_us(lambda: compiled(*inputs), 20),
                      "launches": launches_per_call(lambda: compiled(*inputs))}
         profiler = cProfile.Profile()
         profiler.enable()

@@ -287,8 +287,8 @@ def _converts_its_mask(node: Node, types: Mapping[str, TensorType]) -> bool:
 
 
 def takes_grouped_heads(node: Node, types: Mapping[str, TensorType]) -> bool:
-    """Whether torch, on this machine's GPU, runs this attention (asking for grouped-query heads) on a fused
-    kernel rather than its math path."""
+    """Whether torch, on this machine's GPU, runs this attention (grouped-query heads asked for, or queries folded
+    into the key heads' rows) on a fused kernel rather than its math path."""
     return types[node.inputs[0]].device == "cuda" and torch.cuda.is_available() and not runs_math_path(node, types)
 
 
@@ -314,13 +314,7 @@ def group_query_heads(graph: Graph, select: Select = takes_grouped_heads) -> Gra
     return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(replaced.get(n.name, n) for n in graph.nodes)))
 
 
-def takes_folded_queries(node: Node, types: Mapping[str, TensorType]) -> bool:
-    """Whether torch, on this machine's GPU, runs this attention (its queries folded into the key heads' rows)
-    on a fused kernel."""
-    return takes_grouped_heads(node, types)
-
-
-def fold_query_groups(graph: Graph, select: Select = takes_folded_queries) -> Graph:
+def fold_query_groups(graph: Graph, select: Select = takes_grouped_heads) -> Graph:
     """Attention of one query per head (a decode step) over keys and values repeated for grouped-query heads,
     with a mask the same for every head and query where there is one, where torch would not take the grouped
     heads as they are: each group's queries become rows of its key head ([batch, key heads, group, features])

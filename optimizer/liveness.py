@@ -103,7 +103,7 @@ def updates_written_over(graph: Graph, updates: Mapping[str, str], fusion: Fusio
     Only an overwriting op may run twice in place and leave what running once does; a capture's warm-up calls
     leave the other inputs as they are (`unrepeatable_updates`)."""
     steps = steps_of(graph, fusion)
-    step_of = {name: index for index, (name, _, _, _) in enumerate(steps)}
+    step_of = {step.name: index for index, step in enumerate(steps)}
     producers = {value.name: node for node in graph.nodes for value in node.outputs}
     grouped = {name for group in fusion.groups for name in group.nodes} if fusion is not None else set()
     types = graph.types()
@@ -121,7 +121,7 @@ def updates_written_over(graph: Graph, updates: Mapping[str, str], fusion: Fusio
             how = _how(node)
             fits = how == "elementwise" or (how == "in_place" and node.inputs[0] == source)
         views = _views_of(source, steps)
-        last_read = max(at for at, (_, reads, _, _) in enumerate(steps) if views.intersection(reads))
+        last_read = max(at for at, step in enumerate(steps) if views.intersection(step.reads))
         if fits and last_read == step_of[node.name] and views.intersection(node.inputs) == {source}:
             written[value] = source
     return written
@@ -138,9 +138,9 @@ def unrepeatable_updates(graph: Graph, written: Mapping[str, str]) -> frozenset[
 def _views_of(source: str, steps: Sequence[StepSpec]) -> set[str]:
     """`source` and every value viewing its memory, through chains of view steps."""
     views = {source}
-    for _, reads, writes, how in steps:
-        if how == "view" and reads and reads[0] in views:
-            views.update(value.name for value in writes)
+    for step in steps:
+        if step.how == "view" and step.reads and step.reads[0] in views:
+            views.update(value.name for value in step.writes)
     return views
 
 

@@ -154,10 +154,9 @@ class Executor:
         self.input_names = tuple(value.name for value in graph.inputs)
         self._steps_on: dict[str, tuple[Step, ...]] = {}
         self._wrappers: dict[torch.device | None, Wrapper] = {}
-        self._split: dict[torch.device, tuple[Wrapper, Wrapper]] = {}
-        """Per device, the wrappers of a captured call: the part captured and the tail run after each replay."""
-        self._tail: dict[torch.device, bool] = {}
-        """Per device, whether any step runs after the replay."""
+        self._split: dict[torch.device, tuple[Wrapper, Wrapper, bool]] = {}
+        """Per device, the wrappers of a captured call (the part captured, the tail run after each replay) and
+        whether the tail runs any step."""
 
     def records_grad(self, inputs: Sequence[torch.Tensor]) -> bool:
         """Whether autograd records a call on `inputs` (it then runs the captured graph's reference steps)."""
@@ -220,12 +219,12 @@ class Executor:
                 split = tail_start(steps, self.graph, self.layout)
                 carried = _carried(steps[:split], steps[split:], self.graph)
                 self._split[device] = (self._generate(device, name=f"{self.name}_captured", stop=split, returns=carried),
-                                       self._generate(device, name=f"{self.name}_tail", start=split, carried=carried))
-                self._tail[device] = split < len(steps)
+                                       self._generate(device, name=f"{self.name}_tail", start=split, carried=carried),
+                                       split < len(steps))
                 warm_up = WARM_UP_CALLS
             else:  # captured before: what runs lazily once (cuBLAS handles, kernel loads) has run
                 warm_up = 0
-            prefix, tail = self._split[device]
+            prefix, tail, has_tail = self._split[device]
 
             def run_prefix(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
                 # arenas still open are the tail's too
@@ -240,7 +239,7 @@ class Executor:
                 self.graphed[device] = GraphedCall(run_prefix, run_tail, inputs, device, written_back=self.written_back,
                                                    staged=_staged_inputs(self.graph, device), aliased=self.aliased,
                                                    unrepeatable=self._unrepeatable(), warm_up=warm_up,
-                                                   tail=self._tail[device])
+                                                   tail=has_tail)
             except RuntimeError as error:
                 log.warning("running step by step: this program cannot be captured in a CUDA graph (%s)%s",
                             str(error).splitlines()[0], _failing_line(error))
