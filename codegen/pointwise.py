@@ -98,12 +98,7 @@ def _read_through(node: Node, value: str, at: Coordinates, where: str, types: di
             source_at[taken] = at[dim]
         return value_at(source, tuple(source_at), where)
     if node.op == "index.Tensor":
-        dim = next(position for position, slot in enumerate(node.attrs["indices"]) if slot is not None)
-        size = types[source].shape[dim]
-        raw = value_at(node.inputs[node.attrs["indices"][dim]], (at[dim],), where)
-        row = fresh(f"tl.where({raw} < 0, {raw} + {size}, {raw})")
-        inside = fresh(f"{where} & ({row} >= 0) & ({row} < {size})")  # no read outside the operand
-        return value_at(source, (*at[:dim], row, *at[dim + 1:]), inside)
+        return _read_index(node, at, where, types, value_at, fresh)
     if node.op == "sum.dim_IntList":
         return _read_sum(node, at, where, types, value_at, fresh)
     flat = " + ".join(f"{coordinate} * {stride}" for coordinate, stride in zip(at, _row_major(shape)) if coordinate != "0")
@@ -111,6 +106,26 @@ def _read_through(node: Node, value: str, at: Coordinates, where: str, types: di
     kept = types[source].shape
     return value_at(source, tuple("0" if size == 1 else f"(({flat} // {stride}) % {size})"
                                   for size, stride in zip(kept, _row_major(kept))), where)
+
+
+def _read_index(node: Node, at: Coordinates, where: str, types: dict[str, TensorType], value_at: ValueAt,
+                fresh: Callable[[str], str]) -> str:
+    """Indices of adjacent dims `first`.. of the operand, broadcast against each other to the result's dims
+    `first`..`first + len(broadcast)`: the operand read at each index's value there (negative ones from the end)."""
+    source, slots = node.inputs[0], node.attrs["indices"]
+    taken = [(dim, slot) for dim, slot in enumerate(slots) if slot is not None]
+    first = taken[0][0]
+    broadcast = len(types[node.outputs[0].name].shape) - (len(types[source].shape) - len(taken))
+    inside, rows = where, []
+    for dim, slot in taken:
+        index_shape = types[node.inputs[slot]].shape
+        lead = first + broadcast - len(index_shape)
+        raw = value_at(node.inputs[slot], tuple("0" if size == 1 else at[lead + d] for d, size in enumerate(index_shape)),
+                       where)
+        size = types[source].shape[dim]
+        rows.append(fresh(f"tl.where({raw} < 0, {raw} + {size}, {raw})"))
+        inside = fresh(f"{inside} & ({rows[-1]} >= 0) & ({rows[-1]} < {size})")  # no read outside the operand
+    return value_at(source, (*at[:first], *rows, *at[first + broadcast:]), inside)
 
 
 def _read_pieces(node: Node, value: str, at: Coordinates, where: str, types: dict[str, TensorType],

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 
 from ..ir import Graph, Node, TensorType
-from ..ir.expressions import EXPRESSIONS, TRITON_TYPES, operands
+from ..ir.expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, operands
 from ..ir.reductions import REDUCTIONS, emit_reduction
 from ..ir.plans import reads_of
 from .source import KernelSource, check_dtypes, coordinates, header, load, offset
@@ -61,7 +61,8 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
     """The kernel computing `nodes` over `shape`, whose last `reduced` dims are the columns, storing `outputs`."""
     types = graph.types()
     inputs = reads_of(nodes)
-    check_dtypes(types, (*inputs, *outputs))
+    check_dtypes(types, inputs, INDEX_TYPES)
+    check_dtypes(types, outputs)
     rows_shape, columns_shape = shape[:len(shape) - reduced], shape[len(shape) - reduced:]
     rows, columns = math.prod(rows_shape), math.prod(columns_shape)
     block_rows, block_columns, warps = launch_shape(rows, columns)

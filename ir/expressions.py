@@ -23,6 +23,8 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_TYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
                 torch.bool: "tl.int1"}
 """The dtypes a fused pointwise kernel reads and writes (integers stay reference steps)."""
+INDEX_TYPES = (torch.int32, torch.int64)
+"""The integer dtypes a pointwise kernel reads: the index tensor it gathers with, or an integer it casts."""
 
 Emit = Callable[[Mapping[str, Any]], str | None]
 """Named operands (schema argument name -> a kernel variable for a tensor, or the number or attribute value)
@@ -137,10 +139,29 @@ def _leaky_relu(args: Mapping[str, Any]) -> str | None:
 
 
 def _to_copy(args: Mapping[str, Any]) -> str | None:
-    """A cast (the kernel rounds at the store); a contiguous copy is fine too, as the kernel writes its result at
-    the value's planned strides."""
-    changed = {key for key in ("layout", "device", "pin_memory") if args.get(key) is not None}
-    return None if changed or args.get("memory_format") not in (None, torch.contiguous_format) else args["self"]
+    """A cast (the kernel rounds at the store; to bool it is `!= 0`, as torch casts, NaN included); a contiguous
+    copy is fine too, as the kernel writes its result at the value's planned strides. A device named must be the
+    operand's own (`fusible` checks)."""
+    changed = {key for key in ("layout", "pin_memory") if args.get(key) is not None}
+    if changed or args.get("memory_format") not in (None, torch.contiguous_format):
+        return None
+    dtype = args.get("dtype")
+    if dtype == torch.bool:
+        return f"({args['self']} != 0)"
+    return f"{args['self']}.to(tl.float32)" if dtype in FLOATS else args["self"]
+
+
+def _logical(form: str) -> Emit:
+    """A logical op (or a bitwise one on booleans, the only dtype `fusible` lets them read): operands as truth
+    values, a 0/1 result."""
+    def emit(args: Mapping[str, Any]) -> str | None:
+        return form.format(x=f"({args['self']} != 0)", y=f"({args.get('other')} != 0)")
+    return emit
+
+
+def _where_scalars(args: Mapping[str, Any]) -> str | None:
+    x, y = _literal(args["self"]), _literal(args["other"])
+    return None if x is None or y is None else f"tl.where({args['condition']} != 0, {x}, {y})"
 
 
 EXPRESSIONS: dict[str, Emit] = {
@@ -184,6 +205,10 @@ EXPRESSIONS: dict[str, Emit] = {
     "hardtanh": _clamp("min_val", "max_val"),
     "where.self": _where,
     "where.ScalarOther": _where,
+    "where.Scalar": _where_scalars,
+    "logical_and": _logical("({x} & {y})"), "bitwise_and.Tensor": _logical("({x} & {y})"),
+    "logical_or": _logical("({x} | {y})"), "bitwise_or.Tensor": _logical("({x} | {y})"),
+    "logical_not": _logical("({x} == 0)"), "bitwise_not": _logical("({x} == 0)"),
     "masked_fill.Scalar": _masked_fill,
     "_to_copy": _to_copy,
     "clone": _unary("{x}"),
@@ -192,11 +217,19 @@ EXPRESSIONS: dict[str, Emit] = {
 
 def fusible(node: Node, types: Mapping[str, TensorType]) -> bool:
     """Whether a pointwise kernel can compute this node: an expression for its op and attrs, one result, and
-    float32, float16, bfloat16 or bool for every value it reads and writes."""
+    float32, float16, bfloat16 or bool for every value it reads and writes (a cast may read an integer: an int
+    mask made boolean); bitwise ops on booleans only."""
     emit = EXPRESSIONS.get(node.op)
     if emit is None or len(node.outputs) != 1:
         return False
-    if any(t.dtype not in TRITON_TYPES for t in (*(types[n] for n in node.inputs), node.outputs[0].type)):
+    reads = [types[n] for n in node.inputs]
+    readable = (*TRITON_TYPES, *INDEX_TYPES) if node.op == "_to_copy" else TRITON_TYPES
+    if node.outputs[0].type.dtype not in TRITON_TYPES or any(t.dtype not in readable for t in reads):
+        return False
+    if node.op.startswith("bitwise") and any(t.dtype != torch.bool for t in reads):
+        return False
+    device = node.attrs.get("device")
+    if device is not None and any(torch.device(device).type != t.device for t in reads):
         return False
     variables = [f"v{i}" for i in range(len(node.inputs))]
     return emit(operands(node.definition.schema, node.attrs, variables)) is not None
@@ -205,13 +238,10 @@ def fusible(node: Node, types: Mapping[str, TensorType]) -> bool:
 MOVES = frozenset({"slice.Tensor", "split.Tensor", "split_with_sizes", "cat", "unsqueeze", "expand", "view",
                    "_unsafe_view", "reshape", "permute", "transpose.int", "t", "index.Tensor", "sum.dim_IntList"})
 """Ops a pointwise kernel computes by reading its operand at other coordinates rather than by an expression:
-views, cat, a gather along one dim, and a sum over a few elements of non-trailing dims."""
+views, cat, a gather along adjacent dims, and a sum over a few elements of non-trailing dims."""
 
 MATERIALIZED = frozenset({"cat", "index.Tensor", "sum.dim_IntList"})
 """The moves whose results are new dense tensors, which a kernel may store (a view's may not be)."""
-
-INDEX_TYPES = (torch.int32, torch.int64)
-"""The dtypes of the index tensor a pointwise kernel gathers with."""
 
 MAX_SUMMED = 8
 """A sum a pointwise kernel unrolls adds at most this many elements per result."""
@@ -219,7 +249,8 @@ MAX_SUMMED = 8
 
 def movable(node: Node, types: Mapping[str, TensorType]) -> bool:
     """Whether a pointwise kernel can read through this node (see MOVES): values of the kernel's dtypes, index
-    tensors of int32 or int64, a slice of step 1, a cat of equal ranks, one 1-D index, a short sum."""
+    tensors of int32 or int64, a slice of step 1, a cat of equal ranks, indices of adjacent dims (broadcast
+    against each other, as `mask[batch, position]`), a short sum."""
     if node.op not in MOVES:
         return False
     slots = {slot for slot in node.attrs.get("indices", ()) if slot is not None}
@@ -232,8 +263,9 @@ def movable(node: Node, types: Mapping[str, TensorType]) -> bool:
     if node.op == "cat":
         return all(len(t.shape) == len(node.outputs[0].type.shape) for t in values)
     if node.op == "index.Tensor":
-        return (len(indices) == 1 and indices[0].dtype in INDEX_TYPES and len(indices[0].shape) == 1
-                and len(node.attrs["indices"]) <= len(values[0].shape))
+        taken = [dim for dim, slot in enumerate(node.attrs["indices"]) if slot is not None]
+        return (bool(indices) and all(index.dtype in INDEX_TYPES for index in indices)
+                and taken == list(range(taken[0], taken[-1] + 1)) and len(node.attrs["indices"]) <= len(values[0].shape))
     if node.op == "sum.dim_IntList":
         source = values[0].shape
         dims = {dim % len(source) for dim in node.attrs.get("dim") or range(len(source))} if source else set()

@@ -321,6 +321,8 @@ for _overload in _overloads(
 ):
     register(_overload, "view", infer_by_tracing, no_flops)
 
+register(torch.ops.aten.where.Scalar, "pointwise", infer_by_tracing, per_output_element(1))  # all scalars: typed by torch
+
 for _overload in _overloads("embedding index.Tensor index_select"):
     register(_overload, "data", infer_by_tracing, no_flops, gathers=True)
 

@@ -267,11 +267,12 @@ def convert_attention_masks(graph: Graph) -> Graph:
         mask, dtype = node.inputs[3], types[node.inputs[0]].dtype
         if (mask, dtype) not in converted:
             write = _Writer(node, types)
-            zero = write("full", (), {"size": (), "fill_value": 0.0, "dtype": dtype, "layout": torch.strided,
-                                      "device": torch.device(types[mask].device), "pin_memory": False},
-                         name=f"{mask}_zero_{str(dtype).removeprefix('torch.')}")
-            converted[(mask, dtype)] = write("where.ScalarOther", (mask, zero), {"other": float("-inf")},
-                                             name=f"{mask}_additive_{str(dtype).removeprefix('torch.')}")
+            name = f"{mask}_additive_{str(dtype).removeprefix('torch.')}"
+            additive = write("where.Scalar", (mask,), {"self": 0.0, "other": float("-inf")},
+                             name=name if dtype == torch.float32 else f"{name}_float32")
+            if dtype != torch.float32:
+                additive = write("_to_copy", (additive,), {"dtype": dtype}, name=name)
+            converted[(mask, dtype)] = additive
             nodes += write.nodes
             types.update(write.types)
         nodes.append(dataclasses.replace(node, inputs=(*node.inputs[:3], converted[(mask, dtype)], *node.inputs[4:])))

@@ -28,7 +28,7 @@ FOLDED_ELEMENTS = 1 << 20
 
 log = logging.getLogger(__name__)
 
-_FOLDABLE_KINDS = ("pointwise", "view", "data", "reduction")
+_FOLDABLE_KINDS = ("pointwise", "view", "data", "reduction", "routing")
 
 
 def fold_constants(graph: Graph) -> Graph:

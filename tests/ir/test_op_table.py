@@ -185,8 +185,13 @@ SAMPLES.update({
     "softplus": unary("normal", ((), {}), ((2.0, 1.5), {})),
     "gelu": unary("normal", ((), {}), ((), {"approximate": "tanh"})),
     "clone": unary("normal", ((), {}), ((), {"memory_format": torch.contiguous_format})),
-    "_to_copy": unary("normal", ((), {"dtype": torch.float64}), ((), {"dtype": torch.int32, "device": _CPU}),
-                      ((), {"dtype": torch.bfloat16}), ((), {"dtype": torch.float32})),
+    "_to_copy": lambda dtype: unary("normal", ((), {"dtype": torch.float64}), ((), {"dtype": torch.int32, "device": _CPU}),
+                                    ((), {"dtype": torch.bfloat16}), ((), {"dtype": torch.float32}))(dtype) + calls(
+        lambda m: ((non_contiguous(index(3, 5, 13)),), {"dtype": torch.bool, "device": _CPU}),  # an int mask made boolean
+        lambda m: ((non_contiguous(index(3, 5, 13)).int(),), {"dtype": m.dtype}),
+        lambda m: ((m.with_zeros(5, 13),), {"dtype": torch.bool}),
+        lambda m: ((m.with_specials(5, 13),), {"dtype": torch.bool}),  # NaN is true, as torch casts it
+    )(dtype),
     "pow.Tensor_Scalar": unary("positive", ((2.5,), {}), ((3,), {})),
     "pow.Scalar": calls(lambda m: ((2.0, m.strided(5, 13)), {})),
     "add.Scalar": unary("normal", ((2.5,), {}), ((2.5, 0.5), {})),
@@ -225,6 +230,10 @@ SAMPLES.update({
     "where.self": calls(
         lambda m: ((non_contiguous(mask(5, 13)), m.strided(5, 13), m.normal(13)), {}),
         lambda m: ((mask(5, 1), m.normal(3, 1, 13), m.normal(13)), {}),
+    ),
+    "where.Scalar": calls(
+        lambda m: ((mask(5, 13), 0.0, float("-inf")), {}),
+        lambda m: ((non_contiguous(mask(5, 13)), 2, -1.5), {}),
     ),
     "where.ScalarOther": calls(
         lambda m: ((mask(5, 13), m.strided(5, 13), float("-inf")), {}),
@@ -436,7 +445,7 @@ SAMPLES.update({
 
 def dtypes_of(name: str) -> tuple[torch.dtype, ...]:
     """The dtypes an op is tested in; the first is never skipped."""
-    return (torch.int64,) if name in INTEGER_OPS else FLOATS
+    return (torch.int64, torch.bool) if name in INTEGER_OPS else FLOATS
 
 
 def sample_count(name: str) -> int:
@@ -636,9 +645,10 @@ def test_every_op_codegen_emits_has_a_sample_it_takes(name):
     torch.manual_seed(0)
     op = OP_TABLE[name]
     taken = 0
-    for args, kwargs in SAMPLES[name](torch.float32):
-        inputs, attrs = split_arguments(op.schema, args, kwargs, is_tensor)
-        taken += _codegen_takes(name, inputs, attrs, as_tuple(op.target(*args, **kwargs)))
+    for dtype in dtypes_of(name):
+        for args, kwargs in SAMPLES[name](dtype):
+            inputs, attrs = split_arguments(op.schema, args, kwargs, is_tensor)
+            taken += _codegen_takes(name, inputs, attrs, as_tuple(op.target(*args, **kwargs)))
     assert taken
 
 

@@ -362,6 +362,34 @@ def test_weighted_experts_gathered_back_and_summed_are_one_kernel(dtype):
     assert len(kernels) == 1 and steps == ["unsqueeze", *kernels]  # gather, view and sum read through
 
 
+class PaddingMaskMadeAdditive(nn.Module):
+    """A padding mask as transformers builds one for attention (an int mask made boolean, read at broadcast
+    [batch, key] indices, and-ed with a constant mask) made additive in the model's dtype, as ember's
+    attention pass makes it for fused attention."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, attention_mask):
+        batch, length = attention_mask.shape
+        padding = attention_mask.to(torch.bool)[torch.arange(batch).view(-1, 1, 1, 1), torch.arange(length).view(1, 1, 1, -1)]
+        allowed = torch.arange(length).view(1, 1, -1, 1) >= 0
+        return torch.where(allowed & padding, 0.0, float("-inf")).to(self.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_padding_mask_is_made_additive_by_one_kernel(dtype):
+    attention_mask = torch.ones(3, 7, dtype=torch.int64)
+    attention_mask[0, 5:], attention_mask[2, 1:] = 0, 0
+    model = PaddingMaskMadeAdditive(dtype)
+    with torch.no_grad():
+        program = ember.compile(model, (attention_mask,), ember.Options(fusion=True))
+        got = program(attention_mask)
+    assert torch.equal(got, model(attention_mask))
+    assert [step.node for step in program.executor.steps if not step.node.startswith("fused_")] == []
+
+
 def test_a_sum_over_many_elements_is_not_unrolled():
     class WideSum(nn.Module):
         def forward(self, x):
