@@ -68,12 +68,13 @@ def _direct(dtype: torch.dtype, offsets_dtype: torch.dtype, programs: int, scala
     return _direct_launch(_kernel(), source, (dtype, offsets_dtype), torch.device("cuda", device))
 
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """ember.grouped_mm: on a Hopper-class GPU in bfloat16, the grouped GEMM and the zeroed tail; elsewhere the
-    reference."""
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, rows_covered: bool = False) -> torch.Tensor:
+    """ember.grouped_mm: on a Hopper-class GPU in bfloat16, the grouped GEMM and the zeroed tail (none where the
+    graph proved the offsets cover every row, optimizer.ranges); elsewhere the reference."""
     if not _device_grouped_mm(x, weight):
         return grouped_mm_reference(x, weight, offsets)
-    return zero_rows_from_last_offset(torch._grouped_mm(x, weight, offs=offsets.to(torch.int32)), offsets)
+    out = torch._grouped_mm(x, weight, offs=offsets.to(torch.int32))
+    return out if rows_covered else zero_rows_from_last_offset(out, offsets)
 
 
 def _device_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -36,8 +36,9 @@ ATTENTION_VARIANTS = frozenset(
 )
 """Backend-specific attention kernels that autograd picks; ember sees them as one attention op."""
 
-GROUPED_MATMULS = frozenset({"transformers.grouped_mm_fallback.default", "aten._grouped_mm.default"})
-"""Grouped expert matmuls from transformers' MoE layers (CPU fallback and the ATen kernel)."""
+GROUPED_MATMULS = frozenset({"transformers.grouped_mm_fallback.default", "aten._grouped_mm.default",
+                             "ember.grouped_mm.default"})
+"""Grouped expert matmuls: transformers' MoE layers (CPU fallback and the ATen kernel), and ember's own op."""
 
 
 def lower_fx(gm: fx.GraphModule, weights: Mapping[str, torch.Tensor]) -> Graph:

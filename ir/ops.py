@@ -228,9 +228,11 @@ def attention_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType],
 # ---------------------------------------------------------------------------------------------
 # Reference implementations that are not a single ATen call
 
-def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                         rows_covered: bool = False) -> torch.Tensor:
     """Rows [offsets[e-1], offsets[e]) of x times weight[e]; rows past the last offset are zero. One matmul per
-    expert (it reads the offsets on the host); codegen.grouped_mm registers the GPU's grouped GEMM for CUDA."""
+    expert (it reads the offsets on the host); codegen.grouped_mm registers the GPU's grouped GEMM for CUDA.
+    `rows_covered` says the last offset is the row count (there is no tail; the GPU's path zeroes none)."""
     out = x.new_zeros(x.shape[0], weight.shape[2])
     start = 0
     for expert, end in enumerate(offsets.tolist()):
@@ -241,10 +243,10 @@ def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.T
 
 
 _GROUPED_MM_LIB = torch.library.Library("ember", "FRAGMENT")
-_GROUPED_MM_LIB.define("grouped_mm(Tensor input, Tensor weight, Tensor offsets) -> Tensor")
+_GROUPED_MM_LIB.define("grouped_mm(Tensor input, Tensor weight, Tensor offsets, bool rows_covered=False) -> Tensor")
 _GROUPED_MM_LIB.impl("grouped_mm", grouped_mm_reference, "CompositeExplicitAutograd")
 _GROUPED_MM_LIB.impl(
-    "grouped_mm", lambda x, weight, offsets: x.new_empty(x.shape[0], weight.shape[2]), "Meta"
+    "grouped_mm", lambda x, weight, offsets, rows_covered=False: x.new_empty(x.shape[0], weight.shape[2]), "Meta"
 )
 
 

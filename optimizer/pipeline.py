@@ -36,6 +36,7 @@ from .fold import fold_constants
 from .fusion import FusionPlan, plan_fusion
 from .fusion_verify import verify_fusion
 from .layout import pad_linear_features
+from .ranges import cover_grouped_rows, drop_decided_masks
 from .reorder import reorder_for_memory
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 Pass = Callable[[Graph], Graph]
 
 PASSES: tuple[Pass, ...] = (eliminate_dead_code, fold_constant_masks, fold_constants, drop_empty_cat_inputs,
-                            decompose_attention, group_query_heads, fold_query_groups, convert_attention_masks,
+                            drop_decided_masks, cover_grouped_rows, decompose_attention, group_query_heads, fold_query_groups, convert_attention_masks,
                             pad_linear_features)
 """The graph passes, in order."""
 REORDER: tuple[Pass, ...] = (reorder_for_memory,)

@@ -1,0 +1,129 @@
+"""What the graph proves about integer values: the range each one's elements lie in, where it follows from how
+it was made (expert choices from `topk` over E experts lie in [0, E)), and the passes that use it.
+
+A mixture-of-experts layer as transformers writes it sorts its tokens' expert choices, counts them per expert
+(`histc`), and turns the counts into the grouped matmul's offsets (`cumsum`); it masks tokens whose choice is
+past the last expert (`>= E`: none are). From the ranges, the counts take in every choice, so the last offset
+is the row count and the grouped matmul has no tail to zero; and the mask is false everywhere, so the fill is
+the value as it is. On Mixtral each layer saves a comparison and two tail kernels per call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Mapping
+
+import torch
+
+from ..ir import Graph, Node, TensorType
+from .canonicalize import eliminate_dead_code
+
+Range = tuple[int, int]
+"""The least and greatest value an integer tensor's elements can take."""
+
+_KEEPS_VALUES = frozenset({"view", "_unsafe_view", "reshape", "clone", "expand", "unsqueeze", "squeeze", "squeeze.dim",
+                           "permute", "transpose.int", "t", "slice.Tensor", "select.int", "alias", "detach"})
+"""Ops whose result's elements are some of their first input's (so within its range)."""
+
+_COMPARISONS = {"ge.Scalar": operator.ge, "gt.Scalar": operator.gt, "le.Scalar": operator.le, "lt.Scalar": operator.lt}
+
+EXACT_INTEGERS = {torch.float64: 1 << 53, torch.float32: 1 << 24, torch.float16: 1 << 11, torch.bfloat16: 1 << 8}
+"""The largest integer each floating dtype, and every integer below it, holds exactly (transformers counts experts
+in float32 on the CPU)."""
+
+
+def integer_ranges(graph: Graph) -> dict[str, Range]:
+    """Each integer-valued tensor whose range the graph proves: the indices `topk` and `sort` return (positions
+    along the dim they work on), and what keeps some of such a value's elements (a view, a copy, a sort's values,
+    a cast to a type that holds every integer in the range)."""
+    types, ranges = graph.types(), {}
+    for node in graph.nodes:
+        for value, position in zip(node.outputs, node.result_positions):
+            known = _range(node, position, types, ranges)
+            if known is not None and _holds(value.type.dtype, known):
+                ranges[value.name] = known
+    return ranges
+
+
+def _range(node: Node, position: int, types: Mapping[str, TensorType], ranges: Mapping[str, Range]) -> Range | None:
+    source = types[node.inputs[0]] if node.inputs else None
+    if node.op in ("topk", "sort") and position == 1 and source is not None and source.shape:
+        return 0, source.shape[node.attrs.get("dim", -1)] - 1
+    if node.op == "sort" and position == 0 or node.op in _KEEPS_VALUES or node.op == "_to_copy":
+        return ranges.get(node.inputs[0])
+    return None
+
+
+def _holds(dtype: torch.dtype, known: Range) -> bool:
+    """Whether `dtype` holds every integer in `known` exactly."""
+    if dtype in EXACT_INTEGERS:
+        return -EXACT_INTEGERS[dtype] <= known[0] and known[1] <= EXACT_INTEGERS[dtype]
+    if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
+        return False
+    info = torch.iinfo(dtype)
+    return info.min <= known[0] and known[1] <= info.max
+
+
+def counted_total(name: str, graph: Graph, ranges: Mapping[str, Range]) -> int | None:
+    """The last element of `name` when the graph proves it: a running sum (`cumsum` along its one dim) of a
+    histogram (`histc`) that counts every element of its input, whose range lies within the bins; that is, the
+    input's element count."""
+    producer = {value.name: node for node in graph.nodes for value in node.outputs}
+    types = graph.types()
+    node = producer.get(name)
+    while node is not None and node.op == "_to_copy":
+        node = producer.get(node.inputs[0])
+    if node is None or node.op != "cumsum" or len(types[node.inputs[0]].shape) != 1:
+        return None
+    histogram = producer.get(node.inputs[0])
+    if histogram is None or histogram.op != "histc":
+        return None
+    counted = histogram.inputs[0]
+    low, high = histogram.attrs.get("min", 0), histogram.attrs.get("max", 0)
+    known = ranges.get(counted)
+    if not (low == high == 0 or known is not None and low <= known[0] and known[1] <= high):
+        return None  # min == max == 0 bins the data's own extent: every element counted
+    return math.prod(types[counted].shape)
+
+
+def cover_grouped_rows(graph: Graph) -> Graph:
+    """Each grouped matmul whose offsets end at its row count, marked `rows_covered`: it has no rows past the
+    last offset to zero."""
+    ranges = integer_ranges(graph)
+    types = graph.types()
+    nodes = [dataclasses.replace(node, attrs={**node.attrs, "rows_covered": True})
+             if node.op == "grouped_mm" and not node.attrs.get("rows_covered")
+             and counted_total(node.inputs[2], graph, ranges) == types[node.inputs[0]].shape[0] else node
+             for node in graph.nodes]
+    if all(a is b for a, b in zip(nodes, graph.nodes)):
+        return graph
+    return dataclasses.replace(graph, nodes=tuple(nodes))
+
+
+def drop_decided_masks(graph: Graph) -> Graph:
+    """A fill through a mask the ranges prove false everywhere (a comparison no element can pass) is a copy of
+    the value, and the comparison goes."""
+    ranges = integer_ranges(graph)
+    producer = {value.name: node for node in graph.nodes for value in node.outputs}
+    types = graph.types()
+    nodes = []
+    for node in graph.nodes:
+        if (node.op == "masked_fill.Scalar" and _never(node.inputs[1], producer, ranges)
+                and types[node.inputs[0]] == node.outputs[0].type):
+            node = Node(node.name, "clone", node.inputs[:1], {}, node.outputs, source=node.source)
+        nodes.append(node)
+    if all(a is b for a, b in zip(nodes, graph.nodes)):
+        return graph
+    return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(nodes)))
+
+
+def _never(mask: str, producer: Mapping[str, Node], ranges: Mapping[str, Range]) -> bool:
+    """Whether `mask` (through views) is a comparison of a value with a number that no value in its range passes."""
+    node = producer.get(mask)
+    while node is not None and node.op in _KEEPS_VALUES:
+        node = producer.get(node.inputs[0])
+    if node is None or node.op not in _COMPARISONS or node.inputs[0] not in ranges:
+        return False
+    compare, (low, high), number = _COMPARISONS[node.op], ranges[node.inputs[0]], node.attrs.get("other")
+    return isinstance(number, (int, float)) and not compare(low, number) and not compare(high, number)
