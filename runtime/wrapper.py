@@ -291,6 +291,11 @@ class _Writer:
             held = None
             if _returns_one_tensor(call.op) and step.positions == (0,):
                 results = {0: expression}
+                value_type = self.types[step.outputs[0]]
+                if call.op in LAID_OUT_RESULTS and given == [None] and value_type.storage_bytes == value_type.nbytes:
+                    results = {0: f"{self.constant(laid_out)}({expression}, {value_type.shape!r}, "
+                                  f"{tuple(value_type.layout)!r})"}
+                    self.exact.add(step.outputs[0])
             else:
                 held = self.names.fresh(f"{step.node}_results")
                 self.line(f"{held} = {expression}")
@@ -406,9 +411,22 @@ reinterpret_tensor: Callable[[torch.Tensor, Sequence[int], Sequence[int], int], 
 made without the dispatcher (what Inductor's wrappers call), else the same `as_strided`."""
 
 
-ROW_MAJOR_RESULTS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.embedding.default})
+ROW_MAJOR_RESULTS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.embedding.default,
+                               torch.ops.ember.grouped_mm.default})
 """Ops whose result is always a fresh row-major tensor, whatever their inputs' strides (a matrix product's
 output, rows gathered from a table): exactly strided when the IR type says row-major."""
+
+LAID_OUT_RESULTS = frozenset({torch.ops.aten.scaled_dot_product_attention.default})
+"""Ops whose result's strides follow the kernel torch picks at run time (a fused attention's are its kernel's
+choice): the wrapper holds the result at its IR type's strides (`laid_out`), so that the views and matrix
+products after it are written exactly rather than asked of torch (three dispatches a layer on BERT)."""
+
+
+def laid_out(tensor: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    """`tensor` when it has these strides and starts its storage, else a copy of it at them."""
+    if tensor.stride() == stride and not tensor.storage_offset():
+        return tensor
+    return torch.empty_strided(shape, stride, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
 def _substitute(built: Any, tensor: torch.Tensor) -> Any:

@@ -248,3 +248,37 @@ def test_reinterpret_tensor_and_its_fallback_view_past_the_tensors_own_offset():
         got = view(base, (2, 3), (1, 2), 4)
         assert got.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
         assert got.storage_offset() == 7 and got.tolist() == [[7.0, 9.0, 11.0], [8.0, 10.0, 12.0]]
+
+
+def test_an_attention_result_is_held_at_its_ir_strides_and_read_exactly_after():
+    """A fused attention lays its result out as its kernel chooses; the wrapper holds it at the IR type's strides
+    (a copy only where they differ), so the head merge after it is `reinterpret_tensor` and the output
+    projection one `addmm`, bit for bit as the step loop computes."""
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = torch.nn.Linear(12, 36), torch.nn.Linear(12, 12)
+
+        def forward(self, x):
+            q, k, v = (t.view(2, 5, 3, 4).transpose(1, 2) for t in self.qkv(x).split(12, dim=-1))
+            heads = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.out(heads.transpose(1, 2).reshape(2, 5, 12))
+
+    x = torch.randn(2, 5, 12)
+    with torch.inference_mode():
+        program = ember.compile(Attention(), (x,))
+        tensors = [torch.randn_like(x)]
+        _assert_bitwise_equal(program.executor(tensors), program.executor.interpret(tensors))
+    source = program.executor.wrapper_on(torch.device("cpu")).source
+    after = source[source.index("\n", source.index("laid_out(")):]  # the lines after the attention's
+    assert "aten_" not in after and "addmm(" in after
+
+
+def test_laid_out_keeps_a_tensor_at_the_strides_asked_and_copies_any_other():
+    from ember.runtime.wrapper import laid_out
+
+    x = torch.randn(2, 5, 3, 4).transpose(1, 2)
+    assert laid_out(x, (2, 3, 5, 4), x.stride()) is x
+    for other in (x.contiguous(), torch.randn(121)[1:].as_strided((2, 3, 5, 4), x.stride())):
+        held = laid_out(other, (2, 3, 5, 4), x.stride())
+        assert held.stride() == x.stride() and held.storage_offset() == 0 and torch.equal(held, other)
