@@ -5,7 +5,7 @@ static cache of --cache tokens; `model.forward` is eager, torch.compile default,
 (Hugging Face's recipe) or torch.compile(backend="ember"), each with generate's own compilation turned off
 (`disable_compile`); and once more as generate runs by default: for a static cache on a GPU, transformers
 compiles the model itself with Inductor's reduce-overhead mode ("generate_auto"). Tokens/s over the timed generate calls (median of
---rounds, after two warm-up calls that compile), first-call seconds, and whether the greedy tokens equal eager's;
+--rounds, interleaved: each round runs every variant once, on its own copy of the model, after two warm-up calls that compile), first-call seconds, and whether the greedy tokens equal eager's;
 then, in float32, whether ember's greedy tokens are identical to eager's.
 Usage: python bench/decode.py [--out bench/results] [--batches 1 8] [--new-tokens 128] [--cache 1024]
        python bench/decode.py --device cpu --size tiny --batches 1 --new-tokens 8 --cache 64   (a smoke test)
@@ -13,6 +13,7 @@ Usage: python bench/decode.py [--out bench/results] [--batches 1 8] [--new-token
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -42,30 +43,52 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, cach
                           disable_compile=not auto_compile)
 
 
-def run_variant(model: torch.nn.Module, variant: str, prompt: torch.Tensor, args: argparse.Namespace) -> dict:
-    eager_forward = model.forward
-    torch._dynamo.reset()
+def prepare(model: torch.nn.Module, variant: str, prompt: torch.Tensor, args: argparse.Namespace) -> dict:
+    """The variant's own copy of the model, its forward compiled as the variant says, and two warm-up generates
+    (the first timed: it compiles); the copy lets every variant's timed rounds interleave with the others'."""
     auto = VARIANTS[variant] == "auto"
-    if VARIANTS[variant] is not None and not auto:
-        model.forward = torch.compile(eager_forward, fullgraph=True, **VARIANTS[variant])
-    try:
-        synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
-        started = time.perf_counter()
-        tokens = generate(model, prompt, args.new_tokens, args.cache, auto_compile=auto)
-        synchronize()
-        first_s = time.perf_counter() - started
-        generate(model, prompt, args.new_tokens, args.cache, auto_compile=auto)
-        seconds = []
-        for _ in range(args.rounds):
-            synchronize()
-            started = time.perf_counter()
-            generate(model, prompt, args.new_tokens, args.cache, auto_compile=auto)
-            synchronize()
-            seconds.append(time.perf_counter() - started)
-    finally:
-        model.forward = eager_forward
-    return {"tokens_per_s": prompt.shape[0] * args.new_tokens / statistics.median(seconds), "first_call_s": first_s,
-            "tokens": tokens}
+    if VARIANTS[variant] is not None:
+        model = copy.deepcopy(model)
+        if not auto:
+            model.forward = torch.compile(model.forward, fullgraph=True, **VARIANTS[variant])
+    synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    started = time.perf_counter()
+    tokens = generate(model, prompt, args.new_tokens, args.cache, auto_compile=auto)
+    synchronize()
+    first_s = time.perf_counter() - started
+    generate(model, prompt, args.new_tokens, args.cache, auto_compile=auto)
+    return {"model": model, "auto": auto, "first_call_s": first_s, "tokens": tokens, "seconds": []}
+
+
+def time_round(state: dict, prompt: torch.Tensor, args: argparse.Namespace) -> None:
+    """One timed generate of a prepared variant."""
+    synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    synchronize()
+    started = time.perf_counter()
+    generate(state["model"], prompt, args.new_tokens, args.cache, auto_compile=state["auto"])
+    synchronize()
+    state["seconds"].append(time.perf_counter() - started)
+
+
+def run_variants(model: torch.nn.Module, variants: list[str], prompt: torch.Tensor,
+                 args: argparse.Namespace) -> dict[str, dict]:
+    """Each variant prepared, then --rounds rounds in which every variant that compiled generates once, in turn
+    (so a machine that slows down mid-run slows all of them alike); tokens/s over the median round."""
+    results: dict[str, dict] = {}
+    for variant in variants:
+        try:
+            results[variant] = prepare(model, variant, prompt, args)
+        except Exception as error:  # a variant that breaks on this stack is recorded, not fatal
+            results[variant] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+    ready = [state for state in results.values() if "error" not in state]
+    for _ in range(args.rounds):
+        for state in ready:
+            time_round(state, prompt, args)
+    for state in ready:
+        state["tokens_per_s"] = prompt.shape[0] * args.new_tokens / statistics.median(state.pop("seconds"))
+        del state["model"]
+    torch._dynamo.reset()  # the compiled copies go, and their caches with them
+    return results
 
 
 def main() -> None:
@@ -76,7 +99,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--cache", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
     rows = []
@@ -85,13 +108,8 @@ def main() -> None:
     with torch.no_grad():
         for batch in args.batches:
             prompt = torch.randint(1, vocab, (batch, PROMPT_TOKENS), device=args.device)
-            results = {}
-            for variant in args.variants:
-                try:
-                    results[variant] = run_variant(model, variant, prompt, args)
-                except Exception as error:  # a variant that breaks on this stack is recorded, not fatal
-                    results[variant] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
-                result = results[variant]
+            results = run_variants(model, args.variants, prompt, args)
+            for variant, result in results.items():
                 rows.append({"batch": batch, "variant": variant, "tokens_per_s": result.get("tokens_per_s", float("nan")),
                              "first_call_s": result.get("first_call_s", float("nan")), "error": result.get("error", ""),
                              "same_tokens_as_eager": "tokens" in result and bool(torch.equal(result["tokens"],
@@ -100,7 +118,7 @@ def main() -> None:
         model = llama(args.size, torch.float32, args.device)
         prompt = torch.randint(1, vocab, (1, PROMPT_TOKENS), device=args.device)
         short = argparse.Namespace(**{**vars(args), "new_tokens": min(args.new_tokens, 32), "rounds": 1})
-        fp32 = {variant: run_variant(model, variant, prompt, short)["tokens"] for variant in ("eager", "ember")}
+        fp32 = {variant: state["tokens"] for variant, state in run_variants(model, ["eager", "ember"], prompt, short).items()}
     identical = bool(torch.equal(fp32["eager"], fp32["ember"]))
     lines = [f"Decoding: Llama {args.size}, static cache {args.cache}, {PROMPT_TOKENS}-token prompt, {args.new_tokens} new "
              "tokens, greedy; tokens/s (median of rounds)",

@@ -4,9 +4,9 @@ what one kernel launch costs.
 For each model (suite size, bf16), `torch.compile(backend="ember", options={"cuda_graphs": False})` beside
 torch.compile's default mode: host µs per call (queued without waiting for the device), wall µs per call, and the
 device launches one call makes (kernels, copies and fills, counted by torch.profiler); ember's step count, its
-generated kernels, and a cProfile of a few calls (top functions by own time). Then the host time of launching one
+generated kernels, the launches of each by kernel name, and a cProfile of a few calls (top functions by own time). Then the host time of launching one
 generated kernel through ember's Kernel against the same compiled kernel's own runner and one ATen op.
-Usage: python bench/host_cost.py [--models mixtral bert_masked] [--out bench/results]
+Usage: python bench/host_cost.py [--models mixtral bert_masked] [--out bench/results] [--dump DIR]
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import cProfile
 import io
 import pstats
 import time
+from collections import Counter
 
 import torch
 
@@ -39,17 +40,20 @@ def host_us(fn, calls: int = 2000) -> float:
     return elapsed / calls * 1e6
 
 
-def launches_per_call(fn, calls: int = 5) -> float:
-    """Device launches (kernels, copies, fills) per call, counted by torch.profiler over `calls` calls."""
+def launches_per_call(fn, calls: int = 5) -> tuple[float, dict[str, float]]:
+    """Device launches (kernels, copies, fills) per call, counted by torch.profiler over `calls` calls, and per
+    call by name (cut to 60 characters)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return sum(1 for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA) / calls
+    names = Counter(event.name[:60] for event in profiler.events()
+                    if event.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(names.values()) / calls, {name: count / calls for name, count in names.most_common()}
 
 
-def profile_model(name: str) -> tuple[dict, str, GroupKernel | None, list]:
+def profile_model(name: str, dump: str | None = None) -> tuple[dict, str, GroupKernel | None, list]:
     torch.manual_seed(0)
     model, inputs = models.load(name, "suite", device="cuda")
     programs = []
@@ -58,8 +62,9 @@ def profile_model(name: str) -> tuple[dict, str, GroupKernel | None, list]:
         inductor = torch.compile(model, mode="default")
         for _ in range(3):
             inductor(*inputs)
+        launches, by_name = launches_per_call(lambda: inductor(*inputs))
         inductor_row = {"host_us": host_us(lambda: inductor(*inputs), calls=50), "wall_us": wall_us(lambda: inductor(*inputs), 20),
-                        "launches": launches_per_call(lambda: inductor(*inputs))}
+                        "launches": launches, "by_name": by_name}
         torch._dynamo.reset()
         original = program.Program.__init__
 
@@ -69,13 +74,15 @@ def profile_model(name: str) -> tuple[dict, str, GroupKernel | None, list]:
 
         program.Program.__init__ = kept
         try:
-            compiled = torch.compile(model, backend="ember", options={"cuda_graphs": False})
+            compiled = torch.compile(model, backend="ember",
+                                     options={"cuda_graphs": False, "debug_dir": f"{dump}/{name}" if dump else None})
             for _ in range(3):
                 compiled(*inputs)
         finally:
             program.Program.__init__ = original
+        launches, by_name = launches_per_call(lambda: compiled(*inputs))
         ember_row = {"host_us": host_us(lambda: compiled(*inputs), calls=50), "wall_us": wall_us(lambda: compiled(*inputs), 20),
-                     "launches": launches_per_call(lambda: compiled(*inputs))}
+                     "launches": launches, "by_name": by_name}
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(10):
@@ -127,10 +134,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["mixtral", "bert_masked", "llama_b1"])
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--dump", help="write each model's generated wrapper and IR under DUMP/model")
     args = parser.parse_args()
     rows, profiles, launch = [], [], None
     for name in args.models:
-        row, profile, kernel, tensors = profile_model(name)
+        row, profile, kernel, tensors = profile_model(name, args.dump)
         rows.append(row)
         profiles.append(f"## {name}\n{profile}")
         if launch is None and kernel is not None:
@@ -149,6 +157,10 @@ def main() -> None:
                      f"runner {launch['compiled_runner_us']:.1f} µs {launch['runner_error']}; aten add {launch['aten_add_us']:.1f} µs")
         lines.append(f"a bf16 [4096, 384] × [384, 384] product: mm {launch['mm_us']:.1f} µs, addmm {launch['addmm_us']:.1f} µs, "
                      f"linear {launch['linear_us']:.1f} µs (host, queued)")
+    for r in rows:
+        lines.append(f"\n## {r['model']}: device launches per call by name, ember / torch.compile default")
+        names = dict.fromkeys([*r["ember"]["by_name"], *r["inductor"]["by_name"]])
+        lines += [f"{r['ember']['by_name'].get(n, 0):6.1f} {r['inductor']['by_name'].get(n, 0):6.1f}  {n}" for n in names]
     write_results(args.out, "host_cost", {**environment(torch.device("cuda")), "models": rows, "launch": launch,
                                           "profiles": profiles}, "\n".join(lines) + "\n\n" + "\n".join(profiles))
 
