@@ -32,7 +32,8 @@ class Buffer:
 StepHow = Literal["view", "elementwise", "in_place", "other"]
 """How a step writes its results: "view" (its results view its first input), "elementwise" (each result element
 is computed, in one program, from input elements at its own index or row, so a result may overwrite an input of
-its type), "in_place" (elementwise, but only over its first input, through the op's in-place variant) or "other"."""
+its type), "in_place" (elementwise, or an op of OVERWRITING_OPS, but only over its first input, through the op's
+in-place variant) or "other"."""
 
 
 class StepSpec(NamedTuple):
@@ -47,6 +48,8 @@ class StepSpec(NamedTuple):
 def _how(node: Node) -> StepHow:
     if node.returns_view:
         return "view"
+    if node.op in OVERWRITING_OPS and not node.is_extern and inplace_overload(node.definition.target) is not None:
+        return "in_place"  # its first input with positions written: written over it where it dies, not copied first
     if node.definition.kind != "pointwise" or node.is_cast or node.is_extern:
         return "other"
     if node.fills_given_memory:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+import ember
+
 from ember.ir import Graph, Node, TensorType, Value
 from ember.optimizer.liveness import Buffer, buffers, live_bytes, peak_live_bytes, reuses
 
@@ -78,6 +80,35 @@ def test_an_op_whose_out_overload_copies_is_written_over_its_first_input_in_plac
     assert [node.fills_given_memory for node in nodes] == [True, False, True, False, True]
     assert reuses(graph) == {"b": "a", "c": "b"}
     assert [buffer.name for buffer in buffers(graph)] == ["a", "e", "f"]
+
+
+def test_an_inverse_permutation_is_written_into_the_buffer_it_fills_not_a_copy_of_it():
+    """MoE routing's `inverse[order] = arange` is index_put over a fresh buffer: written over it in place where it
+    dies (torch's functional index_put would copy it first), and not where it is read after."""
+    order, positions = (Value(name, TensorType((6,), torch.int64)) for name in ("order", "positions"))
+    empty = Node("inverse", "empty.memory_format", (), {"size": (6,), "dtype": torch.int64},
+                 (Value("inverse", TensorType((6,), torch.int64)),))
+    put = Node("put", "index_put", ("inverse", "order", "positions"), {"indices": (1,)},
+               (Value("put", TensorType((6,), torch.int64)),))
+    twice = Node("twice", "mul.Scalar", ("put",), {"other": 2}, (Value("twice", TensorType((6,), torch.int64)),))
+    graph = Graph((order, positions), (), (empty, put, twice), ("twice",))
+    graph.verify()
+    assert reuses(graph) == {"put": "inverse"}
+    kept = Graph((order, positions), (), (empty, put, twice), ("twice", "inverse"))
+    assert "put" not in reuses(kept)
+    with torch.inference_mode():
+        program = ember.compile(_InversePermutation(), (torch.randperm(6),))
+        order = torch.randperm(6)
+        assert torch.equal(program(order), _InversePermutation()(order))
+    step = next(step for step in program.executor.steps_on(torch.device("cpu")) if step.node.startswith("index_put"))
+    assert step.call.how == "in_place"
+
+
+class _InversePermutation(torch.nn.Module):
+    def forward(self, order):
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        return inverse * 2
 
 
 def test_an_extern_op_returning_a_view_extends_its_base():
