@@ -22,6 +22,7 @@ import linecache
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ def generate_wrapper(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | 
     open_in = _open_after(steps[:start], arena_count)
     open_out = _open_after(steps[:stop], arena_count)
     writer = _Writer(graph, layout, device, allocate)
+    writer.uses.update(name for step in steps[start:stop] for name in step.inputs)
+    writer.uses.update(graph.outputs if returns is None else returns)
     parameters = [writer.local(value.name) for value in graph.inputs] + [writer.local(value) for value in carried]
     if open_in:
         parameters.append("arenas")
@@ -78,8 +81,7 @@ def generate_wrapper(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | 
             writer.line(f"{writer.arena(index)} = allocate({layout.arenas[index].size_bytes}, device)")
             writer.type_arena(index, steps[start:stop])
         writer.step(step)
-        if step.frees:
-            writer.line(f"del {', '.join(writer.local(value) for value in step.frees)}")
+        writer.free(step.frees)
         for index in step.closes:
             writer.line(f"del {', '.join(writer.arena_names(index))}")
     results = "[" + ", ".join(writer.value(value) for value in (graph.outputs if returns is None else returns)) + "]"
@@ -161,6 +163,20 @@ class _Writer:
         self.types = graph.types()
         self.exact: set[str] = set()
         """Values whose strides at run time are their type's: a `reinterpret_tensor` of them is exact."""
+        self.uses: Counter[str] = Counter()
+        """How often each value is read by the wrapper's steps and returned."""
+        self.views: dict[str, tuple[str, tuple[int, ...], tuple[int, ...], int]] = {}
+        """A view of an exactly strided value read once, written where it is read: its root value (the first that
+        is not such a view), sizes, strides and offset from the root. A chain of views is one alias."""
+        self.consumed: set[str] = set()
+        self.pending: Counter[str] = Counter()
+        """Root value -> its views written where they are read and not read yet."""
+        self.dead_roots: set[str] = set()
+        """Roots whose values have died but whose views are still to be read: deleted after those reads."""
+        self.aligned: set[str] = {name for name, tensor in graph.weights.items() if not tensor.data_ptr() % ALIGNED}
+        """Values whose data pointer is ALIGNED at run time: weights that are, memory the allocator gives (an arena,
+        a fresh result), and views of them at aligned offsets. A kernel reading and writing only these is launched
+        directly, with no check of its pointers on each call."""
         self.graph_weights = graph.weights
         self.transposed: dict[str, str] = {}
         """Weight -> the global holding its transpose (made once, for matrix products)."""
@@ -183,8 +199,31 @@ class _Writer:
         return self.locals[value]
 
     def value(self, value: str) -> str:
-        """How to read IR value `value`: its weight global, else its local."""
+        """How to read IR value `value`: its weight global, a view written where it is read, else its local."""
+        if value in self.views:
+            root, shape, stride, offset = self.views[value]
+            if value not in self.consumed:
+                self.consumed.add(value)
+                self.pending[root] -= 1
+            return f"reinterpret_tensor({self.value(root)}, {shape!r}, {stride!r}, {offset})"
         return self.weights.get(value) or self.local(value)
+
+    def free(self, names: Sequence[str]) -> None:
+        """`del` the locals of values that die here: not a view written where it is read (it has none), nor yet
+        the value such a view, still unread, is made from (deleted once that view is read)."""
+        dying = []
+        for name in names:
+            if name in self.views:
+                continue
+            if self.pending.get(name):
+                self.dead_roots.add(name)
+            else:
+                dying.append(self.local(name))
+        released = [root for root in self.dead_roots if not self.pending[root]]
+        self.dead_roots.difference_update(released)
+        dying += [self.local(root) for root in released]
+        if dying:
+            self.line(f"del {', '.join(dying)}")
 
     def constant(self, value: Any, hint: str | None = None) -> str:
         """A constant as a literal when it is one, else as a global (named by `hint`, or after the value)."""
@@ -255,8 +294,9 @@ class _Writer:
         outputs = [self.local(name) for name in step.outputs]
         given = [self.memory(target, inputs) for target in step.targets] or [None] * len(outputs)
         targets = step.targets or (None,) * len(outputs)
+        self.aligned.update(name for name, target in zip(step.outputs, targets) if self._aligned_memory(step, target))
         if isinstance(step.call, GroupKernel):
-            self._launch(step.call, inputs, outputs, given)
+            self._launch(step.call, inputs, outputs, given, step)
             self.exact.update(name for name, target in zip(step.outputs, targets)  # fresh at the value's strides,
                               if not isinstance(target, int) or step.inputs[target] in self.exact)  # or given
             return
@@ -267,7 +307,7 @@ class _Writer:
         if call.how == "cast":
             self.line(f"{outputs[0]} = {given[0]}.copy_({inputs[0]})")
             return
-        if call.how == "reference" and self._view(step, built, inputs[0] if inputs else "", outputs, given):
+        if call.how == "reference" and self._view(step, built, outputs, given):
             return
         if call.how in ("reference", "linear") and self._matrix_product(step, built, outputs, given):
             return
@@ -306,10 +346,25 @@ class _Writer:
             if held is not None:
                 self.line(f"del {held}")
 
-    def _view(self, step: Step, built: tuple[list[Any], dict[str, Any]], source: str, outputs: Sequence[str],
+    def _aligned_memory(self, step: Step, target: Any) -> bool:
+        """Whether the result given `target` (see executor.given_memory) starts ALIGNED: an arena slot at an
+        aligned offset, an aligned input's memory, or memory allocated for it (by the wrapper, a generated kernel
+        or an op returning a fresh tensor; not a view or an alias of an input, found by `_view`)."""
+        if isinstance(target, tuple):
+            return target[1] % ALIGNED == 0
+        if isinstance(target, int):
+            return step.inputs[target] in self.aligned
+        if isinstance(step.call, GroupKernel):
+            return True
+        node = self.nodes.get(step.node)
+        return (node is not None and not node.returns_view and step.call.how in ("reference", "copy_in", "linear", "out")
+                and all(result.alias_info is None for result in node.definition.schema.returns))
+
+    def _view(self, step: Step, built: tuple[list[Any], dict[str, Any]], outputs: Sequence[str],
               given: Sequence[str | None]) -> bool:
         """One view step of an exactly strided value as one `reinterpret_tensor` (its sizes, strides and offset
-        found by running the op on a meta tensor of the source's type); False, writing nothing, for any other step."""
+        found by running the op on a meta tensor of the source's type), of the first value its chain of views
+        starts from; written where it is read when read once. False, writing nothing, for any other step."""
         node = self.nodes.get(step.node)
         if node is None or node.definition.kind != "view" or len(step.inputs) != 1 or step.positions != (0,) \
                 or given[0] is not None or step.inputs[0] not in self.exact:
@@ -324,9 +379,18 @@ class _Writer:
         if not isinstance(result, torch.Tensor) or result.dtype != source_type.dtype \
                 or tuple(result.shape) != result_type.shape or tuple(result.stride()) != tuple(result_type.layout):
             return False
-        self.line(f"{outputs[0]} = reinterpret_tensor({source}, {result_type.shape!r}, {tuple(result_type.layout)!r}, "
-                  f"{result.storage_offset()})")
+        root, offset = step.inputs[0], result.storage_offset()
+        if root in self.views:
+            root, offset = self.views[root][0], self.views[root][3] + offset
+        shape, stride = result_type.shape, tuple(result_type.layout)
+        if self.uses[step.outputs[0]] == 1:
+            self.views[step.outputs[0]] = (root, shape, stride, offset)
+            self.pending[root] += 1
+        else:
+            self.line(f"{outputs[0]} = reinterpret_tensor({self.value(root)}, {shape!r}, {stride!r}, {offset})")
         self.exact.add(step.outputs[0])
+        if step.inputs[0] in self.aligned and not result.storage_offset() * result.dtype.itemsize % ALIGNED:
+            self.aligned.add(step.outputs[0])
         return True
 
     def _matrix_product(self, step: Step, built: tuple[list[Any], dict[str, Any]], outputs: Sequence[str],
@@ -372,7 +436,7 @@ class _Writer:
             self.line(f"{output} = {results[position]}")
 
     def _launch(self, group: GroupKernel, inputs: Sequence[str], outputs: Sequence[str],
-                given: Sequence[str | None]) -> None:
+                given: Sequence[str | None], step: Step) -> None:
         """A generated kernel: outputs into the memory given, else fresh tensors on its first input's device."""
         where = f"{inputs[0]}.device" if inputs else "device"
         for output, value, memory in zip(outputs, group.outputs, given):
@@ -394,10 +458,19 @@ class _Writer:
         arguments = ", ".join([str(group.kernel.source.programs), "1", "1", "stream", str(direct.function),
                                self.constant(direct.metadata, f"{group.name}_metadata"), "None", "None", "None",
                                *tensors, *(self.constant(value) for value in direct.tail)])
-        self.line(f"if ({' | '.join(f'{name}.data_ptr()' for name in tensors)}) & 15:")
+        launch = f"{self.constant(direct.run, f'{group.name}_launch')}({arguments})"
+        unknown = [name for name, value in zip(tensors, (*step.inputs, *step.outputs)) if value not in self.aligned]
+        if not unknown:
+            self.line(launch)
+            return
+        self.line(f"if ({' | '.join(f'{name}.data_ptr()' for name in unknown)}) & {ALIGNED - 1}:")
         self.line(call, indent=2)
         self.line("else:")
-        self.line(f"{self.constant(direct.run, f'{group.name}_launch')}({arguments})", indent=2)
+        self.line(launch, indent=2)
+
+
+ALIGNED = 16
+"""The byte alignment of every pointer a directly launched kernel was compiled for (Triton specializes on it)."""
 
 
 def _as_strided_from(tensor: torch.Tensor, size: Sequence[int], stride: Sequence[int], offset_increment: int
