@@ -3,7 +3,7 @@
 Every value the group reads is loaded through its own strides, broadcast to the iteration shape (the
 shape all the group's results share); floating values are computed in float32 and rounded once,
 when stored. A value is computed where it is needed: through a move (a view, cat, gather or short sum,
-see ir.expressions.MOVES) the kernel reads the operand at the coordinates the move maps to, masked to the
+see expressions.MOVES) the kernel reads the operand at the coordinates the move maps to, masked to the
 piece it comes from, so whatever feeds a move is computed there. The group's IR is a comment at the top of
 the source, so a dumped kernel says what it is.
 """
@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from ..ir import Graph, Node, TensorType
-from ..ir.expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, operands
+from .expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, operands
 from ..ir.plans import reads_of
 from .source import KernelSource, check_dtypes, coordinates, header, load, offset
 

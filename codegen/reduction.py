@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 
 from ..ir import Graph, Node, TensorType
-from ..ir.expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, operands
-from ..ir.reductions import REDUCTIONS, emit_reduction
+from .expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, operands
+from .reductions import REDUCTIONS, emit_reduction
 from ..ir.plans import reads_of
 from .source import KernelSource, check_dtypes, coordinates, header, load, offset
 

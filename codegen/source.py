@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import Graph, Node, TensorType
-from ..ir.expressions import FLOATS, TRITON_TYPES
+from .expressions import FLOATS, TRITON_TYPES
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 Kinds so far:
 - pointwise chains: every node an op with a Triton expression, all results of one shape, broadcast inputs allowed;
-  a pointwise group also reads through moves (views, cats, a 1-D gather, short sums; ir.expressions.MOVES) that
+  a pointwise group also reads through moves (views, cats, a 1-D gather, short sums; codegen.expressions.MOVES) that
   only it reads, taking in the groups whose results only those moves read;
 - reductions over trailing dims (sum, mean, softmax, log-softmax, layer norm) with their pointwise producers
   and consumers: results either of the reduced input's shape ("full") or one value per row, so a residual
@@ -24,8 +24,8 @@ import networkx as nx
 
 from ..ir import Graph, Node, TensorType
 from ..ir.plans import FusionGroup, FusionPlan, reads_of
-from ..ir.expressions import MATERIALIZED, MOVES, fusible, movable
-from ..ir.reductions import REDUCTIONS, reduced_dims
+from ..codegen.expressions import MATERIALIZED, MOVES, fusible, movable
+from ..codegen.reductions import REDUCTIONS, reduced_dims
 from .cost import CostModel
 from .cost.model import permuted
 

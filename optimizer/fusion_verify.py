@@ -16,9 +16,9 @@ import math
 from collections.abc import Mapping
 
 from ..ir import Graph, Node, TensorType
-from ..ir.expressions import fusible, movable
+from ..codegen.expressions import fusible, movable
 from ..ir.plans import FusionError, FusionGroup, FusionPlan
-from ..ir.reductions import REDUCTIONS, reduced_dims
+from ..codegen.reductions import REDUCTIONS, reduced_dims
 
 
 def verify_fusion(plan: FusionPlan, graph: Graph) -> None:

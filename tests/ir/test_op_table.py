@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from ember.codegen import Kernel, generate, generate_rows
 from ember.ir import OP_TABLE, Graph, Node, Value
-from ember.ir.expressions import EXPRESSIONS, fusible
-from ember.ir.reductions import REDUCTIONS, reduced_dims
+from ember.codegen.expressions import EXPRESSIONS, fusible
+from ember.codegen.reductions import REDUCTIONS, reduced_dims
 from ember.ir.ops import as_tuple
 from ember.ir.schema import split_arguments
 from ember.ir.types import TensorType, type_of

@@ -1,7 +1,7 @@
 """Pointwise ops as Triton expressions: what a fused pointwise kernel computes for each node.
 
-Part of the op table's definition of an op (the fusion pass asks which ops can be fused, codegen
-asks how to write them). Expressions take and give float32 for floating values (ATen's "opmath":
+The Triton spelling of the op table's elementwise ops, kept beside the code generator (the fusion pass asks
+which nodes a kernel can compute, codegen how to write them). Expressions take and give float32 for floating values (ATen's "opmath":
 half and bfloat16 ops compute in float32), and 0/1 booleans for comparisons; the kernel casts at the
 loads and stores. An op missing here, or an attribute these forms do not cover, is not fused.
 """
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .schema import _tensor_kind
-from .types import TensorType
+from ..ir.schema import _tensor_kind
+from ..ir.types import TensorType
 
 if TYPE_CHECKING:
-    from .graph import Node
+    from ..ir.graph import Node
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_TYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",

@@ -1,6 +1,6 @@
 """Row reductions as Triton code: what a fused reduction kernel computes for a reduction or normalization node.
 
-Part of the op table's definition of an op, beside the pointwise expressions. A reduction kernel iterates
+The Triton spelling of the op table's reductions and normalizations, beside the pointwise expressions. A reduction kernel iterates
 over rows × columns, the columns being the trailing dims the ops reduce; a reduction turns a [rows, columns]
 block into one value per row, kept as a [rows, 1] block so later expressions broadcast it back over the row.
 Values are float32, as in `expressions`. An op, dim or attribute these forms do not cover is not fused.
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .expressions import FLOATS, operands
-from .types import TensorType
+from ..ir.types import TensorType
 
 if TYPE_CHECKING:
-    from .graph import Node
+    from ..ir.graph import Node
 
 
 class RowCode(Protocol):
