@@ -27,7 +27,8 @@ import numpy as np
 
 from ..ir import ALIGNMENT, Arena, ArenaLayout, Graph, TensorType
 from ..ir.plans import FusionPlan
-from .liveness import Buffer, base_of, buffers, reuses, steps_of, unrepeatable_updates, updates_written_over
+from .liveness import (Buffer, base_of, buffers, live_bytes, reuses, steps_of, unrepeatable_updates,
+                       updates_written_over)
 from .memory_plan import MemoryPlan, plan_intervals
 from .memory_verify import verify_plan
 
@@ -137,13 +138,7 @@ def arena_windows(all_buffers: Sequence[Buffer], outside: set[str], steps: int,
 
 
 def _live(all_buffers: Sequence[Buffer], steps: int, alignment: int) -> np.ndarray:
-    """Bytes live at each step, each buffer's size rounded up to `alignment`."""
-    live = np.zeros(steps + 1, dtype=np.int64)
-    for buffer in all_buffers:
-        size = -(-buffer.size_bytes // alignment) * alignment
-        live[buffer.start] += size
-        live[buffer.end + 1] -= size
-    return np.cumsum(live)[:steps]
+    return np.asarray(live_bytes(all_buffers, steps, alignment), dtype=np.int64)
 
 
 def _peak(all_buffers: Sequence[Buffer], layout: ArenaLayout, steps: int, alignment: int) -> int:

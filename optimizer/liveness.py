@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from ..ir import Graph, Node, TensorType, Value
 from ..ir.schema import inplace_overload
+from .intervals import live_per_step
 
 if TYPE_CHECKING:
     from ..ir.plans import FusionPlan
@@ -222,17 +223,10 @@ def buffers(graph: Graph, fusion: FusionPlan | None = None) -> tuple[Buffer, ...
     return tuple(Buffer(name, size[name], start[name], end[name]) for name in start)
 
 
-def live_bytes(all_buffers: tuple[Buffer, ...], steps: int) -> list[int]:
-    """Bytes live at each step."""
-    live = [0] * (steps + 1)
-    for buffer in all_buffers:
-        live[buffer.start] += buffer.size_bytes
-        live[buffer.end + 1] -= buffer.size_bytes
-    running, result = 0, []
-    for delta in live[:steps]:
-        running += delta
-        result.append(running)
-    return result
+def live_bytes(all_buffers: Sequence[Buffer], steps: int, alignment: int = 1) -> list[int]:
+    """Bytes live at each step, each buffer's size rounded up to `alignment`."""
+    return live_per_step([b.size_bytes for b in all_buffers], [b.start for b in all_buffers],
+                         [b.end for b in all_buffers], steps, alignment).tolist()
 
 
 def peak_live_bytes(graph: Graph) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from ..errors import PlanError
 from ..ir.layout import ALIGNMENT
 from ..progress import task
 from ..units import format_bytes
+from .intervals import lower_bound
 from .memory_search import pack
 from .memory_verify import overlapping_pair
 
@@ -112,19 +113,6 @@ def plan_intervals(
             update(advance=1)
     status = "optimal" if all(s == "optimal" for s in statuses) else "feasible" if "feasible" in statuses else "heuristic"
     return _finish(aligned, tuple(offsets), bound, proven, method, status, started)
-
-
-def lower_bound(sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int]) -> int:
-    """Max over steps of the bytes live at that step."""
-    events: dict[int, int] = {}
-    for size, start, end in zip(sizes, starts, ends):
-        events[start] = events.get(start, 0) + size
-        events[end + 1] = events.get(end + 1, 0) - size
-    live = peak = 0
-    for step in sorted(events):
-        live += events[step]
-        peak = max(peak, live)
-    return peak
 
 
 def time_windows(starts: Sequence[int], ends: Sequence[int]) -> list[list[int]]:

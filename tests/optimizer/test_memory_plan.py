@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from ember.errors import PlanError
 from ember.optimizer import memory_plan
-from ember.optimizer.memory_plan import MemoryPlan, greedy_by_size, lower_bound, plan_intervals, time_windows
+from ember.optimizer.intervals import live_per_step, lower_bound
+from ember.optimizer.memory_plan import MemoryPlan, greedy_by_size, plan_intervals, time_windows
 from ember.optimizer.memory_search import Packing, fits
 from ember.optimizer.memory_verify import verify_plan
 
@@ -203,3 +204,10 @@ def test_search_finds_a_packing_at_every_optimum_the_mip_proves(problem):
     verify_plan(MemoryPlan(tuple(packed), optimum, optimum, "search", "optimal", 0.0, 0.0), sizes, starts, ends,
                 alignment=1)
     assert fits(sizes, starts, ends, optimum - 1, time.perf_counter() + 5) is None
+
+
+def test_live_bytes_are_swept_once_with_sizes_rounded_and_steps_cut():
+    sizes, starts, ends = [100, 300, 50], [0, 1, 3], [2, 1, 5]
+    assert live_per_step(sizes, starts, ends).tolist() == [100, 400, 100, 50, 50, 50]
+    assert live_per_step(sizes, starts, ends, steps=4, alignment=256).tolist() == [256, 768, 256, 256]
+    assert lower_bound(sizes, starts, ends) == 400 and lower_bound([], [], []) == 0
