@@ -31,6 +31,15 @@ def _assert_bitwise_equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> 
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def _checked_wrapper_source(model: torch.nn.Module, x: torch.Tensor) -> str:
+    """The CPU wrapper's source of `model` compiled for `x`, after checking it computes the step loop's bits."""
+    with torch.inference_mode():
+        program = ember.compile(model, (x,))
+        tensors = [torch.randn_like(x)]
+        _assert_bitwise_equal(program.executor(tensors), program.executor.interpret(tensors))
+    return program.executor.wrapper_on(torch.device("cpu")).source
+
+
 @pytest.fixture
 def allocated(monkeypatch) -> list[int]:
     """The size of every arena the executor allocates from now on, in order."""
@@ -230,12 +239,7 @@ def test_linear_layers_on_row_contiguous_inputs_are_one_matrix_product_bit_for_b
             plain = self.plain(three)
             return three, plain, self.wide(torch.sigmoid(plain).unsqueeze(1)), self.biased(hidden.reshape(-1, 6))
 
-    x = torch.randn(2, 4, 6)
-    with torch.inference_mode():
-        program = ember.compile(Layers(), (x,))
-        tensors = [torch.randn_like(x)]
-        _assert_bitwise_equal(program.executor(tensors), program.executor.interpret(tensors))
-    source = program.executor.wrapper_on(torch.device("cpu")).source
+    source = _checked_wrapper_source(Layers(), torch.randn(2, 4, 6))
     assert source.count("addmm(") == 2 and source.count(" mm(") == 1 and source.count("aten_linear_default(") == 2
 
 
@@ -280,12 +284,7 @@ def test_an_attention_result_is_held_at_its_ir_strides_and_read_exactly_after():
             heads = torch.nn.functional.scaled_dot_product_attention(q, k, v)
             return self.out(heads.transpose(1, 2).reshape(2, 5, 12))
 
-    x = torch.randn(2, 5, 12)
-    with torch.inference_mode():
-        program = ember.compile(Attention(), (x,))
-        tensors = [torch.randn_like(x)]
-        _assert_bitwise_equal(program.executor(tensors), program.executor.interpret(tensors))
-    source = program.executor.wrapper_on(torch.device("cpu")).source
+    source = _checked_wrapper_source(Attention(), torch.randn(2, 5, 12))
     after = source[source.index("\n", source.index("laid_out(")):]  # the lines after the attention's
     assert "aten_" not in after and "addmm(" in after
 
