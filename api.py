@@ -58,6 +58,7 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     program = Program(compilation.graph, report, layout=arena.layout if arena else None, work=compilation.work,
                       cuda_graphs=compilation.capture["capture"], check_inputs=options.check_inputs,
                       debug_dir=options.debug_dir, captured=graph, **program_args)
+    program.executor.prepare(compilation.target.device or torch.device("cpu"))
     program.report.stage_seconds["build"] = time.perf_counter() - started
     log.info("compiled %d nodes, op coverage %.1f%%", program.report.node_count, 100 * program.report.op_coverage)
     return program

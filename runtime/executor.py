@@ -200,6 +200,16 @@ class Executor:
         device = _device_of(inputs, self.graph)
         return self._run(self.steps_on(device), inputs, device)
 
+    def prepare(self, device: torch.device) -> None:
+        """Bind the steps for calls on `device` now, when the program is built, and generate the wrapper that runs
+        them uncaptured (a captured program's wrappers are generated when it is captured)."""
+        if self.layout is None:
+            self.wrapper_on(None)
+        elif self.cuda_graphs and device.type == "cuda":
+            self.steps_on(device)
+        else:
+            self.wrapper_on(device)
+
     def wrapper_on(self, device: torch.device | None) -> Wrapper:
         """The generated function running every step for calls on `device` (None: without an arena)."""
         if device not in self._wrappers:

@@ -2,6 +2,7 @@
 arenas, and source that reads like a hand-written forward."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import traceback
 
@@ -109,8 +110,7 @@ def test_the_source_reads_like_a_forward(tmp_path):
     one reinterpret_tensor per slot; dumped to the debug directory."""
     model, inputs = models.load("llama_b1")
     with torch.inference_mode():
-        program = ember.compile(model, inputs)
-        program.executor.debug_dir = str(tmp_path)
+        program = ember.compile(model, inputs, ember.Options(debug_dir=str(tmp_path)))
         program(*inputs)
     source = program.executor.wrapper_on(torch.device("cpu")).source
     lines = source.splitlines()
@@ -138,8 +138,14 @@ def test_an_error_inside_the_wrapper_points_at_its_generated_line():
 def test_a_call_that_autograd_records_stays_on_the_reference_steps():
     model, inputs = models.load("mlp")
     program = ember.compile(model, inputs)
+    cpu = torch.device("cpu")
+
+    def not_for_autograd(*tensors):
+        raise AssertionError("a call autograd records ran the generated wrapper")
+
+    program.executor._wrappers[cpu] = dataclasses.replace(program.executor.wrapper_on(cpu), function=not_for_autograd)
     program(*inputs).sum().backward()
-    assert not program.executor._wrappers
+    assert all(parameter.grad is not None for parameter in model.parameters())
 
 
 def test_a_view_of_memory_the_wrapper_gave_is_one_reinterpret_tensor_and_a_view_of_an_input_is_the_op():
@@ -297,3 +303,19 @@ def test_laid_out_keeps_a_tensor_at_the_strides_asked_and_copies_any_other():
     for other in (x.contiguous(), torch.randn(121)[1:].as_strided((2, 3, 5, 4), x.stride())):
         held = laid_out(other, (2, 3, 5, 4), x.stride())
         assert held.stride() == x.stride() and held.storage_offset() == 0 and torch.equal(held, other)
+
+
+def test_the_steps_are_bound_and_the_wrapper_generated_when_the_program_is_built(monkeypatch):
+    """Compile does the binding and the generation; the first call runs what is there."""
+    from ember.runtime import executor as executor_module
+
+    generated = []
+    original = executor_module.generate_wrapper
+    monkeypatch.setattr(executor_module, "generate_wrapper", lambda *args, **kwargs: generated.append(1) or original(*args, **kwargs))
+    model, inputs = models.load("mlp")
+    with torch.inference_mode():
+        program = ember.compile(model, inputs)
+        assert len(generated) == 1
+        program(*inputs)
+        program(*_fresh(inputs))
+    assert len(generated) == 1
