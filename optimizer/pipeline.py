@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,9 @@ class Compilation:
     work: tuple[Node | GroupKernel, ...] | None = None
     arena: ArenaPlan | None = None
     capture: dict[str, Any] = field(default_factory=dict)
+    changes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    """Graph pass -> what it changed, by op: nodes removed, added, and rewritten (same node, other inputs or
+    attributes); passes that changed nothing are absent."""
 
     @property
     def cost(self) -> CostModel:
@@ -250,8 +254,27 @@ def run(compilation: Compilation, to_run: Sequence[Stage]) -> Compilation:
             if isinstance(stage, GraphPass):
                 checkpoint(compilation.graph, name, compilation.options, index=index,
                            changed=compilation.graph is not before)
+                changes = graph_changes(before, compilation.graph)
+                if changes:
+                    compilation.changes[name] = changes
             update(advance=1)
     return compilation
+
+
+def graph_changes(before: Graph, after: Graph) -> dict[str, dict[str, int]]:
+    """What a pass changed, by op: nodes gone, nodes new, and nodes kept under their name with other inputs or
+    attributes (empty when nothing changed)."""
+    if after is before:
+        return {}
+    old = {node.name: node for node in before.nodes}
+    new = {node.name: node for node in after.nodes}
+    changes = {
+        "removed": Counter(node.op for name, node in old.items() if name not in new or new[name].op != node.op),
+        "added": Counter(node.op for name, node in new.items() if name not in old or old[name].op != node.op),
+        "rewritten": Counter(node.op for name, node in new.items() if name in old and old[name].op == node.op
+                             and (old[name].inputs, old[name].attrs) != (node.inputs, node.attrs)),
+    }
+    return {kind: dict(sorted(counts.items())) for kind, counts in changes.items() if counts}
 
 
 def stage_name(stage: Stage) -> str:

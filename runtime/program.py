@@ -38,6 +38,8 @@ class CompileReport:
     cuda_graphs: Mapping[str, Any] = field(default_factory=dict)
     """Whether a call on a GPU is captured and replayed, and why: asked for, or the cost model's predicted host
     and device time."""
+    pass_changes: Mapping[str, Mapping[str, Mapping[str, int]]] = field(default_factory=dict)
+    """Graph pass -> the nodes it removed, added and rewritten, by op (pipeline.graph_changes)."""
 
     def __rich__(self) -> Group:
         return render_compile_report(self)
@@ -81,6 +83,13 @@ def render_compile_report(report: CompileReport) -> Group:
     stages.add_section()
     stages.add_row("total", format_us(total_s * 1e6), "100.0%" if total_s else "-", style="bold")
     parts = [summary, stages]
+    if report.pass_changes:
+        passes = _table("graph passes that changed the graph")
+        passes.add_column("pass")
+        passes.add_column("changed")
+        for name, changes in report.pass_changes.items():
+            passes.add_row(name, "; ".join(f"{kind} {_counts(counts, LISTED_OPS)}" for kind, counts in changes.items()))
+        parts.append(passes)
     if report.extern_ops:
         externs = _table("extern ops (ATen)")
         externs.add_column("op")
@@ -135,7 +144,8 @@ def _cuda_graphs_line(cuda_graphs: Mapping[str, Any]) -> str:
 
 
 def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Mapping[str, Any] | None = None,
-                    fusion: Mapping[str, Any] | None = None, cuda_graphs: Mapping[str, Any] | None = None) -> CompileReport:
+                    fusion: Mapping[str, Any] | None = None, cuda_graphs: Mapping[str, Any] | None = None,
+                    pass_changes: Mapping[str, Any] | None = None) -> CompileReport:
     """Count native and extern nodes of the final graph."""
     native: dict[str, int] = {}
     extern: dict[str, int] = {}
@@ -145,7 +155,7 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Ma
     total = len(graph.nodes)
     coverage = 1.0 if total == 0 else sum(native.values()) / total
     return CompileReport(total, coverage, extern, dict(stage_seconds), native, dict(memory or {}), dict(fusion or {}),
-                         dict(cuda_graphs or {}))
+                         dict(cuda_graphs or {}), dict(pass_changes or {}))
 
 
 class Program:
