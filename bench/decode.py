@@ -5,7 +5,8 @@ static cache of --cache tokens; `model.forward` is eager, torch.compile default,
 (Hugging Face's recipe) or torch.compile(backend="ember"), each with generate's own compilation turned off
 (`disable_compile`); and once more as generate runs by default: for a static cache on a GPU, transformers
 compiles the model itself with Inductor's reduce-overhead mode ("generate_auto"). Tokens/s over the timed generate calls (median of
---rounds, interleaved: each round runs every variant once, on its own copy of the model, after two warm-up calls that compile), first-call seconds, and whether the greedy tokens equal eager's;
+--rounds, interleaved: each round runs every variant once, on its own copy of the model, after two warm-up calls that compile; and
+ember against reduce-overhead paired round by round), first-call seconds, and whether the greedy tokens equal eager's;
 then, in float32, whether ember's greedy tokens are identical to eager's.
 Usage: python bench/decode.py [--out bench/results] [--batches 1 8] [--new-tokens 128] [--cache 1024]
        python bench/decode.py --device cpu --size tiny --batches 1 --new-tokens 8 --cache 64   (a smoke test)
@@ -85,10 +86,22 @@ def run_variants(model: torch.nn.Module, variants: list[str], prompt: torch.Tens
         for state in ready:
             time_round(state, prompt, args)
     for state in ready:
-        state["tokens_per_s"] = prompt.shape[0] * args.new_tokens / statistics.median(state.pop("seconds"))
+        state["round_seconds"] = state.pop("seconds")
+        state["tokens_per_s"] = prompt.shape[0] * args.new_tokens / statistics.median(state["round_seconds"])
         del state["model"]
     torch._dynamo.reset()  # the compiled copies go, and their caches with them
     return results
+
+
+def paired_ratios(rows: list[dict], batch: int, reduce_overhead: float) -> list[float]:
+    """Per round, the reduce-overhead variant's time over ember's (speed ratio): rounds interleave, so each pair
+    ran on the machine as it was then, and host noise that drifts between rounds cancels."""
+    by = {r["variant"]: r for r in rows if r["batch"] == batch}
+    theirs = next((by[name] for name in ("inductor_ro", "generate_auto")
+                   if name in by and by[name]["tokens_per_s"] == reduce_overhead), None)
+    if theirs is None or "ember" not in by:
+        return []
+    return [other / ours for other, ours in zip(theirs["round_seconds"], by["ember"]["round_seconds"])]
 
 
 def main() -> None:
@@ -112,6 +125,7 @@ def main() -> None:
             for variant, result in results.items():
                 rows.append({"batch": batch, "variant": variant, "tokens_per_s": result.get("tokens_per_s", float("nan")),
                              "first_call_s": result.get("first_call_s", float("nan")), "error": result.get("error", ""),
+                             "round_seconds": result.get("round_seconds", []),
                              "same_tokens_as_eager": "tokens" in result and bool(torch.equal(result["tokens"],
                                                                                              results["eager"]["tokens"]))})
                 print(f"batch {batch} {variant}: {rows[-1]['tokens_per_s']:,.1f} tokens/s {rows[-1]['error']}", flush=True)
@@ -137,6 +151,10 @@ def main() -> None:
         if "ember" in by:
             lines.append(f"batch {batch}: ember / reduce-overhead (ours or generate's) = {by['ember'] / reduce_overhead:.2f} "
                          f"(target ≥ 1.10); ember / best torch.compile that ran = {by['ember'] / best:.2f}")
+            paired = paired_ratios(rows, batch, reduce_overhead)
+            if paired:
+                lines.append(f"    paired by round (each round's reduce-overhead time over ember's, as the machine ran "
+                             f"then): median {statistics.median(paired):.2f}, from {min(paired):.2f} to {max(paired):.2f}")
     lines.append(f"float32, {short.new_tokens} tokens: ember's greedy tokens identical to eager's: {identical}")
     device = torch.device(args.device)
     write_results(args.out, "decode" if args.size == "suite" else f"decode_{args.size}",
