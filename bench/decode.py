@@ -52,10 +52,9 @@ def prepare(model: torch.nn.Module, variant: str, prompt: torch.Tensor, args: ar
         model = copy.deepcopy(model)
         if not auto:
             model.forward = torch.compile(model.forward, fullgraph=True, **VARIANTS[variant])
-    synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     started = time.perf_counter()
     tokens = generate(model, prompt, args.new_tokens, args.cache, auto_compile=auto)
-    synchronize()
+    _synchronize(prompt)
     first_s = time.perf_counter() - started
     generate(model, prompt, args.new_tokens, args.cache, auto_compile=auto)
     return {"model": model, "auto": auto, "first_call_s": first_s, "tokens": tokens, "seconds": []}
@@ -63,12 +62,16 @@ def prepare(model: torch.nn.Module, variant: str, prompt: torch.Tensor, args: ar
 
 def time_round(state: dict, prompt: torch.Tensor, args: argparse.Namespace) -> None:
     """One timed generate of a prepared variant."""
-    synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
-    synchronize()
+    _synchronize(prompt)
     started = time.perf_counter()
     generate(state["model"], prompt, args.new_tokens, args.cache, auto_compile=state["auto"])
-    synchronize()
+    _synchronize(prompt)
     state["seconds"].append(time.perf_counter() - started)
+
+
+def _synchronize(prompt: torch.Tensor) -> None:
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
 
 
 def run_variants(model: torch.nn.Module, variants: list[str], prompt: torch.Tensor,

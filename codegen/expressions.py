@@ -152,16 +152,11 @@ def _to_copy(args: Mapping[str, Any]) -> str | None:
 
 
 def _logical(form: str) -> Emit:
-    """A logical op (or a bitwise one on booleans, the only dtype `fusible` lets them read): operands as truth
-    values, a 0/1 result."""
+    """A logical op of two operands (or a bitwise one on booleans, the only dtype `fusible` lets them read):
+    operands as truth values, a 0/1 result."""
     def emit(args: Mapping[str, Any]) -> str | None:
-        return form.format(x=f"({args['self']} != 0)", y=f"({args.get('other')} != 0)")
+        return form.format(x=f"({args['self']} != 0)", y=f"({args['other']} != 0)")
     return emit
-
-
-def _where_scalars(args: Mapping[str, Any]) -> str | None:
-    x, y = _literal(args["self"]), _literal(args["other"])
-    return None if x is None or y is None else f"tl.where({args['condition']} != 0, {x}, {y})"
 
 
 EXPRESSIONS: dict[str, Emit] = {
@@ -205,10 +200,10 @@ EXPRESSIONS: dict[str, Emit] = {
     "hardtanh": _clamp("min_val", "max_val"),
     "where.self": _where,
     "where.ScalarOther": _where,
-    "where.Scalar": _where_scalars,
+    "where.Scalar": _where,
     "logical_and": _logical("({x} & {y})"), "bitwise_and.Tensor": _logical("({x} & {y})"),
     "logical_or": _logical("({x} | {y})"), "bitwise_or.Tensor": _logical("({x} | {y})"),
-    "logical_not": _logical("({x} == 0)"), "bitwise_not": _logical("({x} == 0)"),
+    "logical_not": _unary("({x} == 0)"), "bitwise_not": _unary("({x} == 0)"),
     "masked_fill.Scalar": _masked_fill,
     "_to_copy": _to_copy,
     "clone": _unary("{x}"),

@@ -106,7 +106,7 @@ def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, updates: Mappi
     written = updates_written_over(graph, updates or {}, fusion)
     layout = ArenaLayout(slots, tuple(arenas), {**reuses(graph, fusion), **written},
                          unrepeatable_updates(graph, written))
-    lower = int(_live(all_buffers, step_count, alignment).max(initial=0))
+    lower = int(live_bytes(all_buffers, step_count, alignment).max(initial=0))
     return ArenaPlan(layout, tuple(plans), tuple(fresh), lower, _peak(all_buffers, layout, step_count, alignment),
                      time.perf_counter() - started)
 
@@ -115,7 +115,7 @@ def arena_windows(all_buffers: Sequence[Buffer], outside: set[str], steps: int,
                   alignment: int = ALIGNMENT) -> list[tuple[int, int]]:
     """Consecutive step windows [first, last], each as long as it can be while one arena for the buffers
     inside it, plus every buffer live outside it, stays within the lower bound at each of its steps."""
-    live = _live(all_buffers, steps, alignment)
+    live = live_bytes(all_buffers, steps, alignment)
     bound = live.max(initial=0)
     ending: dict[int, list[Buffer]] = {}
     for buffer in all_buffers:
@@ -137,13 +137,9 @@ def arena_windows(all_buffers: Sequence[Buffer], outside: set[str], steps: int,
     return windows
 
 
-def _live(all_buffers: Sequence[Buffer], steps: int, alignment: int) -> np.ndarray:
-    return np.asarray(live_bytes(all_buffers, steps, alignment), dtype=np.int64)
-
-
 def _peak(all_buffers: Sequence[Buffer], layout: ArenaLayout, steps: int, alignment: int) -> int:
     """The most bytes a call holds at once: the open arenas and the live values outside them."""
-    held = _live([b for b in all_buffers if b.name not in layout.slots], steps, alignment)
+    held = live_bytes([b for b in all_buffers if b.name not in layout.slots], steps, alignment)
     for arena in layout.arenas:
         held[arena.first_step:arena.last_step + 1] += arena.size_bytes
     return int(held.max(initial=0))

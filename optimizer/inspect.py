@@ -21,7 +21,7 @@ from ..ir import Graph
 from ..units import format_bytes, format_us
 from .cost import CostModel
 from .fusion import fusion_summary
-from .liveness import buffers, live_bytes
+from .liveness import buffers, peak_live_bytes
 from .memory_plan import MemoryPlan, plan_intervals
 
 if TYPE_CHECKING:
@@ -134,8 +134,7 @@ def build_report(compilation: Compilation, model: str = "model") -> Report:
 def memory_summary(graph: Graph, time_limit: float = PLAN_SECONDS) -> tuple[dict[str, Any], MemoryPlan]:
     """Live memory of `graph` in its order and the arena plans of its buffers: lower bound, no reuse, greedy, planned."""
     all_buffers = buffers(graph)
-    per_step = live_bytes(all_buffers, len(graph.nodes))
-    peak = max(per_step, default=0)
+    peak, peak_step = peak_live_bytes(graph, all_buffers)
     intervals = ([b.size_bytes for b in all_buffers], [b.start for b in all_buffers], [b.end for b in all_buffers])
     greedy = plan_intervals(*intervals, method="greedy")
     planned = plan_intervals(*intervals, method="mip", time_limit=time_limit)
@@ -143,7 +142,7 @@ def memory_summary(graph: Graph, time_limit: float = PLAN_SECONDS) -> tuple[dict
         "weights_bytes": sum(tensor.nbytes for tensor in graph.weights.values()),
         "inputs_bytes": sum(value.type.nbytes for value in graph.inputs),
         "peak_live_bytes": peak,
-        "peak_step": per_step.index(peak) if per_step else 0,
+        "peak_step": peak_step,
         "no_reuse_bytes": sum(buffer.size_bytes for buffer in all_buffers),
         "lower_bound_bytes": planned.lower_bound,
         "greedy_bytes": greedy.arena_bytes,

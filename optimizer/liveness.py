@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+import numpy as np
+
 from ..ir import Graph, Node, TensorType, Value
 from ..ir.schema import inplace_overload
 from .intervals import live_per_step
@@ -223,19 +225,20 @@ def buffers(graph: Graph, fusion: FusionPlan | None = None) -> tuple[Buffer, ...
     return tuple(Buffer(name, size[name], start[name], end[name]) for name in start)
 
 
-def live_bytes(all_buffers: Sequence[Buffer], steps: int, alignment: int = 1) -> list[int]:
+def live_bytes(all_buffers: Sequence[Buffer], steps: int, alignment: int = 1) -> np.ndarray:
     """Bytes live at each step, each buffer's size rounded up to `alignment`."""
     return live_per_step([b.size_bytes for b in all_buffers], [b.start for b in all_buffers],
-                         [b.end for b in all_buffers], steps, alignment).tolist()
+                         [b.end for b in all_buffers], steps, alignment)
 
 
-def peak_live_bytes(graph: Graph) -> tuple[int, int]:
-    """(max over steps of live bytes, the first step reaching it): the lower bound of any arena in this order."""
-    per_step = live_bytes(buffers(graph), len(graph.nodes))
-    if not per_step:
+def peak_live_bytes(graph: Graph, all_buffers: Sequence[Buffer] | None = None) -> tuple[int, int]:
+    """(max over steps of live bytes, the first step reaching it): the lower bound of any arena in this order.
+    `all_buffers`: the graph's buffers, where the caller has them."""
+    per_step = live_bytes(buffers(graph) if all_buffers is None else all_buffers, len(graph.nodes))
+    if not per_step.size:
         return 0, 0
-    peak = max(per_step)
-    return peak, per_step.index(peak)
+    step = int(per_step.argmax())
+    return int(per_step[step]), step
 
 
 def _same_memory_type(a: TensorType, b: TensorType) -> bool:

@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 Pass = Callable[[Graph], Graph]
 
 PASSES: tuple[Pass, ...] = (eliminate_dead_code, fold_constant_masks, fold_constants, drop_empty_cat_inputs,
-                            drop_decided_masks, cover_grouped_rows, decompose_attention, group_query_heads, fold_query_groups, convert_attention_masks,
-                            pad_linear_features)
+                            drop_decided_masks, cover_grouped_rows, decompose_attention, group_query_heads,
+                            fold_query_groups, convert_attention_masks, pad_linear_features)
 """The graph passes, in order."""
 REORDER: tuple[Pass, ...] = (reorder_for_memory,)
 """Run after PASSES when Options(reorder=True)."""

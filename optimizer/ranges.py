@@ -65,12 +65,11 @@ def _holds(dtype: torch.dtype, known: Range) -> bool:
     return info.min <= known[0] and known[1] <= info.max
 
 
-def counted_total(name: str, graph: Graph, ranges: Mapping[str, Range]) -> int | None:
+def counted_total(name: str, producer: Mapping[str, Node], types: Mapping[str, TensorType],
+                  ranges: Mapping[str, Range]) -> int | None:
     """The last element of `name` when the graph proves it: a running sum (`cumsum` along its one dim) of a
     histogram (`histc`) that counts every element of its input, whose range lies within the bins; that is, the
     input's element count."""
-    producer = {value.name: node for node in graph.nodes for value in node.outputs}
-    types = graph.types()
     node = producer.get(name)
     while node is not None and node.op == "_to_copy":
         node = producer.get(node.inputs[0])
@@ -90,11 +89,11 @@ def counted_total(name: str, graph: Graph, ranges: Mapping[str, Range]) -> int |
 def cover_grouped_rows(graph: Graph) -> Graph:
     """Each grouped matmul whose offsets end at its row count, marked `rows_covered`: it has no rows past the
     last offset to zero."""
-    ranges = integer_ranges(graph)
-    types = graph.types()
+    ranges, types = integer_ranges(graph), graph.types()
+    producer = {value.name: node for node in graph.nodes for value in node.outputs}
     nodes = [dataclasses.replace(node, attrs={**node.attrs, "rows_covered": True})
              if node.op == "grouped_mm" and not node.attrs.get("rows_covered")
-             and counted_total(node.inputs[2], graph, ranges) == types[node.inputs[0]].shape[0] else node
+             and counted_total(node.inputs[2], producer, types, ranges) == types[node.inputs[0]].shape[0] else node
              for node in graph.nodes]
     if all(a is b for a, b in zip(nodes, graph.nodes)):
         return graph

@@ -28,7 +28,7 @@ def test_views_extend_their_base_and_outputs_live_to_the_end():
     assert buffers(graph) == (
         Buffer("a", 128, 0, 3), Buffer("b", 128, 2, 4), Buffer("c", 128, 3, 5), Buffer("d", 128, 4, 5),
     )
-    assert live_bytes(buffers(graph), len(nodes)) == [128, 128, 256, 384, 384, 256]
+    assert live_bytes(buffers(graph), len(nodes)).tolist() == [128, 128, 256, 384, 384, 256]
     assert peak_live_bytes(graph) == (384, 3)
 
 
