@@ -338,8 +338,8 @@ for _overload in _overloads(
 
 # MoE routing: choose experts, count and sort tokens, scatter and gather them back.
 for _overload in _overloads(
-    "topk sort argsort histc scatter.src scatter.value scatter_add scatter_reduce.two index_add "
-    "index_put"
+    "topk sort argsort histc searchsorted.Tensor scatter.src scatter.value scatter_add scatter_reduce.two "
+    "index_add index_put"
 ):
     register(_overload, "routing", infer_by_tracing, per_input_element(1))
 register(torch.ops.aten.gather.default, "routing", infer_by_tracing, no_flops, gathers=True)

@@ -37,7 +37,7 @@ from .fold import fold_constants
 from .fusion import FusionPlan, plan_fusion
 from .fusion_verify import verify_fusion
 from .layout import pad_linear_features
-from .ranges import cover_grouped_rows, drop_decided_masks
+from .ranges import cover_grouped_rows, drop_decided_masks, offsets_by_search
 from .reorder import reorder_for_memory
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 Pass = Callable[[Graph], Graph]
 
 PASSES: tuple[Pass, ...] = (eliminate_dead_code, fold_constant_masks, fold_constants, drop_empty_cat_inputs,
-                            drop_decided_masks, cover_grouped_rows, decompose_attention, group_query_heads,
-                            fold_query_groups, convert_attention_masks, pad_linear_features)
+                            drop_decided_masks, cover_grouped_rows, offsets_by_search, decompose_attention,
+                            group_query_heads, fold_query_groups, convert_attention_masks, pad_linear_features)
 """The graph passes, in order."""
 REORDER: tuple[Pass, ...] = (reorder_for_memory,)
 """Run after PASSES when Options(reorder=True)."""

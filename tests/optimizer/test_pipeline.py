@@ -117,13 +117,17 @@ def test_a_gpu_is_priced_with_its_calibrated_profile_else_the_shipped_one_by_nam
 
 def test_each_graph_pass_records_what_it_changed_by_op():
     """The report says, per pass that changed the graph, the nodes it removed, added and rewritten: on Mixtral the
-    rotary tables fold, the empty cache cats become copies and the grouped matmuls are marked rows_covered."""
+    rotary tables fold, the empty cache cats become copies, the grouped matmuls are marked rows_covered and
+    their offsets become a search."""
     from ember import models
 
     model, inputs = models.load("mixtral")
     report = ember.compile(model, inputs).report
     changes = report.pass_changes
-    assert changes["cover_grouped_rows"] == {"rewritten": {"grouped_mm": 2 * model.config.num_hidden_layers}}
+    layers = model.config.num_hidden_layers
+    assert changes["cover_grouped_rows"] == {"rewritten": {"grouped_mm": 2 * layers}}
+    assert changes["offsets_by_search"] == {"removed": {"_to_copy": layers, "histc": layers, "cumsum": layers},
+                                            "added": {"searchsorted.Tensor": layers}}
     assert changes["drop_empty_cat_inputs"]["removed"]["cat"] == changes["drop_empty_cat_inputs"]["added"]["clone"]
     assert sum(changes["fold_constants"]["removed"].values()) > 0
     assert "pad_linear_features" not in changes  # nothing to pad on the CPU: no entry
