@@ -267,3 +267,16 @@ def movable(node: Node, types: Mapping[str, TensorType]) -> bool:
         return (node.attrs.get("dtype") in (None, node.outputs[0].type.dtype) and bool(dims)
                 and 1 <= math.prod(source[dim] for dim in dims) <= MAX_SUMMED)
     return True
+
+
+def gathered_rows(node: Node, types: Mapping[str, TensorType], shape: Sequence[int], reduced: int) -> bool:
+    """Whether a row kernel over `shape` (its last `reduced` dims the columns) can read this node's result where it
+    reads it: an embedding lookup whose result is the kernel's space, or broadcasts to it along the rows, so each
+    of the kernel's rows is one row of the table, picked by its index (a norm over token embeddings reads them
+    from the table itself)."""
+    if node.op != "embedding" or reduced != 1 or len(node.outputs) != 1:
+        return False
+    table, indices, result = types[node.inputs[0]], types[node.inputs[1]], node.outputs[0].type
+    return (len(table.shape) == 2 and table.dtype in FLOATS and indices.dtype in INDEX_TYPES
+            and result.dtype == table.dtype and len(result.shape) <= len(shape) and result.shape[-1] == shape[-1]
+            and all(size in (1, full) for size, full in zip(reversed(result.shape), reversed(shape))))

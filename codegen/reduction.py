@@ -3,8 +3,9 @@
 The iteration space is rows × columns, the columns being the trailing dims the group reduces (a layer norm's
 features, a softmax's last dim). Pointwise nodes before a reduction work on [rows, columns] blocks; a
 reduction leaves one value per row, a [rows, 1] block that later nodes broadcast back over the row, so a
-residual add, the norm and its scale and cast run as one kernel reading each input once. Values are float32
-until stored, as in pointwise kernels.
+residual add, the norm and its scale and cast run as one kernel reading each input once. An embedding lookup in
+the group is read from its table, row by row, at each row's index. Values are float32 until stored, as in
+pointwise kernels.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 from collections.abc import Sequence
 
 from ..ir import Graph, Node, TensorType
-from .expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, operands
+from .expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, gathered_rows, operands
 from .reductions import REDUCTIONS, emit_reduction
 from ..ir.plans import reads_of
 from .source import KernelSource, check_dtypes, coordinates, header, load, offset
@@ -84,6 +85,8 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
         return offset(value_type, names), "row_mask" if per_row else "mask"
 
     def read(value: str, per_row: bool, target: tuple[int, ...]) -> str:
+        if value in gathered:
+            return gather(gathered[value])
         if value not in pointer:
             return variable[value]
         place, mask = address(types[value], per_row, target)
@@ -92,9 +95,26 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
             loads.append(load(loaded[value, place], pointer[value], types[value], place, mask))
         return loaded[value, place]
 
+    def gather(node: Node) -> str:
+        """An embedding's rows read from its table: each kernel row's index, then that row of the table (an index
+        outside the table reads nothing, where eager would raise)."""
+        table, indices = node.inputs
+        if (table, node.name) not in loaded:
+            index = read(indices, True, types[indices].shape)
+            inside = f"g{len(loaded)}"
+            loads.append(f"    {inside} = mask & ({index} >= 0) & ({index} < {types[table].shape[0]})")
+            rows_stride, columns_stride = types[table].layout
+            loaded[table, node.name] = f"x{len(loaded)}"
+            loads.append(load(loaded[table, node.name], pointer[table], types[table],
+                              f"{index}.to(tl.int64) * {rows_stride} + k0 * {columns_stride}", inside))
+        return loaded[table, node.name]
+
+    gathered = {node.outputs[0].name: node for node in nodes if gathered_rows(node, types, shape, reduced)}
     variable: dict[str, str] = {}
-    per_row: dict[str, bool] = {}
+    per_row: dict[str, bool] = {value: False for value in gathered}
     for node in nodes:
+        if node.outputs[0].name in gathered:
+            continue
         if node.op in REDUCTIONS:
             results = emit_reduction(node, [read(n, False, shape) for n in node.inputs], code)
             kinds = REDUCTIONS[node.op].results
@@ -112,7 +132,8 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
     for position, value in enumerate(outputs):
         value_type = types[value]
         place, mask = address(value_type, per_row[value], value_type.shape)
-        result = variable[value] if per_row[value] else f"tl.broadcast_to({variable[value]}, (ROWS, COLUMNS))"
+        result = read(value, False, shape) if value in gathered else variable[value]
+        result = result if per_row[value] else f"tl.broadcast_to({result}, (ROWS, COLUMNS))"
         lines.append(f"    tl.store(out{position}_ptr + {place}, {result}.to({TRITON_TYPES[value_type.dtype]}), mask={mask})")
     return KernelSource(name, "\n".join(lines) + "\n", inputs, tuple(outputs), -(-rows // block_rows), (rows,),
                         (("ROWS", block_rows), ("COLUMNS", block_columns)), warps)

@@ -6,7 +6,8 @@ Kinds so far:
   only it reads, taking in the groups whose results only those moves read;
 - reductions over trailing dims (sum, mean, softmax, log-softmax, layer norm) with their pointwise producers
   and consumers: results either of the reduced input's shape ("full") or one value per row, so a residual
-  add, an RMS norm written out op by op, or add + layer norm becomes one kernel holding whole rows.
+  add, an RMS norm written out op by op, or add + layer norm becomes one kernel holding whole rows; such a
+  kernel also reads the embedding lookups it sums straight from their tables.
 A node joins the group of one of its producers when that keeps the graph acyclic (no path leaves the group
 and comes back into the node) and its shapes fit the group's iteration space. Each group of two or more
 nodes (or a lone node reading a permuted view, which ATen copies slowly) is then priced by the cost model,
@@ -24,7 +25,7 @@ import networkx as nx
 
 from ..ir import Graph, Node, TensorType
 from ..ir.plans import FusionGroup, FusionPlan, reads_of
-from ..codegen.expressions import MATERIALIZED, MOVES, fusible, movable
+from ..codegen.expressions import MATERIALIZED, MOVES, fusible, gathered_rows, movable
 from ..codegen.reductions import REDUCTIONS, reduced_dims
 from .cost import CostModel
 from .cost.model import permuted
@@ -116,6 +117,7 @@ def plan_fusion(graph: Graph, cost: CostModel) -> FusionPlan:
     _merge_along_edges(graph, dag, members, spaces, group_id, types, read)
     readers = _readers(graph)
     _fuse_through_moves(graph, dag, members, spaces, group_id, types, readers)
+    _gather_into_rows(graph, dag, members, spaces, group_id, types, readers)
     kept, rejected = [], []
     for index, nodes in members.items():
         if len(nodes) < 2 and not any(permuted(types[name]) for name in nodes[0].inputs):
@@ -218,6 +220,32 @@ def _fuse_through_moves(graph: Graph, dag: nx.DiGraph, members: dict[int, list[N
         for view in _views_of_inputs(nodes, types):
             nodes.remove(view)
             del group_id[view.name]
+
+
+def _gather_into_rows(graph: Graph, dag: nx.DiGraph, members: dict[int, list[Node]], spaces: dict[int, _Space],
+                      group_id: dict[str, int], types: Mapping[str, TensorType], readers: Mapping[str, set[str]]) -> None:
+    """An embedding lookup read by a row kernel over its result's shape joins the first such kernel, which reads
+    the table's rows where it needs them and stores the result only if something else reads it (BERT's three
+    embeddings summed into a layer norm, a decoder's tokens into its first norm and its residual). One that
+    broadcasts along the rows (positions shared by a batch) joins only a kernel that is its one reader."""
+    order = {node.name: index for index, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.name in group_id or node.op != "embedding":
+            continue
+        groups = sorted({group_id[reader] for value in node.outputs for reader in readers.get(value.name, ())
+                         if reader in group_id}, key=lambda index: order[members[index][0].name])
+        for index in groups:
+            space = spaces[index]
+            nodes = sorted([*members[index], node], key=lambda member: order[member.name])
+            names = {member.name for member in nodes}
+            whole = node.outputs[0].type.shape == space.shape or all(group_id.get(reader) == index
+                                                                     for reader in readers[node.outputs[0].name])
+            if (gathered_rows(node, types, space.shape, space.reduced) and whole
+                    and not _closes_a_cycle(dag, names, *names)):
+                members[index] = nodes
+                spaces[index] = _Space(space.shape, space.reduced, {**space.per_row, node.outputs[0].name: False})
+                group_id[node.name] = index
+                break
 
 
 def _views_of_inputs(nodes: list[Node], types: Mapping[str, TensorType]) -> list[Node]:

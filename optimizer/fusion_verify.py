@@ -5,8 +5,8 @@ plan must satisfy for its kernels to compute what the nodes compute, and raises 
 - the schedule respects every dependency (no step reads a value a later step computes);
 - each group reads exactly what its nodes read from outside it, and writes every value it computes that anything
   outside it reads or the graph returns (and nothing it does not compute);
-- each group's iteration space fits: every node is one a generated kernel can compute (an expression, a move, or
-  a row reduction), each reduction reduces exactly the group's trailing `reduced` dims of an input of the group's
+- each group's iteration space fits: every node is one a generated kernel can compute (an expression, a move, a
+  row reduction, or in a row kernel an embedding lookup of its rows), each reduction reduces exactly the group's trailing `reduced` dims of an input of the group's
   shape, a pointwise group reduces nothing, and every value written is either a full tensor of the group's shape or
   one value per row.
 """
@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 
 from ..ir import Graph, Node, TensorType
-from ..codegen.expressions import fusible, movable
+from ..codegen.expressions import fusible, gathered_rows, movable
 from ..ir.plans import FusionError, FusionGroup, FusionPlan
 from ..codegen.reductions import REDUCTIONS, reduced_dims
 
@@ -65,7 +65,7 @@ def _check_space(group: FusionGroup, members: list[Node], types: Mapping[str, Te
         dims = reduced_dims(node, types, read) if node.op in REDUCTIONS else None
         if group.reduced and dims == group.reduced and types[node.inputs[0]].shape == group.shape:
             continue  # the row reduction the kernel is built around
-        if fusible(node, types) or movable(node, types):
+        if fusible(node, types) or movable(node, types) or gathered_rows(node, types, group.shape, group.reduced):
             continue
         if node.op in REDUCTIONS:
             raise FusionError(f"{cannot} {node.name} ({node.op}), which reduces {dims} dims of "

@@ -134,7 +134,7 @@ class CostModel:
         used_outside = {name for node in graph.nodes if node not in nodes for name in node.inputs} | set(graph.outputs)
         read_names = {name for node in nodes for name in node.inputs if name not in inside}
         written_names = inside & used_outside
-        read = sum(types[name].nbytes for name in read_names)
+        read = sum(_bytes_read(name, nodes, types) for name in read_names)
         written = sum(types[name].nbytes for name in written_names)
         work = [self.node(node, types) for node in nodes]
         flops = sum(cost.flops for cost in work)
@@ -285,3 +285,12 @@ def matmul_shape(node: Node, inputs: Sequence[TensorType], outputs: Sequence[Ten
 def _distance(here: tuple[float, float, float], point: Iterable[float]) -> float:
     m, n, k = list(point)[:3]
     return math.dist(here, (math.log2(m), math.log2(n), math.log2(k)))
+
+
+def _bytes_read(name: str, nodes: Sequence[Node], types: Mapping[str, TensorType]) -> int:
+    """Bytes a fused group reads of `name`: all of it, unless only gathers read it as their table, which read
+    the rows they return (a layer norm over embeddings reads a few rows of a large vocabulary)."""
+    readers = [node for node in nodes if name in node.inputs]
+    if all(node.definition.gathers and name not in node.inputs[1:] for node in readers):
+        return min(types[name].nbytes, sum(value.type.nbytes for node in readers for value in node.outputs))
+    return types[name].nbytes

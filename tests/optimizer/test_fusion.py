@@ -362,6 +362,42 @@ def test_weighted_experts_gathered_back_and_summed_are_one_kernel(dtype):
     assert len(kernels) == 1 and steps == ["unsqueeze", *kernels]  # gather, view and sum read through
 
 
+class EmbeddingsNormed(nn.Module):
+    """BERT's input: word, token-type and position embeddings (positions shared by the batch) summed and
+    layer-normed; with `returned`, the word embeddings are also returned (a decoder's residual reads them)."""
+
+    def __init__(self, returned: bool = False):
+        super().__init__()
+        self.returned = returned
+
+    def forward(self, ids, kinds, positions, words, types, places, weight, bias):
+        embedded = torch.nn.functional.embedding(ids, words)
+        summed = embedded + torch.nn.functional.embedding(kinds, types) + torch.nn.functional.embedding(positions, places)
+        normed = torch.nn.functional.layer_norm(summed, (words.shape[1],), weight, bias)
+        return (normed, embedded * 2) if self.returned else normed
+
+
+@pytest.mark.parametrize("index", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("returned", [False, True], ids=["read once", "also returned"])
+def test_embeddings_summed_into_a_layer_norm_are_read_from_their_tables_by_its_kernel(dtype, index, returned):
+    batch, length, vocabulary, width = 3, 7, 23, 19  # odd sizes; the word table transposed (strided rows)
+    ids = torch.randint(0, vocabulary, (batch, length), dtype=index)
+    kinds = torch.randint(0, 2, (batch, length), dtype=index)
+    positions = torch.arange(length, dtype=index).unsqueeze(0)
+    words = torch.randn(width, vocabulary, dtype=dtype).t()
+    tables = (words, torch.randn(2, width, dtype=dtype), torch.randn(length, width, dtype=dtype))
+    norm = (torch.randn(width, dtype=dtype), torch.randn(width, dtype=dtype))
+    model = EmbeddingsNormed(returned)
+    with torch.no_grad():
+        program = ember.compile(model, (ids, kinds, positions, *tables, *norm), ember.Options(fusion=True))
+        got, want = program(ids, kinds, positions, *tables, *norm), model(ids, kinds, positions, *tables, *norm)
+    torch.testing.assert_close(got, want, atol=result_tolerance(want), rtol=0)
+    steps = [step.node for step in program.executor.steps]
+    assert not any(step.startswith("embedding") for step in steps)
+    assert steps[0].startswith("fused_") and "embedding" in steps[0]
+
+
 class PaddingMaskMadeAdditive(nn.Module):
     """A padding mask as transformers builds one for attention (an int mask made boolean, read at broadcast
     [batch, key] indices, and-ed with a constant mask) made additive in the model's dtype, as ember's
