@@ -1,6 +1,7 @@
 """GPU-only checks of what the CPU tests run in the interpreter: generated pointwise and row-reduction
 kernels compiled by the real Triton, on odd sizes, non-contiguous and broadcast inputs, in every float
-dtype, rows from 7 to 5000 columns, kernels reading through cats, splits, repeats and gathers, inputs off 16-byte alignment after aligned ones; whether every kernel launches directly after an aligned call (Inductor having run in
+dtype, rows from 7 to 5000 columns, kernels reading through cats, splits, repeats and gathers, row kernels
+reading embeddings from their tables, integer arithmetic, inputs off 16-byte alignment after aligned ones; whether every kernel launches directly after an aligned call (Inductor having run in
 the process); and the device-side grouped matmul against the per-expert loop.
 Usage: python bench/gpu_kernels.py [--out bench/results]
 """
@@ -180,6 +181,36 @@ def check_moves() -> list[dict]:
     return rows
 
 
+class EmbeddedAndRouted(nn.Module):
+    """Row kernels reading embeddings from their tables (BERT's word, type and batch-shared position embeddings
+    summed into a layer norm), rows gathered at an index divided in the kernel (MoE's `hidden[order // 2]`), and
+    integer arithmetic of either sign rounded down."""
+
+    def forward(self, hidden, order, ids, kinds, positions, words, types, places, weight, bias, integers):
+        summed = (torch.nn.functional.embedding(ids, words) + torch.nn.functional.embedding(kinds, types)
+                  + torch.nn.functional.embedding(positions, places))
+        normed = torch.nn.functional.layer_norm(summed, (words.shape[1],), weight, bias)
+        return normed, hidden[order // 2], torch.div(integers * 3 - 7, -3, rounding_mode="floor").to(torch.int32) + 1
+
+
+def check_embedded_and_routed() -> list[dict]:
+    rows = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        def normal(*shape):
+            return torch.randn(*shape, device="cuda", dtype=dtype)
+        order = torch.randperm(2 * 301, device="cuda")
+        order[7] = -5  # a negative index
+        batch, length, width = 5, 77, 391
+        inputs = (normal(301, 129), order, torch.randint(0, 30522, (batch, length), device="cuda"),
+                  torch.randint(0, 2, (batch, length), device="cuda", dtype=torch.int32),
+                  torch.arange(length, device="cuda").unsqueeze(0), normal(width, 30522).t(), normal(2, width),
+                  normal(512, width), normal(width), normal(width),
+                  torch.randint(-1000, 1000, (33, 65), device="cuda").t())
+        rows.append(compare(f"embeddings, int index, int math {str(dtype).removeprefix('torch.')}",
+                            EmbeddedAndRouted(), inputs))
+    return rows
+
+
 def check_grouped_mm() -> dict:
     torch.manual_seed(0)
     x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
@@ -201,7 +232,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
-    rows = check_chains() + [check_direct_launches()] + check_misaligned() + check_rows() + check_moves() + check_attention() + [check_grouped_mm()]
+    rows = (check_chains() + [check_direct_launches()] + check_misaligned() + check_rows() + check_moves()
+            + check_embedded_and_routed() + check_attention() + [check_grouped_mm()])
     lines = ["Fused kernels and eager against float64 (attention and grouped_mm: against torch's own result)",
              f"{'check':44} {'max err':>10} {'eager err':>10} {'limit':>10} {'groups':>6}  ok"]
     lines += [f"{r['check']:44} {r['max_err']:10.3g} {r['eager_err']:10.3g} {r['limit']:10.3g} {r['groups']:6d}  "

@@ -3,7 +3,8 @@
 The Triton spelling of the op table's elementwise ops, kept beside the code generator (the fusion pass asks
 which nodes a kernel can compute, codegen how to write them). Expressions take and give float32 for floating values (ATen's "opmath":
 half and bfloat16 ops compute in float32), and 0/1 booleans for comparisons; the kernel casts at the
-loads and stores. An op missing here, or an attribute these forms do not cover, is not fused.
+loads and stores. Integer arithmetic (add, subtract, multiply, divide by a number, casts) computes in
+integers. An op missing here, or an attribute these forms do not cover, is not fused.
 """
 from __future__ import annotations
 
@@ -210,24 +211,96 @@ EXPRESSIONS: dict[str, Emit] = {
 }
 
 
+def _integer(value: Any) -> str | None:
+    """A variable, or an integer number as an integer literal (a float or bool would change the arithmetic)."""
+    if isinstance(value, str):
+        return value
+    return repr(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _integer_binary(form: str, scaled: bool = False) -> Emit:
+    """`form` over integers self (x) and other (y); with `scaled`, other is multiplied by an integer alpha first."""
+    def emit(args: Mapping[str, Any]) -> str | None:
+        x, y, alpha = _integer(args["self"]), _integer(args["other"]), _integer(args.get("alpha", 1))
+        if x is None or y is None or alpha is None:
+            return None
+        return form.format(x=x, y=y if alpha == "1" or not scaled else f"({y} * {alpha})")
+    return emit
+
+
+def _integer_divide(args: Mapping[str, Any]) -> str | None:
+    """Integer division by a nonzero number, rounded down (`//`) or toward zero. Triton's `//` rounds as C does
+    on the GPU and as Python does in the interpreter, so it divides magnitudes only and the sign is applied here.
+    A divisor tensor is not taken: division by zero raises in ATen on the CPU, and a kernel could not."""
+    x, divisor, rounding = _integer(args["self"]), args["other"], args.get("rounding_mode")
+    if x is None or rounding not in ("floor", "trunc") or not isinstance(divisor, int) or isinstance(divisor, bool) \
+            or divisor == 0:
+        return None
+    magnitude = f"(tl.abs({x}) // {abs(divisor)})"
+    negative = f"({x} < 0)" if divisor > 0 else f"({x} > 0)"
+    if rounding == "trunc":
+        return f"tl.where({negative}, -{magnitude}, {magnitude})"
+    inexact = f"({magnitude} * {abs(divisor)} != tl.abs({x}))"
+    return f"tl.where({negative}, tl.where({inexact}, -{magnitude} - 1, -{magnitude}), {magnitude})"
+
+
+def _integer_cast(args: Mapping[str, Any]) -> str | None:
+    """A cast between integer types (wrapping as torch's does); nothing else changed."""
+    dtype = args.get("dtype")
+    if {key for key in ("layout", "pin_memory") if args.get(key) is not None} or dtype not in (None, *INDEX_TYPES) \
+            or args.get("memory_format") not in (None, torch.contiguous_format):
+        return None
+    return args["self"] if dtype is None else f"{args['self']}.to({STORED_TYPES[dtype]})"
+
+
+STORED_TYPES = {**TRITON_TYPES, torch.int32: "tl.int32", torch.int64: "tl.int64"}
+"""Every dtype a generated kernel stores: its floating and boolean values, and integers it computes."""
+
+INTEGER_EXPRESSIONS: dict[str, Emit] = {
+    "add.Tensor": _integer_binary("({x} + {y})", scaled=True),
+    "add.Scalar": _integer_binary("({x} + {y})", scaled=True),
+    "sub.Tensor": _integer_binary("({x} - {y})", scaled=True),
+    "sub.Scalar": _integer_binary("({x} - {y})", scaled=True),
+    "mul.Tensor": _integer_binary("({x} * {y})"),
+    "mul.Scalar": _integer_binary("({x} * {y})"),
+    "div.Tensor_mode": _integer_divide,
+    "_to_copy": _integer_cast,
+    "clone": _unary("{x}"),
+}
+"""Integer arithmetic over int32 and int64 operands, computed in integers (an index made from another: MoE
+routing's token of each sorted choice, `order // top_k`)."""
+
+
+def expression(node: Node, arguments: Sequence[str]) -> str | None:
+    """What a kernel computes for `node` from its operands' kernel variables (integer arithmetic where the node
+    makes integers), or None if no form covers its op and attrs."""
+    table = INTEGER_EXPRESSIONS if node.outputs[0].type.dtype in INDEX_TYPES else EXPRESSIONS
+    emit = table.get(node.op)
+    return None if emit is None else emit(operands(node.definition.schema, node.attrs, arguments))
+
+
 def fusible(node: Node, types: Mapping[str, TensorType]) -> bool:
     """Whether a pointwise kernel can compute this node: an expression for its op and attrs, one result, and
     float32, float16, bfloat16 or bool for every value it reads and writes (a cast may read an integer: an int
-    mask made boolean); bitwise ops on booleans only."""
-    emit = EXPRESSIONS.get(node.op)
-    if emit is None or len(node.outputs) != 1:
+    mask made boolean), or int32 and int64 for all of them (integer arithmetic); bitwise ops on booleans only."""
+    if len(node.outputs) != 1:
         return False
-    reads = [types[n] for n in node.inputs]
-    readable = (*TRITON_TYPES, *INDEX_TYPES) if node.op == "_to_copy" else TRITON_TYPES
-    if node.outputs[0].type.dtype not in TRITON_TYPES or any(t.dtype not in readable for t in reads):
+    reads = [types[n].dtype for n in node.inputs]
+    result = node.outputs[0].type.dtype
+    if result in INDEX_TYPES:
+        readable: tuple[torch.dtype, ...] = INDEX_TYPES
+    else:
+        readable = (*TRITON_TYPES, *INDEX_TYPES) if node.op == "_to_copy" else tuple(TRITON_TYPES)
+        if result not in TRITON_TYPES:
+            return False
+    if any(dtype not in readable for dtype in reads):
         return False
-    if node.op.startswith("bitwise") and any(t.dtype != torch.bool for t in reads):
+    if node.op.startswith("bitwise") and any(dtype != torch.bool for dtype in reads):
         return False
     device = node.attrs.get("device")
-    if device is not None and any(torch.device(device).type != t.device for t in reads):
+    if device is not None and any(torch.device(device).type != types[n].device for n in node.inputs):
         return False
-    variables = [f"v{i}" for i in range(len(node.inputs))]
-    return emit(operands(node.definition.schema, node.attrs, variables)) is not None
+    return expression(node, [f"v{i}" for i in range(len(node.inputs))]) is not None
 
 
 MOVES = frozenset({"slice.Tensor", "split.Tensor", "split_with_sizes", "cat", "unsqueeze", "expand", "view",

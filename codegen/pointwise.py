@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from ..ir import Graph, Node, TensorType
-from .expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, operands
+from .expressions import INDEX_TYPES, MOVES, STORED_TYPES, expression
 from ..ir.plans import reads_of
 from .source import KernelSource, check_dtypes, coordinates, header, load, offset
 
@@ -31,7 +31,7 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
     shape = types[outputs[0]].shape
     inputs = reads_of(nodes)
     check_dtypes(types, inputs, INDEX_TYPES)
-    check_dtypes(types, outputs)
+    check_dtypes(types, outputs, INDEX_TYPES)
     lines = header(name, nodes, graph, inputs, len(outputs), "numel, BLOCK: tl.constexpr")
     lines += ["    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
               "    mask = index < numel"]
@@ -52,10 +52,9 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
             if node is None:
                 variable = f"t{len(lines)}"
                 lines.append(load(variable, pointer[value], types[value], offset(types[value], at), where))
-            elif node.op in EXPRESSIONS:
-                arguments = [value_at(n, at, where) for n in node.inputs]
-                expression = EXPRESSIONS[node.op](operands(node.definition.schema, node.attrs, arguments))
-                variable = fresh(expression, f"  # %{value} = {node.op}")
+            elif node.op not in MOVES:
+                computed_here = expression(node, [value_at(n, at, where) for n in node.inputs])
+                variable = fresh(computed_here, f"  # %{value} = {node.op}")
             else:
                 local = tuple("0" if size == 1 else at[len(at) - len(types[value].shape) + dim]
                               for dim, size in enumerate(types[value].shape))
@@ -66,7 +65,7 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
     names = tuple(f"c{dim}" for dim in range(len(shape)))
     for position, value in enumerate(outputs):
         lines.append(f"    tl.store(out{position}_ptr + {offset(types[value], names)}, "
-                     f"{value_at(value, names, 'mask')}.to({TRITON_TYPES[types[value].dtype]}), mask=mask)")
+                     f"{value_at(value, names, 'mask')}.to({STORED_TYPES[types[value].dtype]}), mask=mask)")
     numel = math.prod(shape)
     return KernelSource(name, "\n".join(lines) + "\n", inputs, tuple(outputs), -(-numel // BLOCK), (numel,),
                         (("BLOCK", BLOCK),))

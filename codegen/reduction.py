@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 
 from ..ir import Graph, Node, TensorType
-from .expressions import EXPRESSIONS, INDEX_TYPES, TRITON_TYPES, gathered_rows, operands
+from .expressions import INDEX_TYPES, STORED_TYPES, expression, gathered_rows
 from .reductions import REDUCTIONS, emit_reduction
 from ..ir.plans import reads_of
 from .source import KernelSource, check_dtypes, coordinates, header, load, offset
@@ -63,7 +63,7 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
     types = graph.types()
     inputs = reads_of(nodes)
     check_dtypes(types, inputs, INDEX_TYPES)
-    check_dtypes(types, outputs)
+    check_dtypes(types, outputs, INDEX_TYPES)
     rows_shape, columns_shape = shape[:len(shape) - reduced], shape[len(shape) - reduced:]
     rows, columns = math.prod(rows_shape), math.prod(columns_shape)
     block_rows, block_columns, warps = launch_shape(rows, columns)
@@ -125,8 +125,7 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
         target = node.outputs[0]
         row = target.type.shape != shape
         arguments = [read(n, row, target.type.shape) for n in node.inputs]
-        expression = EXPRESSIONS[node.op](operands(node.definition.schema, node.attrs, arguments))
-        variable[target.name] = code.let(expression, f"%{target.name} = {node.op}")
+        variable[target.name] = code.let(expression(node, arguments), f"%{target.name} = {node.op}")
         per_row[target.name] = row
     lines += loads + code.lines
     for position, value in enumerate(outputs):
@@ -134,6 +133,6 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
         place, mask = address(value_type, per_row[value], value_type.shape)
         result = read(value, False, shape) if value in gathered else variable[value]
         result = result if per_row[value] else f"tl.broadcast_to({result}, (ROWS, COLUMNS))"
-        lines.append(f"    tl.store(out{position}_ptr + {place}, {result}.to({TRITON_TYPES[value_type.dtype]}), mask={mask})")
+        lines.append(f"    tl.store(out{position}_ptr + {place}, {result}.to({STORED_TYPES[value_type.dtype]}), mask={mask})")
     return KernelSource(name, "\n".join(lines) + "\n", inputs, tuple(outputs), -(-rows // block_rows), (rows,),
                         (("ROWS", block_rows), ("COLUMNS", block_columns)), warps)

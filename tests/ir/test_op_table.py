@@ -417,6 +417,10 @@ SAMPLES.update({
         lambda m: ((non_contiguous(m.distinct(5, 13)), 0), {}), lambda m: ((m.distinct(5, 13), -1, True), {})
     ),
     "histc": calls(lambda m: ((m.strided(5, 13), 7, -2, 2), {}), lambda m: ((m.normal(5, 13),), {})),
+    "searchsorted.Tensor": calls(
+        lambda m: ((m.normal(13).sort().values, m.strided(5, 7)), {"right": True, "out_int32": True}),
+        lambda m: ((m.normal(5, 13).sort(-1).values, m.normal(5, 7)), {}),
+    ),
     "gather": calls(
         lambda m: ((m.strided(5, 7), 1, index(7, 5, 4)), {}), lambda m: ((m.normal(5, 7), 0, index(5, 3, 7)), {})
     ),

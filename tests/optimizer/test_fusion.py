@@ -398,6 +398,64 @@ def test_embeddings_summed_into_a_layer_norm_are_read_from_their_tables_by_its_k
     assert steps[0].startswith("fused_") and "embedding" in steps[0]
 
 
+class IntegerArithmetic(nn.Module):
+    """Integer arithmetic a kernel computes in integers: scaled, subtracted, divided by a number, cast, offset."""
+
+    def __init__(self, divisor: int, rounding: str):
+        super().__init__()
+        self.divisor, self.rounding = divisor, rounding
+
+    def forward(self, a, b):
+        return torch.div(a * 3 - b, self.divisor, rounding_mode=self.rounding).to(torch.int32) + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("divisor", [2, -3, 1])
+@pytest.mark.parametrize("rounding", ["floor", "trunc"])
+def test_integer_arithmetic_is_one_kernel_exact_for_either_sign(dtype, divisor, rounding):
+    a = torch.randint(-50, 50, (5, 7), dtype=dtype).t()  # odd sizes, transposed: read at its strides
+    b = torch.randint(-9, 9, (5,), dtype=torch.int32)  # broadcast along the rows, promoted
+    model = IntegerArithmetic(divisor, rounding)
+    with torch.no_grad():
+        program = ember.compile(model, (a, b), ember.Options(fusion=True))
+        got = program(a, b)
+    assert got.dtype == torch.int32 and torch.equal(got, model(a, b))
+    assert [step.node.startswith("fused_") for step in program.executor.steps] == [True]
+
+
+class TokensOfChoices(nn.Module):
+    """The token row of each sorted expert choice, as transformers' MoE gathers them: `hidden[order // top_k]`."""
+
+    def forward(self, hidden, order):
+        return hidden[order // 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rows_gathered_at_an_index_divided_in_the_kernel_are_one_kernel(dtype):
+    hidden = torch.randn(11, 9, dtype=dtype)
+    order = torch.randperm(22)
+    order[4] = -3  # a negative index counts from the end, as in torch, after rounding down
+    with torch.no_grad():
+        program = ember.compile(TokensOfChoices(), (hidden, order), ember.Options(fusion=True))
+        got = program(hidden, order)
+    assert torch.equal(got, TokensOfChoices()(hidden, order))
+    assert [step.node.startswith("fused_") for step in program.executor.steps] == [True]
+
+
+def test_integer_division_by_a_tensor_stays_on_aten():
+    """A divisor tensor may hold a zero, which ATen reports and a kernel could not."""
+    class ByTensor(nn.Module):
+        def forward(self, a, b):
+            return torch.div(a * 2, b, rounding_mode="floor") + 1
+
+    a, b = torch.randint(1, 9, (4, 3)), torch.randint(1, 9, (4, 3))
+    with torch.no_grad():
+        program = ember.compile(ByTensor(), (a, b), ember.Options(fusion=True))
+    divide = next(node for node in program.graph.nodes if node.op == "div.Tensor_mode")
+    assert divide.name in {step.node for step in program.executor.steps}  # its own step: ATen's kernel
+    assert torch.equal(program(a, b), ByTensor()(a, b))
+
+
 class PaddingMaskMadeAdditive(nn.Module):
     """A padding mask as transformers builds one for attention (an int mask made boolean, read at broadcast
     [batch, key] indices, and-ed with a constant mask) made additive in the model's dtype, as ember's
