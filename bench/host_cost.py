@@ -4,7 +4,7 @@ what one kernel launch costs.
 For each model (suite size, bf16), `torch.compile(backend="ember", options={"cuda_graphs": False})` beside
 torch.compile's default mode: host µs per call (queued without waiting for the device), wall µs per call, and the
 device launches one call makes (kernels, copies and fills, counted by torch.profiler); ember's step count, its
-generated kernels, the launches of each by kernel name, and a cProfile of a few calls (top functions by own time). Then the host time of launching one
+generated kernels, the launches of each by kernel name, and a cProfile of a few calls of each (top functions by own time). Then the host time of launching one
 generated kernel through ember's Kernel against the same compiled kernel's own runner and one ATen op.
 Usage: python bench/host_cost.py [--models mixtral bert_masked] [--out bench/results] [--dump DIR]
 """
@@ -53,6 +53,18 @@ def launches_per_call(fn, calls: int = 5) -> tuple[float, dict[str, float]]:
     return sum(names.values()) / calls, {name: count / calls for name, count in names.most_common()}
 
 
+def profile_calls(fn, calls: int = 10, top: int = 40) -> str:
+    """cProfile of `calls` calls: the `top` functions by own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def profile_model(name: str, dump: str | None = None) -> tuple[dict, str, GroupKernel | None, list]:
     torch.manual_seed(0)
     model, inputs = models.load(name, "suite", device="cuda")
@@ -65,6 +77,7 @@ def profile_model(name: str, dump: str | None = None) -> tuple[dict, str, GroupK
         launches, by_name = launches_per_call(lambda: inductor(*inputs))
         inductor_row = {"host_us": host_us(lambda: inductor(*inputs), calls=50), "wall_us": wall_us(lambda: inductor(*inputs), 20),
                         "launches": launches, "by_name": by_name}
+        inductor_profile = profile_calls(lambda: inductor(*inputs))
         torch._dynamo.reset()
         original = program.Program.__init__
 
@@ -83,13 +96,7 @@ def profile_model(name: str, dump: str | None = None) -> tuple[dict, str, GroupK
         launches, by_name = launches_per_call(lambda: compiled(*inputs))
         ember_row = {"host_us": host_us(lambda: compiled(*inputs), calls=50), "wall_us": wall_us(lambda: compiled(*inputs), 20),
                      "launches": launches, "by_name": by_name}
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(10):
-            compiled(*inputs)
-        profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(24)
+        ember_profile = profile_calls(lambda: compiled(*inputs))
     steps = [step for made in programs for step in made.executor.steps]
     kernels = [step for made in programs for step in made.executor.work or () if isinstance(step, GroupKernel)]
     tensors = None
@@ -101,7 +108,8 @@ def profile_model(name: str, dump: str | None = None) -> tuple[dict, str, GroupK
         tensors += [torch.empty(v.type.shape, dtype=v.type.dtype, device="cuda") for v in kernel.outputs]
     row = {"model": name, "graphs": len(programs), "steps": len(steps), "kernels": len(kernels),
            "ember": ember_row, "inductor": inductor_row}
-    return row, text.getvalue(), kernels[0] if kernels else None, tensors
+    return row, f"### ember\n{ember_profile}\n### torch.compile default\n{inductor_profile}", \
+        kernels[0] if kernels else None, tensors
 
 
 def launch_costs(kernel: GroupKernel, tensors: list[torch.Tensor]) -> dict:
@@ -126,8 +134,16 @@ def launch_costs(kernel: GroupKernel, tensors: list[torch.Tensor]) -> dict:
     products = {"mm_us": host_us(lambda: torch.mm(x, weight.t(), out=out)),
                 "addmm_us": host_us(lambda: torch.addmm(bias, x, weight.t(), out=out)),
                 "linear_us": host_us(lambda: torch.nn.functional.linear(x, weight, bias))}
+    q = torch.randn(32, 12, 128, 32, device="cuda", dtype=torch.bfloat16)
+    mask = torch.zeros(32, 1, 128, 128, device="cuda", dtype=torch.bfloat16)
+    reinterpret = torch._C._dynamo.guards._reinterpret_tensor
+    attention = {"sdpa_us": host_us(lambda: torch.ops.aten.scaled_dot_product_attention(q, q, q, mask)),
+                 "cudnn_attention_us": host_us(lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+                     q, q, q, mask, False)),
+                 "reinterpret_us": host_us(lambda: reinterpret(x, (64, 64, 384), (24576, 384, 1), 0)),
+                 "python_call_us": host_us(lambda: None)}
     return {"kernel": source.name, "ember_launch_us": ember_us, "compiled_runner_us": runner_us,
-            "runner_error": runner_error, "aten_add_us": aten_us, **products}
+            "runner_error": runner_error, "aten_add_us": aten_us, **products, **attention}
 
 
 def main() -> None:
@@ -157,6 +173,9 @@ def main() -> None:
                      f"runner {launch['compiled_runner_us']:.1f} µs {launch['runner_error']}; aten add {launch['aten_add_us']:.1f} µs")
         lines.append(f"a bf16 [4096, 384] × [384, 384] product: mm {launch['mm_us']:.1f} µs, addmm {launch['addmm_us']:.1f} µs, "
                      f"linear {launch['linear_us']:.1f} µs (host, queued)")
+        lines.append(f"bf16 attention [32, 12, 128, 32] with a mask: scaled_dot_product_attention {launch['sdpa_us']:.1f} µs, "
+                     f"_scaled_dot_product_cudnn_attention {launch['cudnn_attention_us']:.1f} µs; reinterpret_tensor "
+                     f"{launch['reinterpret_us']:.1f} µs; a Python call {launch['python_call_us']:.2f} µs")
     for r in rows:
         lines.append(f"\n## {r['model']}: device launches per call by name, ember / torch.compile default")
         names = dict.fromkeys([*r["ember"]["by_name"], *r["inductor"]["by_name"]])

@@ -201,12 +201,20 @@ class _Writer:
     def value(self, value: str) -> str:
         """How to read IR value `value`: its weight global, a view written where it is read, else its local."""
         if value in self.views:
-            root, shape, stride, offset = self.views[value]
-            if value not in self.consumed:
-                self.consumed.add(value)
-                self.pending[root] -= 1
-            return f"reinterpret_tensor({self.value(root)}, {shape!r}, {stride!r}, {offset})"
+            _, shape, stride, _ = self.views[value]
+            return self.reinterpret(value, shape, stride)
         return self.weights.get(value) or self.local(value)
+
+    def reinterpret(self, value: str, shape: tuple[int, ...], stride: tuple[int, ...]) -> str:
+        """Exactly strided `value` read at `shape` and `stride` from where it starts: one `reinterpret_tensor` of
+        its root when it is a view written where it is read."""
+        if value not in self.views:
+            return f"reinterpret_tensor({self.value(value)}, {shape!r}, {stride!r}, 0)"
+        root, _, _, offset = self.views[value]
+        if value not in self.consumed:
+            self.consumed.add(value)
+            self.pending[root] -= 1
+        return f"reinterpret_tensor({self.value(root)}, {shape!r}, {stride!r}, {offset})"
 
     def free(self, names: Sequence[str]) -> None:
         """`del` the locals of values that die here: not a view written where it is read (it has none), nor yet
@@ -422,7 +430,7 @@ class _Writer:
         memory = given[0] or (f"{self.constant(torch.empty_strided)}({out_type.shape!r}, {out_type.layout!r}, "
                               f"dtype={self.constant(out_type.dtype)}, device={self.value(names['x'])}.device)")
         self.line(f"{outputs[0]} = {memory}")
-        x_rows = f"reinterpret_tensor({self.value(names['x'])}, ({rows}, {features}), ({features}, 1), 0)"
+        x_rows = self.reinterpret(names["x"], (rows, features), (features, 1))
         out_rows = f"reinterpret_tensor({outputs[0]}, ({rows}, {columns}), ({columns}, 1), 0)"
         if bias is None:
             self.line(f"{self.constant(torch.mm)}({x_rows}, {transposed}, out={out_rows})")
