@@ -3,15 +3,16 @@
 Models are built as users build them (transformers' default configs: decoders return their KV cache; BERT once
 more with a padding attention mask as served). ember runs through `torch.compile(backend="ember")` (ember_backend),
 the same step by step without CUDA graphs (ember_backend_steps), and `ember.compile` (ember_export).
-One process, one device, every variant of a model timed side by side in rotation (three rounds, the
-median of each), after warm-up: median ms per call, speedup over eager, peak memory above weights and
-inputs (the most allocated while a variant is built and first called, so what it keeps between calls,
-such as ember's arena or a CUDA-graph pool, counts; cuBLAS's workspaces are cleared before each variant,
-so each pays for its own), compile time (first calls included), and each ember variant's max error against eager.
+One process, one device, every variant of a model timed side by side in rotation (five rounds, the
+median of each; step by step against torch.compile's default also paired round by round), after warm-up:
+median ms per call, speedup over eager, peak memory above weights and inputs (the most allocated while a
+variant is built and first called, so what it keeps between calls, such as ember's arena or a CUDA-graph pool,
+counts; cuBLAS's workspaces are cleared before each variant, so each pays for its own), compile time (first
+calls included), and each ember variant's max error against eager.
 Compile caches on disk (Inductor's, Triton's, ember's) start empty in a fresh temporary directory, so each tool's
 first variant of a model compiles cold, as on a user's first run (a tool's later variants reuse what its first
 compiled, in both tools); --warm-caches keeps the usual ones.
-Usage: python bench/speed.py [--out bench/results] [--models mlp gpt2 ...] [--rounds 3] [--stem speed]
+Usage: python bench/speed.py [--out bench/results] [--models mlp gpt2 ...] [--rounds 5] [--stem speed]
        python bench/speed.py --from-json part1.json part2.json   (one table from runs split across calls)
 """
 from __future__ import annotations
@@ -86,7 +87,9 @@ def measure(name: str, rounds: int) -> dict:
            "ember_fused_groups": program.report.fusion.get("groups", 0),
            "ember_fused_nodes": program.report.fusion.get("fused_nodes", 0), "nodes": len(program.graph.nodes),
            **{f"{variant}_max_err": error for variant, error in errors.items()}}
+    row["steps_ratio_by_round"] = [c / s for c, s in zip(samples["inductor"], samples["ember_backend_steps"])]
     for variant in VARIANTS:
+        row[f"{variant}_rounds_ms"] = samples[variant]
         row[f"{variant}_ms"] = statistics.median(samples[variant])
         row[f"{variant}_peak_mib"] = peaks[variant] / 2**20
         row[f"{variant}_compile_s"] = compile_s[variant]
@@ -98,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stem", default="speed", help="name of the result files")
     parser.add_argument("--from-json", nargs="*", default=[], help="tabulate the rows of earlier runs instead of measuring")
     parser.add_argument("--warm-caches", action="store_true", help="keep the usual on-disk compile caches")
@@ -144,6 +147,10 @@ def table(rows: list[dict]) -> str:
     steps = [r["inductor_ms"] / r["ember_backend_steps_ms"] for r in rows]
     lines.append("backend step by step ÷ torch.compile default (target ≥ 1.00 on every model): " +
                  ", ".join(f"{r['model']} {ratio:.2f}" for r, ratio in zip(rows, steps)))
+    if all("steps_ratio_by_round" in r for r in rows):
+        lines.append("  the same, paired round by round (median [least–most]): " + ", ".join(
+            f"{r['model']} {statistics.median(r['steps_ratio_by_round']):.2f} "
+            f"[{min(r['steps_ratio_by_round']):.2f}–{max(r['steps_ratio_by_round']):.2f}]" for r in rows))
     peak = [max(r["ember_backend_peak_mib"], r["ember_export_peak_mib"]) / max(r["inductor_peak_mib"], 1e-9) for r in rows]
     lines.append("peak of either entry point ÷ torch.compile default's (target ≤ 1.00): " +
                  ", ".join(f"{r['model']} {ratio:.2f}" for r, ratio in zip(rows, peak)))
