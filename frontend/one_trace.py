@@ -1,10 +1,9 @@
 """torch.export of a model straight to a decomposed ATen graph: one trace where export and run_decompositions take two.
 
-`torch.export.export` traces the model to pre-dispatch ATen and `run_decompositions` traces that graph again to
-decompose it, the slower half of capture. run_decompositions splits its table into the CompositeImplicitAutograd
-ops it overrides (by a context) and the rest, which it hands to export's ATen-level tracer as `decomp_table`; here
-the model itself goes to that tracer (`_export(pre_dispatch=False)`) with the same split table. These are torch
-internals (alike in torch 2.11 to 2.13): `one_trace_supported` checks they are as expected, else capture traces twice.
+run_decompositions retraces export's graph through export's ATen-level tracer, its table split in two: the
+CompositeImplicitAutograd ops it overrides by a context, and the rest, handed to the tracer as `decomp_table`.
+Here the model itself goes through that tracer (`_export(pre_dispatch=False)`) so set up. These are torch
+internals (alike in torch 2.11 to 2.13): `one_trace_supported` checks them, and capture traces twice without them.
 """
 from __future__ import annotations
 
@@ -51,7 +50,7 @@ def export_decomposed(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, 
     # CompositeImplicitAutograd op -> its decomposition, or a marker that keeps it whole; the rest of the table
     composite_rules, decompositions = exported_program._split_decomp_table_to_cia_and_python_decomp(dict(table))
     overridden = {op: rule for op, rule in composite_rules.items() if not _is_own_kernel(op, rule)}
-    tracer = _trace._export_to_aten_ir
+    tracer = _trace._export_to_aten_ir  # given the table for this call (export itself is not thread-safe either)
     _trace._export_to_aten_ir = functools.partial(tracer, decomp_table=decompositions)
     try:
         with exported_program._override_composite_implicit_decomp(overridden):
@@ -68,4 +67,4 @@ def _is_own_kernel(op: torch._ops.OpOverload, rule: Callable) -> bool:
     if registered is not None and not isinstance(registered, torch._C.DispatchKey):
         return rule is registered
     return (isinstance(rule, functools.partial) and rule.keywords == {"kernel": op}
-            and rule.func.__name__ == "_special_op_to_decompose_cia")
+            and getattr(rule.func, "__name__", None) == "_special_op_to_decompose_cia")

@@ -66,7 +66,8 @@ def signature(exported: torch.export.ExportedProgram) -> tuple:
     """What from_module reads: inputs by kind and target (in any order), outputs by kind in order, and the weights."""
     inputs = Counter((spec.kind, spec.target) for spec in exported.graph_signature.input_specs)
     outputs = [(spec.kind, spec.target) for spec in exported.graph_signature.output_specs]
-    return inputs, outputs, sorted(exported.state_dict), sorted(exported.constants), sorted(dict(exported.named_buffers()))
+    buffers = sorted(name for name, _ in exported.named_buffers())
+    return inputs, outputs, sorted(exported.state_dict), sorted(exported.constants), buffers
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral", "bert", "gpt2"])
