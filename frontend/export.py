@@ -27,6 +27,7 @@ from ..ir import Graph
 from ..progress import task
 from .decompositions import ember_decompositions
 from .lower import lower_fx
+from .one_trace import export_decomposed, one_trace_supported
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,44 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 def capture(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.export.ExportedProgram, pytree.TreeSpec]:
-    """torch.export the model and decompose it with ember's table; CompileError when export cannot.
+    """torch.export the model decomposed with ember's table; CompileError when export cannot.
 
+    One trace where this torch allows it (`capture_in_one_trace`); else, or where that trace fails, torch.export
+    and run_decompositions (`capture_in_two_traces`), whose errors are the ones reported.
     Returns the program, whose outputs are the leaves of the model's result, and the result's structure.
     """
     args, kwargs = normalize_inputs(example_inputs)
     register_transformers_caches()
+    if not one_trace_supported():
+        log.debug("torch %s lacks what one-trace capture uses: capturing in two traces", torch.__version__)
+    else:
+        try:
+            return capture_in_one_trace(model, args, kwargs)
+        except Exception as error:
+            log.debug("one-trace capture of %s failed (%s: %s): capturing in two traces", type(model).__name__,
+                      type(error).__name__, _first_line(error))
+    return capture_in_two_traces(model, args, kwargs)
+
+
+def capture_in_one_trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram,
+                                                                                    pytree.TreeSpec]:
+    """`capture` by one trace straight to ember's decomposed ATen set; raises what torch raises."""
     chatter = io.StringIO()  # torch prints the partial graph of a failed export, twice
+    try:
+        with contextlib.redirect_stderr(chatter), _flat_result(model) as structures:
+            decomposed = export_decomposed(model, args, kwargs, ember_decompositions())
+    except Exception:
+        log.debug("torch.export said:\n%s", chatter.getvalue())
+        raise
+    sys.stderr.write(chatter.getvalue())
+    log.debug("captured %s in one trace", type(model).__name__)
+    return decomposed, structures[-1]
+
+
+def capture_in_two_traces(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram,
+                                                                                     pytree.TreeSpec]:
+    """`capture` by torch.export.export and then run_decompositions, which traces the graph again."""
+    chatter = io.StringIO()
     try:
         with contextlib.redirect_stderr(chatter), _flat_result(model) as structures:
             exported = torch.export.export(model, args, kwargs)
@@ -94,6 +126,7 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.export.E
                 "by running tensor ops, such as a transformers DynamicCache passed in (past_key_values); "
                 "torch.compile(model, backend=\"ember\") takes such inputs"
             ) from error
+    log.debug("captured %s in two traces", type(model).__name__)
     return decomposed, structures[-1]
 
 
@@ -106,8 +139,8 @@ def _first_line(error: Exception) -> str:
 def _flat_result(model: torch.nn.Module) -> Iterator[list[pytree.TreeSpec]]:
     """While open, `model` returns the leaves of its result as a tuple and the list collects the result's structure.
 
-    torch.export's run_decompositions retraces the exported graph and rebuilds the result's containers inside
-    the trace; rebuilding a transformers DynamicCache runs tensor ops whose constants torch then loses
+    torch.export's run_decompositions (in two-trace capture) retraces the exported graph and rebuilds the result's
+    containers inside the trace; rebuilding a transformers DynamicCache runs tensor ops whose constants torch then loses
     ("Constant tensor lifted_tensor_0 is not in the constants dictionary"). With flat outputs nothing is rebuilt
     until ember's Program unflattens its outputs at call time.
     """
@@ -215,6 +248,17 @@ def _cache_holding(children: list[Any], template: Any, held: tuple[int, ...]) ->
     return cache
 
 
+def _join_tied_weights(placeholders: list[torch.fx.Node], weights: Mapping[str, torch.Tensor]) -> None:
+    """Point the uses of a weight that is an earlier one under another name (GPT-2's LM head is its token
+    embedding) at the earlier placeholder, so the graph holds it once: one-trace capture lifts each name apart."""
+    first: dict[int, torch.fx.Node] = {}
+    for node in placeholders:
+        if node.name in weights:
+            kept = first.setdefault(id(weights[node.name]), node)
+            if kept is not node:
+                node.replace_all_uses_with(kept)
+
+
 def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:
     """Capture `model` on `example_inputs` and lower it to an ember Graph."""
     started = time.perf_counter()
@@ -234,6 +278,7 @@ def from_module(model: torch.nn.Module, example_inputs: Any) -> Captured:
             user_positions.append(node.name)
         else:
             raise CompileError(f"export input {spec.arg} of kind {spec.kind.name} is not supported by ember")
+    _join_tied_weights(placeholders, weights)
     with task(f"lowering {len(exported.graph.nodes)} FX nodes to ember's IR"):
         graph = lower_fx(exported.graph_module, weights)
     constant_inputs = {

@@ -162,6 +162,21 @@ def test_shape_rules_run_on_the_values_device():
         histc.infer(histc, [TensorType((13,), torch.int32, device="cpu")], attrs)
 
 
+def test_traced_types_run_once_per_op_types_and_attrs(monkeypatch):
+    """The verifier types nodes again after every pass: a rule traced on fake tensors runs once per op, input types
+    and attrs, and attrs equal in value but not in type (2, 2.0, True) stay apart."""
+    from ember.ir import ops
+
+    monkeypatch.setattr(ops, "_TRACED_TYPES", {})
+    runs = []
+    fake_mode = ops.FakeTensorMode
+    monkeypatch.setattr(ops, "FakeTensorMode", lambda: runs.append(1) or fake_mode())
+    mul, ints = ember.ir.OP_TABLE["mul.Scalar"], TensorType((3, 17), torch.int64)
+    dtypes = [mul.infer(mul, [ints], {"other": other})[0].dtype for other in (2, 2.0, True, 2, 2.0, True)]
+    assert dtypes == [torch.int64, torch.float32, torch.int64] * 2
+    assert len(runs) == 3
+
+
 def test_ops_that_leave_results_empty_keep_the_others_in_place():
     """convolution_backward without the input gradient returns (None, grad_weight, grad_bias)."""
 
