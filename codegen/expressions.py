@@ -229,9 +229,9 @@ def _integer_binary(form: str, scaled: bool = False) -> Emit:
 
 
 def _integer_divide(args: Mapping[str, Any]) -> str | None:
-    """Integer division by a nonzero number, rounded down (`//`) or toward zero. Triton's `//` rounds as C does
-    on the GPU and as Python does in the interpreter, so it divides magnitudes only and the sign is applied here.
-    A divisor tensor is not taken: division by zero raises in ATen on the CPU, and a kernel could not."""
+    """Integer division by a nonzero number, rounded down (`//`) or toward zero. How `//` rounds a negative
+    operand is C's on the GPU, and need not be in Triton's interpreter, so only magnitudes are divided and the
+    sign is applied here. A divisor tensor is not taken: division by zero raises in ATen, and a kernel could not."""
     x, divisor, rounding = _integer(args["self"]), args["other"], args.get("rounding_mode")
     if x is None or rounding not in ("floor", "trunc") or not isinstance(divisor, int) or isinstance(divisor, bool) \
             or divisor == 0:

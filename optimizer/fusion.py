@@ -230,7 +230,7 @@ def _gather_into_rows(graph: Graph, dag: nx.DiGraph, members: dict[int, list[Nod
     broadcasts along the rows (positions shared by a batch) joins only a kernel that is its one reader."""
     order = {node.name: index for index, node in enumerate(graph.nodes)}
     for node in graph.nodes:
-        if node.name in group_id or node.op != "embedding":
+        if node.name in group_id or node.is_extern or not node.definition.gathers:
             continue
         groups = sorted({group_id[reader] for value in node.outputs for reader in readers.get(value.name, ())
                          if reader in group_id}, key=lambda index: order[members[index][0].name])
