@@ -80,10 +80,8 @@ def counted_total(name: str, producer: Mapping[str, Node], types: Mapping[str, T
     node = producer.get(name)
     while node is not None and node.op == "_to_copy":
         node = producer.get(node.inputs[0])
-    if node is None or node.op != "cumsum" or len(types[node.inputs[0]].shape) != 1:
-        return None
-    histogram = producer.get(node.inputs[0])
-    if histogram is None or histogram.op != "histc":
+    histogram = _summed_histogram(node, producer, types)
+    if histogram is None:
         return None
     counted = histogram.inputs[0]
     low, high = histogram.attrs.get("min", 0), histogram.attrs.get("max", 0)
@@ -91,6 +89,17 @@ def counted_total(name: str, producer: Mapping[str, Node], types: Mapping[str, T
     if not (low == high == 0 or known is not None and low <= known[0] and known[1] <= high):
         return None  # min == max == 0 bins the data's own extent: every element counted
     return math.prod(types[counted].shape)
+
+
+def _summed_histogram(node: Node | None, producer: Mapping[str, Node], types: Mapping[str, TensorType]) -> Node | None:
+    """The histogram (`histc`, through integer casts of its counts) that `node` is a running sum of along its one
+    dim, or None."""
+    if node is None or node.op != "cumsum" or len(types[node.inputs[0]].shape) != 1:
+        return None
+    histogram = producer.get(node.inputs[0])
+    while histogram is not None and histogram.op == "_to_copy" and not histogram.outputs[0].type.dtype.is_floating_point:
+        histogram = producer.get(histogram.inputs[0])
+    return histogram if histogram is not None and histogram.op == "histc" else None
 
 
 def cover_grouped_rows(graph: Graph) -> Graph:
@@ -149,12 +158,8 @@ def _searched_histogram(node: Node, producer: Mapping[str, Node], types: Mapping
     one dim of a histogram (through integer casts) of a sorted 1-D sequence (through casts that hold its values),
     with one bin per integer from lo to hi and every element within them; None otherwise."""
     result = node.outputs[0].type.dtype if len(node.outputs) == 1 else None
-    if node.op != "cumsum" or result not in (torch.int32, torch.int64) or len(types[node.inputs[0]].shape) != 1:
-        return None
-    histogram = producer.get(node.inputs[0])
-    while histogram is not None and histogram.op == "_to_copy" and not histogram.outputs[0].type.dtype.is_floating_point:
-        histogram = producer.get(histogram.inputs[0])
-    if histogram is None or histogram.op != "histc":
+    histogram = _summed_histogram(node, producer, types)
+    if histogram is None or result not in (torch.int32, torch.int64):
         return None
     counted, bins = histogram.inputs[0], histogram.attrs.get("bins", 100)
     low, high = histogram.attrs.get("min", 0), histogram.attrs.get("max", 0)
