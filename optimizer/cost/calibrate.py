@@ -31,6 +31,9 @@ GPU_GRID = {"m": (16, 256, 2048, 8192), "n": (1024, 4096, 16384), "k": (1024, 40
 CPU_GRID = {"m": (8, 64, 256), "n": (64, 256), "k": (64, 256)}
 STABLE_WITHIN = 0.01
 """A block counts as an improvement when it beats the fastest so far by more than this fraction."""
+SINGLE_CALLS = 200
+"""Single calls timed at least for a CPU dispatch figure, then more until that many in a row improve on
+none, or the budget has passed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,8 @@ def _block_us(fn: Callable[[], object], reps: int, synchronize: Callable[[], obj
     return (time.perf_counter() - started) * 1e6
 
 
-def host_time_us(fn: Callable[[], object], device: torch.device, timing: Timing = THOROUGH) -> float:
+def host_time_us(fn: Callable[[], object], device: torch.device, timing: Timing = THOROUGH,
+                 min_block_us: float | None = None) -> float:
     """Time per call as `time_us` measures it; on the CPU the faster of all threads and one thread.
 
     A parallel region waits for its slowest thread, and on a busy machine another process can hold
@@ -86,7 +90,8 @@ def host_time_us(fn: Callable[[], object], device: torch.device, timing: Timing 
     milliseconds (a layer norm of 64 numbers read 12 ms). One thread never waits on another, so it bounds the
     op from above; on a quiet machine all threads win where they help.
     """
-    measure = functools.partial(time_us, fn, device, blocks=timing.blocks, budget_s=timing.budget_s)
+    measure = functools.partial(time_us, fn, device, min_block_us=min_block_us, blocks=timing.blocks,
+                                budget_s=timing.budget_s)
     if device.type == "cuda" or torch.get_num_threads() == 1:
         return measure()
     threaded_us = measure()
@@ -226,11 +231,21 @@ def _dispatch_and_floors(device: torch.device, timing: Timing) -> tuple[dict[str
                 update(advance=1)
         # Host dispatch last, once the process is warm.
         for kind, fn in representatives.items():
-            dispatch[kind] = round(host_time_us(fn, device, timing=timing), 2)
+            dispatch[kind] = round(_dispatch_us(fn, device, timing), 2)
             update(advance=1)
     dispatch["default"] = dispatch["pointwise"]
     floors["default"] = floors.get("pointwise", 0.0)
     return floors, dispatch
+
+
+def _dispatch_us(fn: Callable[[], object], device: torch.device, timing: Timing) -> float:
+    """The host's time to issue one op. On the CPU the fastest single call over the budget: a busy
+    neighbour slows every block of back-to-back calls alike (a loaded CI machine read them 3x slow),
+    while single calls that fall between its time slices still show the op's own cost."""
+    if device.type == "cuda":
+        return host_time_us(fn, device, timing=timing)
+    calls = dataclasses.replace(timing, blocks=SINGLE_CALLS)
+    return host_time_us(fn, device, timing=calls, min_block_us=0.0)
 
 
 def _fraction(value: float) -> float:

@@ -114,9 +114,16 @@ def test_every_calibrated_efficiency_is_a_fraction(calibrated):
 def test_calibrated_dispatch_is_the_time_of_a_tiny_op(calibrated):
     profile, _ = calibrated
     a, b = torch.randn(4, 16), torch.randn(4, 16)
-    add_us = _fastest_us(lambda: torch.ops.aten.add.Tensor(a, b))
-    assert 1 / FACTOR < profile.dispatch("pointwise") / add_us < FACTOR, (profile.dispatch("pointwise"), add_us)
-    assert all(add_us / FACTOR < us < 25 * add_us for us in profile.dispatch_us.values()), (profile.dispatch_us, add_us)
+    aten, q = torch.ops.aten, a[None, None]
+    ops = {  # ops of each kind like the calibration's own, built here
+        "pointwise": lambda: aten.add.Tensor(a, b), "reduction": lambda: aten.sum.dim_IntList(a, [1]),
+        "matmul": lambda: aten.mm.default(a, b.t()), "view": lambda: aten.view.default(a, [64]),
+        "attention": lambda: aten.scaled_dot_product_attention.default(q, q, q),
+    }
+    measured = {kind: _fastest_us(op, seconds=0.15) for kind, op in ops.items()}
+    ratios = {kind: profile.dispatch(kind) / us for kind, us in measured.items()}
+    assert all(1 / FACTOR < ratio < FACTOR for ratio in ratios.values()), (profile.dispatch_us, measured)
+    assert profile.dispatch("default") == profile.dispatch("pointwise")
 
 
 def test_calibrated_profile_predicts_a_linear_within_a_small_factor(calibrated, linear):
