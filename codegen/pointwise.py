@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from ..ir import Graph, Node, TensorType
 from .expressions import INDEX_TYPES, MOVES, STORED_TYPES, expression
 from ..ir.plans import reads_of
-from .source import KernelSource, check_dtypes, coordinates, header, load, offset
+from .source import IDENTIFIER, KernelSource, check_dtypes, coordinates, header, load, offset
 
 BLOCK = 1024
 
@@ -40,9 +40,14 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
     made_by = {value.name: node for node in nodes for value in node.outputs}
     computed: dict[tuple[str, Coordinates, str], str] = {}
 
+    scalars: set[str] = set()
+    """Variables computed from numbers alone: an address made of them reaches no coordinate."""
+
     def fresh(expression: str, comment: str = "") -> str:
         variable = f"t{len(lines)}"
         lines.append(f"    {variable} = {expression}{comment}")
+        if all(name in scalars for name in IDENTIFIER.findall(expression)):
+            scalars.add(variable)
         return variable
 
     def value_at(value: str, at: Coordinates, where: str) -> str:
@@ -51,7 +56,7 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
             node = made_by.get(value)
             if node is None:
                 variable = f"t{len(lines)}"
-                lines.append(load(variable, pointer[value], types[value], offset(types[value], at), where))
+                lines.append(load(variable, pointer[value], types[value], offset(types[value], at), where, scalars))
             elif node.op not in MOVES:
                 computed_here = expression(node, [value_at(n, at, where) for n in node.inputs])
                 variable = fresh(computed_here, f"  # %{value} = {node.op}")

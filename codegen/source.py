@@ -2,13 +2,17 @@
 value is addressed through its strides."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..ir import Graph, Node, TensorType
 from .expressions import FLOATS, TRITON_TYPES
+
+IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+"""A name in generated source (a variable, or a Triton function)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +70,12 @@ def offset(value_type: TensorType, names: Sequence[str]) -> str:
     return " + ".join(terms) if terms else "0"
 
 
-def load(variable: str, pointer: str, value_type: TensorType, address: str, mask: str) -> str:
+def load(variable: str, pointer: str, value_type: TensorType, address: str, mask: str,
+         scalars: Collection[str] = ()) -> str:
     """A load statement; floating values become float32. An address no coordinate reaches (a value of one
-    element, or read at one) is spread to the mask's shape, as Triton wants of a masked load."""
+    element, or read at one: numbers, and `scalars`, variables computed from numbers alone) is spread to the
+    mask's shape, as Triton wants of a masked load."""
     cast = ".to(tl.float32)" if value_type.dtype in FLOATS else ""
-    if not any(character.isalpha() for character in address):
+    if all(name in scalars for name in IDENTIFIER.findall(address)):
         address = f"{mask}.to(tl.int64) * 0 + {address}"
     return f"    {variable} = tl.load({pointer} + {address}, mask={mask}, other=0){cast}"

@@ -520,6 +520,7 @@ class MoveChain(nn.Module):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(steps=["gather rows", "split halves"], shape=(2, 1, 3))  # loads at no coordinate
+@example(steps=["repeat and sum back", "split halves", "roll"], shape=(2, 1, 3))  # at an address made of numbers
 @given(steps=st.lists(st.sampled_from(sorted(MOVE_STEPS)), min_size=1, max_size=5),
        shape=st.tuples(st.integers(2, 7), st.integers(1, 5), st.integers(3, 9)))
 def test_random_chains_of_moves_and_pointwise_ops_match_eager(steps, shape):
