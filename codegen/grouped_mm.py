@@ -9,7 +9,6 @@ The op's definition and its reference (one matmul per expert) are in ir.ops; thi
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,8 +89,3 @@ def _capability(device: int) -> tuple[int, int]:
 
 _LIBRARY = torch.library.Library("ember", "IMPL")
 _LIBRARY.impl("grouped_mm", grouped_mm, "CUDA")
-
-PYTHON_IMPLEMENTATIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = {torch.ops.ember.grouped_mm.default: grouped_mm}
-"""ember's own ops written in Python, by overload: a generated wrapper (which runs without autograd) calls the
-function itself, not through torch's dispatcher (whose boxing into Python and back cost a Mixtral call about
-half a millisecond of host time step by step)."""

@@ -1,7 +1,7 @@
 """The op table: one entry per IR op, read by the verifier, the executor, the cost model and the tests.
 
 An IR op is an ATen overload (`mm`, `add.Tensor`, `sum.dim_IntList`) or one of ember's own
-(`grouped_mm`). Each entry gives the shape and dtype rule, FLOPs, bytes moved and a reference
+(`grouped_mm`, `linears`). Each entry gives the shape and dtype rule, FLOPs, bytes moved and a reference
 implementation in torch; anything without an entry becomes an `extern` node that calls the op as is.
 """
 from __future__ import annotations
@@ -174,9 +174,29 @@ def infer_matmul(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, An
     elif op.name == "grouped_mm":
         x, w = inputs[:2]
         out = _matmul_out((), x.shape[0], x.shape[1], w.shape[1], w.shape[2], x, op.name)
+    elif op.name == "linears":
+        return _infer_linears(inputs, attrs)
     else:
         raise KeyError(op.name)
     return (out,)
+
+
+def _infer_linears(inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    """ember.linears: one linear result per weight, each (*input rows, weight's out features)."""
+    x = inputs[0]
+    weights, biases = attrs["weights"], attrs.get("biases", ())
+    if not weights or (biases and len(biases) != len(weights)):
+        raise ValueError(f"linears: {len(weights)} weights and {len(biases)} biases")
+    results = []
+    for position, slot in enumerate(weights):
+        weight = inputs[slot]
+        if len(weight.shape) != 2 or weight.shape[1] != x.shape[-1]:
+            raise ValueError(f"linears: input features {x.shape[-1]} do not match weight {position} {weight.shape}")
+        bias = biases[position] if biases else None
+        if bias is not None and inputs[bias].shape != (weight.shape[0],):
+            raise ValueError(f"linears: bias {position} {inputs[bias].shape} for weight {weight.shape}")
+        results.append(TensorType((*x.shape[:-1], weight.shape[0]), x.dtype, device=x.device))
+    return tuple(results)
 
 
 def infer_attention(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
@@ -232,6 +252,12 @@ def linear_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], at
     return 2 * outputs[0].numel * in_features + (outputs[0].numel if len(inputs) > 2 else 0)
 
 
+def linears_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> int:
+    """Each result as its own linear: 2·rows·out·in, plus its bias adds."""
+    biases = [slot for slot in attrs.get("biases", ()) if slot is not None]
+    return sum(2 * out.numel * inputs[0].shape[-1] for out in outputs) + sum(inputs[slot].numel for slot in biases)
+
+
 def grouped_mm_flops(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> int:
     """Each routed row is multiplied by its expert's (K, N) matrix: 2·S·K·N.
 
@@ -278,12 +304,24 @@ def grouped_mm_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.T
     return out
 
 
+def linears_reference(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                      biases: Sequence[torch.Tensor | None] = ()) -> list[torch.Tensor]:
+    """Several linears of one input, `F.linear(x, weights[i], biases[i])` each (no bias where `biases` is empty):
+    the optimizer joins a vector's linears (query, key and value) into one, and codegen.skinny_mm reads every
+    weight in one kernel on the GPU."""
+    return [torch.nn.functional.linear(x, weight, biases[i] if biases else None) for i, weight in enumerate(weights)]
+
+
 _GROUPED_MM_LIB = torch.library.Library("ember", "FRAGMENT")
 _GROUPED_MM_LIB.define("grouped_mm(Tensor input, Tensor weight, Tensor offsets, bool rows_covered=False) -> Tensor")
 _GROUPED_MM_LIB.impl("grouped_mm", grouped_mm_reference, "CompositeExplicitAutograd")
 _GROUPED_MM_LIB.impl(
     "grouped_mm", lambda x, weight, offsets, rows_covered=False: x.new_empty(x.shape[0], weight.shape[2]), "Meta"
 )
+_GROUPED_MM_LIB.define("linears(Tensor input, Tensor[] weights, Tensor?[] biases) -> Tensor[]")
+_GROUPED_MM_LIB.impl("linears", linears_reference, "CompositeExplicitAutograd")
+_GROUPED_MM_LIB.impl("linears", lambda x, weights, biases=(): [x.new_empty(*x.shape[:-1], weight.shape[0])
+                                                               for weight in weights], "Meta")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +388,7 @@ register(torch.ops.aten.addmm.default, "matmul", infer_matmul, addmm_flops)
 register(torch.ops.aten.baddbmm.default, "matmul", infer_matmul, addmm_flops)
 register(torch.ops.aten.linear.default, "matmul", infer_matmul, linear_flops)
 register(torch.ops.ember.grouped_mm.default, "matmul", infer_matmul, grouped_mm_flops, name="grouped_mm")
+register(torch.ops.ember.linears.default, "matmul", infer_matmul, linears_flops, name="linears")
 register(torch.ops.aten.convolution.default, "convolution", infer_by_tracing, convolution_flops)
 register(torch.ops.aten.scaled_dot_product_attention.default, "attention", infer_attention, attention_flops)
 

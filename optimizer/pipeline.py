@@ -36,6 +36,7 @@ from .cost.calibrate import calibrated_name
 from .fold import fold_constants
 from .fusion import FusionPlan, plan_fusion
 from .fusion_verify import verify_fusion
+from .joins import join_vector_products
 from .layout import pad_linear_features
 from .ranges import cover_grouped_rows, drop_decided_masks, offsets_by_search
 from .reorder import reorder_for_memory
@@ -46,7 +47,8 @@ Pass = Callable[[Graph], Graph]
 
 PASSES: tuple[Pass, ...] = (eliminate_dead_code, fold_constant_masks, fold_constants, drop_empty_cat_inputs,
                             drop_decided_masks, cover_grouped_rows, offsets_by_search, decompose_attention,
-                            group_query_heads, fold_query_groups, convert_attention_masks, pad_linear_features)
+                            group_query_heads, fold_query_groups, convert_attention_masks, pad_linear_features,
+                            join_vector_products)
 """The graph passes, in order."""
 REORDER: tuple[Pass, ...] = (reorder_for_memory,)
 """Run after PASSES when Options(reorder=True)."""

@@ -319,8 +319,9 @@ class _Writer:
             return
         if call.how in ("reference", "linear") and self._matrix_product(step, built, outputs, given):
             return
-        if call.op in ROW_MAJOR_RESULTS and given == [None] and self.types[step.outputs[0]].is_contiguous:
-            self.exact.add(step.outputs[0])
+        if call.op in ROW_MAJOR_RESULTS:
+            self.exact.update(name for name, memory in zip(step.outputs, given)
+                              if memory is None and self.types[name].is_contiguous)
         op = self.constant(call.op)
         if call.how == "in_place":
             self._bind(outputs, step.positions, {0: f"{op}({', '.join(self.arguments(built, inputs))})"})
@@ -493,8 +494,8 @@ made without the dispatcher (what Inductor's wrappers call), else the same `as_s
 
 
 ROW_MAJOR_RESULTS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.embedding.default,
-                               torch.ops.ember.grouped_mm.default})
-"""Ops whose result is always a fresh row-major tensor, whatever their inputs' strides (a matrix product's
+                               torch.ops.ember.grouped_mm.default, torch.ops.ember.linears.default})
+"""Ops whose results are always fresh row-major tensors, whatever their inputs' strides (a matrix product's
 output, rows gathered from a table): exactly strided when the IR type says row-major."""
 
 LAID_OUT_RESULTS = frozenset({torch.ops.aten.scaled_dot_product_attention.default})

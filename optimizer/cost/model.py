@@ -270,6 +270,9 @@ def matmul_shape(node: Node, inputs: Sequence[TensorType], outputs: Sequence[Ten
     if op == "linear":
         x, weight = inputs[:2]
         return MatmulShape(1, math.prod(x.shape[:-1]), weight.shape[0], weight.shape[1])
+    if op == "linears":
+        x = inputs[0]
+        return MatmulShape(1, math.prod(x.shape[:-1]), sum(out.shape[-1] for out in outputs), x.shape[-1])
     if op == "grouped_mm":
         x, weight = inputs[:2]
         experts = weight.shape[0]

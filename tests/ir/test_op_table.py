@@ -296,6 +296,11 @@ SAMPLES.update({
         lambda m: ((m.strided(3, 5, 7), m.normal(11, 7), m.normal(11)), {}),
         lambda m: ((m.normal(5, 7), m.strided(11, 7)), {}),
     ),
+    "linears": calls(  # one row: a strided one, biases on some weights; one row kept in three dims
+        lambda m: ((m.strided(1, 7), [m.normal(11, 7), m.normal(3, 7), m.strided(5, 7)], [m.normal(11), None, m.normal(5)]),
+                   {}),
+        lambda m: ((m.normal(1, 1, 7), [m.normal(2, 7), m.normal(9, 7)], [None, None]), {}),
+    ),
     "grouped_mm": calls(  # an empty group, and rows past the last offset
         lambda m: ((m.strided(13, 5), m.normal(3, 5, 7), torch.tensor([4, 4, 11])), {}),
         lambda m: ((m.normal(13, 5), m.normal(3, 5, 7), torch.tensor([5, 9, 13], dtype=torch.int32)), {}),
@@ -837,6 +842,8 @@ ORACLES: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
     "baddbmm": lambda c, a, b, *, beta=1, alpha=1: (beta * c + alpha * _product(a, b),),
     "linear": lambda x, w, b=None: (_product(x, w.t()) + (b if b is not None else 0),),
     "grouped_mm": _grouped_mm,
+    "linears": lambda x, weights, biases: tuple(_product(x, w.t()) + (b if b is not None else 0)
+                                               for w, b in zip(weights, biases)),
     "convolution": _convolution,
     "scaled_dot_product_attention": _attention,
     "_softmax": _softmax,
@@ -917,6 +924,7 @@ FLOP_CASES = {
         2 * 2 * 3 * 5 * 11 * (7 + 9),
     ),
     "grouped_mm": (lambda: _flops("grouped_mm", r(13, 5), r(3, 5, 7), torch.tensor([4, 4, 13])), 2 * 13 * 5 * 7),
+    "linears": (lambda: _flops("linears", r(1, 7), [r(11, 7), r(3, 7)], [r(11), None]), 2 * 7 * (11 + 3) + 11),
 }
 
 
@@ -952,3 +960,14 @@ def f32(*shape: int) -> TensorType:
 def test_shape_rule_rejects_mismatched_operands(name, types):
     with pytest.raises(ValueError):
         _infer(name, *types)
+
+
+@pytest.mark.parametrize("types, attrs", [
+    ((f32(1, 7), f32(11, 6)), {"weights": (1,), "biases": (None,)}),  # features differ
+    ((f32(1, 7), f32(11, 7), f32(10)), {"weights": (1,), "biases": (2,)}),  # a bias of the wrong length
+    ((f32(1, 7), f32(11, 7)), {"weights": (1,), "biases": (None, None)}),  # more biases than weights
+    ((f32(1, 7),), {"weights": (), "biases": ()}),  # no weight
+])
+def test_linears_shape_rule_rejects_mismatched_operands(types, attrs):
+    with pytest.raises(ValueError):
+        _infer("linears", *types, **attrs)
