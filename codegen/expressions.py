@@ -311,6 +311,16 @@ views, cat, a gather along adjacent dims, and a sum over a few elements of non-t
 MATERIALIZED = frozenset({"cat", "index.Tensor", "sum.dim_IntList"})
 """The moves whose results are new dense tensors, which a kernel may store (a view's may not be)."""
 
+def materialized(node: Node) -> bool:
+    """Whether the node is a move whose result is a new dense tensor (see MATERIALIZED)."""
+    return node.op in MATERIALIZED
+
+
+def viewing_move(node: Node) -> bool:
+    """Whether the node is a move whose result a kernel reads through but never stores (a view, a slice)."""
+    return node.op in MOVES and node.op not in MATERIALIZED
+
+
 MAX_SUMMED = 8
 """A sum a pointwise kernel unrolls adds at most this many elements per result."""
 

@@ -96,13 +96,18 @@ REDUCTIONS: dict[str, Reduction] = {
 }
 
 
+def row_reduction(node: Node) -> Reduction | None:
+    """How a row kernel computes the node, when it is a reduction one can."""
+    return REDUCTIONS.get(node.op)
+
+
 def reduced_dims(node: Node, types: Mapping[str, TensorType], read: set[str] | frozenset[str]) -> int | None:
     """How many trailing dims of its input `node` reduces, when a row kernel can compute it; None otherwise.
 
     `read` names the values read anywhere: a result whose type the op table does not promise (layer norm's
     saved statistics) must be unread.
     """
-    spec = REDUCTIONS.get(node.op)
+    spec = row_reduction(node)
     if spec is None:
         return None
     reduced = types[node.inputs[0]]

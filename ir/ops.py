@@ -6,7 +6,9 @@ implementation in torch; anything without an entry becomes an `extern` node that
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,10 @@ Reference = Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]]
 Infer = Callable[["OpDef", Sequence[TensorType], Mapping[str, Any]], tuple[TensorType | None, ...]]
 """Types of an op's results in order; None where the op returns no tensor (an unrequested gradient)."""
 Flops = Callable[[Sequence[TensorType], Sequence[TensorType], Mapping[str, Any]], int]
+Gemm = Callable[[Sequence[TensorType], Sequence[TensorType], Mapping[str, Any]], tuple[int, int, int, int]]
+"""(inputs, outputs, attrs) -> (batch, m, n, k) of the matrix product an op runs."""
+EagerWork = Callable[[Sequence[TensorType]], tuple[int, Mapping[str, int]]]
+"""inputs -> (kernels launched, host dispatches by op kind) of an op's reference run eagerly."""
 
 KINDS = (
     "pointwise", "reduction", "normalization", "matmul", "convolution", "attention", "view", "data", "routing", "extern"
@@ -42,6 +48,26 @@ class OpDef:
     (normalizations' saved statistics differ in shape and dtype across devices and torch versions)."""
     gathers: bool = False
     """Reads only the rows it returns from its first input (embedding, index): bytes read follow the output."""
+    linear: bool = False
+    """A linear layer: `input @ weight.T (+ bias)` of its inputs (input, weight[, bias])."""
+    gemm: Gemm | None = None
+    """The matrix product it runs, as (batch, m, n, k) (a convolution's implicit GEMM); None for other ops."""
+    eager: EagerWork | None = None
+    """What its reference costs run eagerly when that is more than one op of its kind (a loop over experts)."""
+    concatenates: bool = False
+    """Joins its tensor-list input along a dim (cat)."""
+    overwrites: bool = False
+    """Its result is its first input with some positions overwritten by values that do not depend on it, so that
+    running it in place twice leaves what running it once does (a static KV cache's update)."""
+    keeps_values: bool = False
+    """Every element of its results (but an `index_result`) is one of its first input's elements, or that value
+    converted (views, copies, sorting)."""
+    index_result: int | None = None
+    """The position of a result holding indices along `dim` of its first input (topk's, sort's)."""
+    converts: bool = False
+    """Its result is its input's values in another dtype, or on another device (_to_copy)."""
+    compares: Callable[[Any, Any], bool] | None = None
+    """The comparison of its first input with a number that its elements hold (ge.Scalar: operator.ge)."""
 
     def bind(self, attrs: Mapping[str, Any]) -> Reference:
         """The reference implementation specialised to a node's attrs: inputs -> output tuple."""
@@ -325,6 +351,50 @@ _GROUPED_MM_LIB.impl("linears", lambda x, weights, biases=(): [x.new_empty(*x.sh
 
 
 # ---------------------------------------------------------------------------------------------
+# Matrix products' shapes, and what a reference loop costs
+
+def _mm_gemm(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[int, ...]:
+    a, b = inputs[-2:]
+    return 1, a.shape[0], b.shape[1], a.shape[1]
+
+
+def _bmm_gemm(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[int, ...]:
+    a, b = inputs[-2:]
+    return a.shape[0], a.shape[1], b.shape[2], a.shape[2]
+
+
+def _linear_gemm(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[int, ...]:
+    x, weight = inputs[:2]
+    return 1, math.prod(x.shape[:-1]), weight.shape[0], weight.shape[1]
+
+
+def _linears_gemm(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[int, ...]:
+    x = inputs[0]
+    return 1, math.prod(x.shape[:-1]), sum(out.shape[-1] for out in outputs), x.shape[-1]
+
+
+def _grouped_gemm(inputs: Sequence[TensorType], outputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[int, ...]:
+    x, weight = inputs[:2]
+    experts = weight.shape[0]
+    return experts, max(1, x.shape[0] // experts), weight.shape[2], weight.shape[1]
+
+
+def _convolution_gemm(inputs: Sequence[TensorType], outputs: Sequence[TensorType],
+                      attrs: Mapping[str, Any]) -> tuple[int, ...]:
+    weight, out = inputs[1], outputs[0]
+    groups = attrs.get("groups", 1)
+    out_channels = out.shape[1]
+    return groups, out.numel // out_channels, out_channels // groups, math.prod(weight.shape[1:])
+
+
+def _grouped_mm_eager(inputs: Sequence[TensorType]) -> tuple[int, Mapping[str, int]]:
+    """grouped_mm_reference: a zero fill and a host sync on the offsets, then per expert three slices, a matmul and
+    a copy."""
+    experts = inputs[1].shape[0]
+    return 2 * experts + 1, {"matmul": experts, "pointwise": experts, "view": 3 * experts, "default": 2}
+
+
+# ---------------------------------------------------------------------------------------------
 # The table
 
 OP_TABLE: dict[str, OpDef] = {}
@@ -332,13 +402,19 @@ OP_TABLE: dict[str, OpDef] = {}
 
 def register(
     overload: torch._ops.OpOverload, kind: str, infer: Infer, flops: Flops, name: str | None = None,
-    typed_outputs: int | None = None, gathers: bool = False,
+    **attributes: Any,
 ) -> OpDef:
-    """Add one op; the name defaults to the overload's IR name."""
+    """Add one op; the name defaults to the overload's IR name; `attributes` are OpDef's optional fields."""
     assert kind in KINDS, kind
-    op = OpDef(name or op_name(overload), kind, overload._schema, overload, infer, flops, typed_outputs, gathers)
+    op = OpDef(name or op_name(overload), kind, overload._schema, overload, infer, flops, **attributes)
     OP_TABLE[op.name] = op
     return op
+
+
+def _annotate(names: str, **attributes: Any) -> None:
+    """Give the registered ops `names` (space-separated IR names) these attributes."""
+    for name in names.split():
+        OP_TABLE[name] = dataclasses.replace(OP_TABLE[name], **attributes)
 
 
 def _overloads(names: str) -> list[torch._ops.OpOverload]:
@@ -382,14 +458,15 @@ for _overload in _overloads("_softmax _log_softmax _safe_softmax"):
 for _overload in _overloads("native_layer_norm native_group_norm _native_batch_norm_legit_no_training"):
     register(_overload, "normalization", infer_by_tracing, per_input_element(8), typed_outputs=1)
 
-register(torch.ops.aten.mm.default, "matmul", infer_matmul, matmul_flops)
-register(torch.ops.aten.bmm.default, "matmul", infer_matmul, matmul_flops)
-register(torch.ops.aten.addmm.default, "matmul", infer_matmul, addmm_flops)
-register(torch.ops.aten.baddbmm.default, "matmul", infer_matmul, addmm_flops)
-register(torch.ops.aten.linear.default, "matmul", infer_matmul, linear_flops)
-register(torch.ops.ember.grouped_mm.default, "matmul", infer_matmul, grouped_mm_flops, name="grouped_mm")
-register(torch.ops.ember.linears.default, "matmul", infer_matmul, linears_flops, name="linears")
-register(torch.ops.aten.convolution.default, "convolution", infer_by_tracing, convolution_flops)
+register(torch.ops.aten.mm.default, "matmul", infer_matmul, matmul_flops, gemm=_mm_gemm)
+register(torch.ops.aten.bmm.default, "matmul", infer_matmul, matmul_flops, gemm=_bmm_gemm)
+register(torch.ops.aten.addmm.default, "matmul", infer_matmul, addmm_flops, gemm=_mm_gemm)
+register(torch.ops.aten.baddbmm.default, "matmul", infer_matmul, addmm_flops, gemm=_bmm_gemm)
+register(torch.ops.aten.linear.default, "matmul", infer_matmul, linear_flops, gemm=_linear_gemm, linear=True)
+register(torch.ops.ember.grouped_mm.default, "matmul", infer_matmul, grouped_mm_flops, name="grouped_mm",
+         gemm=_grouped_gemm, eager=_grouped_mm_eager)
+register(torch.ops.ember.linears.default, "matmul", infer_matmul, linears_flops, name="linears", gemm=_linears_gemm)
+register(torch.ops.aten.convolution.default, "convolution", infer_by_tracing, convolution_flops, gemm=_convolution_gemm)
 register(torch.ops.aten.scaled_dot_product_attention.default, "attention", infer_attention, attention_flops)
 
 for _overload in _overloads(
@@ -418,6 +495,17 @@ for _overload in _overloads(
 ):
     register(_overload, "routing", infer_by_tracing, per_input_element(1))
 register(torch.ops.aten.gather.default, "routing", infer_by_tracing, no_flops, gathers=True)
+
+# What passes ask of an op beyond its kind.
+_annotate("cat", concatenates=True)
+_annotate("index_put", overwrites=True)
+_annotate("view _unsafe_view reshape clone expand unsqueeze squeeze squeeze.dim permute transpose.int t slice.Tensor "
+          "select.int alias detach _to_copy sort topk", keeps_values=True)
+_annotate("sort topk", index_result=1)
+_annotate("_to_copy", converts=True)
+for _name, _comparison in {"ge.Scalar": operator.ge, "gt.Scalar": operator.gt, "le.Scalar": operator.le,
+                           "lt.Scalar": operator.lt}.items():
+    _annotate(_name, compares=_comparison)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def fold_constant_masks(graph: Graph) -> Graph:
     types = graph.types()
     nodes = []
     for node in graph.nodes:
-        if node.op != "scaled_dot_product_attention" or len(node.inputs) < 4 or node.attrs.get("is_causal", False):
+        if node.definition.kind != "attention" or len(node.inputs) < 4 or node.attrs.get("is_causal", False):
             nodes.append(node)
             continue
         with unset_fake_temporarily():  # the backend runs under fake tensors, inspect on meta ones: these are real
@@ -120,7 +120,7 @@ def decompose_attention(graph: Graph, select: Select = runs_math_path) -> Graph:
     nodes: list[Node] = []
     weights, params = dict(graph.weights), list(graph.params)
     for node in graph.nodes:
-        if node.op != "scaled_dot_product_attention" or not _decomposable(node, types) or not select(node, types):
+        if node.definition.kind != "attention" or not _decomposable(node, types) or not select(node, types):
             nodes.append(node)
             continue
         causal = _causal_mask(node, types) if node.attrs.get("is_causal", False) else None
@@ -283,7 +283,7 @@ def convert_attention_masks(graph: Graph) -> Graph:
 
 def _converts_its_mask(node: Node, types: Mapping[str, TensorType]) -> bool:
     """Attention on the GPU with a boolean mask, which torch turns additive on every call."""
-    return (node.op == "scaled_dot_product_attention" and len(node.inputs) > 3 and types[node.inputs[3]].dtype == torch.bool
+    return (node.definition.kind == "attention" and len(node.inputs) > 3 and types[node.inputs[3]].dtype == torch.bool
             and types[node.inputs[0]].device == "cuda" and types[node.inputs[0]].dtype.is_floating_point)
 
 
@@ -301,7 +301,7 @@ def group_query_heads(graph: Graph, select: Select = takes_grouped_heads) -> Gra
     types = graph.types()
     replaced: dict[str, Node] = {}
     for node in graph.nodes:
-        if node.op != "scaled_dot_product_attention" or node.attrs.get("enable_gqa", False):
+        if node.definition.kind != "attention" or node.attrs.get("enable_gqa", False):
             continue
         key, value = (_repeated_heads(name, producer, types) for name in node.inputs[1:3])
         if key is None or value is None:
@@ -327,7 +327,7 @@ def fold_query_groups(graph: Graph, select: Select = takes_grouped_heads) -> Gra
     types = graph.types()
     replaced: dict[str, list[Node]] = {}
     for node in graph.nodes:
-        if node.op != "scaled_dot_product_attention" or len(node.outputs) != 1:
+        if node.definition.kind != "attention" or len(node.outputs) != 1:
             continue
         folded = _folded(node, producer, types)
         if folded is not None and select(folded[0], {**types, **{n.outputs[0].name: n.outputs[0].type
@@ -387,9 +387,11 @@ def _repeated_heads(name: str, producer: Mapping[str, Node], types: Mapping[str,
     """The [batch, heads, length, features] value that `name` repeats along its heads, if it is repeat_kv's
     view of a contiguous copy of the value expanded along a new dim after the heads."""
     chain = []
-    for ops in (("_unsafe_view", "view", "reshape"), ("clone",), ("expand",), ("unsqueeze",)):
+    aten = torch.ops.aten
+    for ops in ((aten._unsafe_view.default, aten.view.default, aten.reshape.default), (aten.clone.default,),
+                (aten.expand.default,), (aten.unsqueeze.default,)):
         node = producer.get(name)
-        if node is None or node.op not in ops:
+        if node is None or node.definition.target not in ops:
             return None
         chain.append(node)
         name = node.inputs[0]

@@ -32,7 +32,7 @@ def drop_empty_cat_inputs(graph: Graph) -> Graph:
     types = graph.types()
     nodes = []
     for node in graph.nodes:
-        if node.op != "cat" or not any(types[name].numel == 0 for name in node.inputs):
+        if not node.definition.concatenates or not any(types[name].numel == 0 for name in node.inputs):
             nodes.append(node)
             continue
         kept = tuple(name for name in node.inputs if types[name].numel != 0)

@@ -2,7 +2,7 @@
 
 Kinds so far:
 - pointwise chains: every node an op with a Triton expression, all results of one shape, broadcast inputs allowed;
-  a pointwise group also reads through moves (views, cats, a 1-D gather, short sums; codegen.expressions.MOVES) that
+  a pointwise group also reads through moves (views, cats, a 1-D gather, short sums; codegen.expressions.movable) that
   only it reads, taking in the groups whose results only those moves read;
 - reductions over trailing dims (sum, mean, softmax, log-softmax, layer norm) with their pointwise producers
   and consumers: results either of the reduced input's shape ("full") or one value per row, so a residual
@@ -25,8 +25,8 @@ import networkx as nx
 
 from ..ir import Graph, Node, TensorType
 from ..ir.plans import FusionGroup, FusionPlan, reads_of
-from ..codegen.expressions import MATERIALIZED, MOVES, fusible, gathered_rows, movable
-from ..codegen.reductions import REDUCTIONS, reduced_dims
+from ..codegen.expressions import fusible, gathered_rows, materialized, movable, viewing_move
+from ..codegen.reductions import reduced_dims, row_reduction
 from .cost import CostModel
 from .cost.model import permuted
 
@@ -60,7 +60,7 @@ def _place(node: Node, space: _Space, types: Mapping[str, TensorType], read: fro
                 or any(name in space.per_row for name in others)
                 or math.prod(space.shape[len(space.shape) - reduced:]) > MAX_ROW_COLUMNS):
             return None
-        results = REDUCTIONS[node.op].results
+        results = row_reduction(node).results
         added = {value.name: results[position] == "row" for value, position in zip(node.outputs, node.result_positions)}
         return _Space(space.shape, reduced, {**space.per_row, **added})
     if not fusible(node, types):
@@ -189,7 +189,7 @@ def _fuse_through_moves(graph: Graph, dag: nx.DiGraph, members: dict[int, list[N
             continue
         targets = {group_id.get(reader) for name in results for reader in readers.get(name, ())}
         target = targets.pop() if len(targets) == 1 and not any(name in graph.outputs for name in results) else None
-        if target is None and node.op in MATERIALIZED:  # its result is stored: it can head a kernel of its own
+        if target is None and materialized(node):  # its result is stored: it can head a kernel of its own
             target = max(members, default=-1) + 1
             members[target], spaces[target] = [], _Space(node.outputs[0].type.shape, 0, {})
         if target is None or spaces[target].reduced:
@@ -257,7 +257,7 @@ def _views_of_inputs(nodes: list[Node], types: Mapping[str, TensorType]) -> list
     while changed:
         changed = False
         for node in nodes:
-            if (node not in views and node.op in MOVES - MATERIALIZED and movable(node, types)
+            if (node not in views and viewing_move(node) and movable(node, types)
                     and not any(name in made for name in node.inputs)):
                 views.append(node)
                 made -= {value.name for value in node.outputs}
@@ -270,7 +270,7 @@ def _through_moves(nodes: Sequence[Node], types: Mapping[str, TensorType], outpu
     of one shape, none a view's (whose type may be strided)."""
     made_by = {value.name: node for node in nodes for value in node.outputs}
     shapes = {types[name].shape for name in outputs}
-    if (len(shapes) != 1 or any(made_by[name].op in MOVES - MATERIALIZED for name in outputs)
+    if (len(shapes) != 1 or any(viewing_move(made_by[name]) for name in outputs)
             or not all(fusible(node, types) or movable(node, types) for node in nodes)):
         return None
     return _Space(shapes.pop(), 0, {value.name: False for node in nodes for value in node.outputs})

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from ..ir import Graph, Node, TensorType
 from ..codegen.expressions import fusible, gathered_rows, movable
 from ..ir.plans import FusionError, FusionGroup, FusionPlan
-from ..codegen.reductions import REDUCTIONS, reduced_dims
+from ..codegen.reductions import reduced_dims, row_reduction
 
 
 def verify_fusion(plan: FusionPlan, graph: Graph) -> None:
@@ -62,12 +62,12 @@ def _check_space(group: FusionGroup, members: list[Node], types: Mapping[str, Te
     if not 0 <= group.reduced <= len(group.shape):
         raise FusionError(cannot + " anything")
     for node in members:
-        dims = reduced_dims(node, types, read) if node.op in REDUCTIONS else None
+        dims = reduced_dims(node, types, read)
         if group.reduced and dims == group.reduced and types[node.inputs[0]].shape == group.shape:
             continue  # the row reduction the kernel is built around
         if fusible(node, types) or movable(node, types) or gathered_rows(node, types, group.shape, group.reduced):
             continue
-        if node.op in REDUCTIONS:
+        if row_reduction(node) is not None:
             raise FusionError(f"{cannot} {node.name} ({node.op}), which reduces {dims} dims of "
                               f"{types[node.inputs[0]].shape}")
         raise FusionError(f"{cannot} {node.name} ({node.op}): no expression, move or row reduction")

@@ -41,7 +41,7 @@ def join_vector_products(graph: Graph) -> Graph:
 def _joinable(node: Node, graph: Graph, types: dict) -> bool:
     """A `linear` of one row whose weight (and bias) are the graph's own, the weight's rows contiguous (read
     along them), and no bias given as a number."""
-    if node.op != "linear" or len(node.outputs) != 1 or any(value is not None for value in node.attrs.values()):
+    if not node.definition.linear or len(node.outputs) != 1 or any(value is not None for value in node.attrs.values()):
         return False
     x, weight = types[node.inputs[0]], types[node.inputs[1]]
     return (math.prod(x.shape[:-1]) == 1 and all(name in graph.weights for name in node.inputs[1:])

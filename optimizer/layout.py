@@ -63,7 +63,7 @@ def pad_linear_features(graph: Graph) -> Graph:
 
 def _padded_features(node: Node, types: dict[str, TensorType], weights: dict[str, torch.Tensor]) -> int | None:
     """The padded feature count for this node, or None when it needs none or cannot have one."""
-    if node.op != "linear" or len(node.outputs) != 1 or any(name not in weights for name in node.inputs[1:]):
+    if not node.definition.linear or len(node.outputs) != 1 or any(name not in weights for name in node.inputs[1:]):
         return None
     value_type = node.outputs[0].type
     features = value_type.shape[-1]

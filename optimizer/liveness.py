@@ -35,8 +35,8 @@ class Buffer:
 StepHow = Literal["view", "elementwise", "in_place", "other"]
 """How a step writes its results: "view" (its results view its first input), "elementwise" (each result element
 is computed, in one program, from input elements at its own index or row, so a result may overwrite an input of
-its type), "in_place" (elementwise, or an op of OVERWRITING_OPS, but only over its first input, through the op's
-in-place variant) or "other"."""
+its type), "in_place" (elementwise, or overwriting positions of its first input, but only over its first input,
+through the op's in-place variant) or "other"."""
 
 
 class StepSpec(NamedTuple):
@@ -51,7 +51,7 @@ class StepSpec(NamedTuple):
 def _how(node: Node) -> StepHow:
     if node.returns_view:
         return "view"
-    if node.op in OVERWRITING_OPS and not node.is_extern and inplace_overload(node.definition.target) is not None:
+    if node.definition.overwrites and inplace_overload(node.definition.target) is not None:
         return "in_place"  # its first input with positions written: written over it where it dies, not copied first
     if node.definition.kind != "pointwise" or node.is_cast or node.is_extern:
         return "other"
@@ -92,12 +92,6 @@ def reuses(graph: Graph, fusion: FusionPlan | None = None) -> dict[str, str]:
     return _bases(graph, fusion)[1]
 
 
-OVERWRITING_OPS = frozenset({"index_put", "index_copy"})
-"""Ops whose result is their first input with some positions overwritten by values that do not depend on it, so
-that running them in place twice leaves what running them once does: a static KV cache's update,
-`cache.index_copy_(2, position, keys)`."""
-
-
 def updates_written_over(graph: Graph, updates: Mapping[str, str], fusion: FusionPlan | None = None) -> dict[str, str]:
     """Update -> the input it is written over, for each input the model updates (`updates`: input -> the value
     written back into it after the call) where that is safe: a step of its own (not inside a fused group) reading
@@ -120,7 +114,7 @@ def updates_written_over(graph: Graph, updates: Mapping[str, str], fusion: Fusio
                 or source in graph.outputs or list(graph.outputs).count(value) != 1 \
                 or not _same_memory_type(types[source], types[value]) or not _dense(types[source]):
             continue
-        if node.op in OVERWRITING_OPS:
+        if node.definition.overwrites:
             fits = (node.inputs[0] == source and not node.attrs.get("accumulate", False)
                     and inplace_overload(node.definition.target) is not None)
         else:
@@ -138,7 +132,7 @@ def unrepeatable_updates(graph: Graph, written: Mapping[str, str]) -> frozenset[
     than running once (a counter's add, unlike a cache's index_copy)."""
     producers = {value.name: node for node in graph.nodes for value in node.outputs}
     return frozenset(source for value, source in written.items()
-                     if value in producers and producers[value].op not in OVERWRITING_OPS)
+                     if value in producers and not producers[value].definition.overwrites)
 
 
 def _views_of(source: str, steps: Sequence[StepSpec]) -> set[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import operator
 from collections.abc import Mapping
 
 import torch
@@ -26,14 +25,12 @@ from .canonicalize import eliminate_dead_code
 
 log = logging.getLogger(__name__)
 
+_CUMSUM, _HISTC, _SORT = torch.ops.aten.cumsum.default, torch.ops.aten.histc.default, torch.ops.aten.sort.default
+_MASKED_FILL, _GROUPED_MM = torch.ops.aten.masked_fill.Scalar, torch.ops.ember.grouped_mm.default
+"""The ops whose patterns the passes here match, by their overloads (the op table's targets)."""
+
 Range = tuple[int, int]
 """The least and greatest value an integer tensor's elements can take."""
-
-_KEEPS_VALUES = frozenset({"view", "_unsafe_view", "reshape", "clone", "expand", "unsqueeze", "squeeze", "squeeze.dim",
-                           "permute", "transpose.int", "t", "slice.Tensor", "select.int", "alias", "detach"})
-"""Ops whose result's elements are some of their first input's (so within its range)."""
-
-_COMPARISONS = {"ge.Scalar": operator.ge, "gt.Scalar": operator.gt, "le.Scalar": operator.le, "lt.Scalar": operator.lt}
 
 EXACT_INTEGERS = {torch.float64: 1 << 53, torch.float32: 1 << 24, torch.float16: 1 << 11, torch.bfloat16: 1 << 8}
 """The largest integer each floating dtype, and every integer below it, holds exactly (transformers counts experts
@@ -55,11 +52,10 @@ def integer_ranges(graph: Graph) -> dict[str, Range]:
 
 def _range(node: Node, position: int, types: Mapping[str, TensorType], ranges: Mapping[str, Range]) -> Range | None:
     source = types[node.inputs[0]] if node.inputs else None
-    if node.op in ("topk", "sort") and position == 1 and source is not None and source.shape:
-        return 0, source.shape[node.attrs.get("dim", -1)] - 1
-    if node.op == "sort" and position == 0 or node.op in _KEEPS_VALUES or node.op == "_to_copy":
-        return ranges.get(node.inputs[0])
-    return None
+    definition = node.definition
+    if position == definition.index_result:
+        return (0, source.shape[node.attrs.get("dim", -1)] - 1) if source is not None and source.shape else None
+    return ranges.get(node.inputs[0]) if definition.keeps_values else None
 
 
 def _holds(dtype: torch.dtype, known: Range) -> bool:
@@ -78,7 +74,7 @@ def counted_total(name: str, producer: Mapping[str, Node], types: Mapping[str, T
     histogram (`histc`) that counts every element of its input, whose range lies within the bins; that is, the
     input's element count."""
     node = producer.get(name)
-    while node is not None and node.op == "_to_copy":
+    while node is not None and node.definition.converts:
         node = producer.get(node.inputs[0])
     histogram = _summed_histogram(node, producer, types)
     if histogram is None:
@@ -94,12 +90,13 @@ def counted_total(name: str, producer: Mapping[str, Node], types: Mapping[str, T
 def _summed_histogram(node: Node | None, producer: Mapping[str, Node], types: Mapping[str, TensorType]) -> Node | None:
     """The histogram (`histc`, through integer casts of its counts) that `node` is a running sum of along its one
     dim, or None."""
-    if node is None or node.op != "cumsum" or len(types[node.inputs[0]].shape) != 1:
+    if node is None or node.definition.target != _CUMSUM or len(types[node.inputs[0]].shape) != 1:
         return None
     histogram = producer.get(node.inputs[0])
-    while histogram is not None and histogram.op == "_to_copy" and not histogram.outputs[0].type.dtype.is_floating_point:
+    while (histogram is not None and histogram.definition.converts
+           and not histogram.outputs[0].type.dtype.is_floating_point):
         histogram = producer.get(histogram.inputs[0])
-    return histogram if histogram is not None and histogram.op == "histc" else None
+    return histogram if histogram is not None and histogram.definition.target == _HISTC else None
 
 
 def cover_grouped_rows(graph: Graph) -> Graph:
@@ -108,7 +105,7 @@ def cover_grouped_rows(graph: Graph) -> Graph:
     ranges, types = integer_ranges(graph), graph.types()
     producer = {value.name: node for node in graph.nodes for value in node.outputs}
     nodes = [dataclasses.replace(node, attrs={**node.attrs, "rows_covered": True})
-             if node.op == "grouped_mm" and not node.attrs.get("rows_covered")
+             if node.definition.target == _GROUPED_MM and not node.attrs.get("rows_covered")
              and counted_total(node.inputs[2], producer, types, ranges) == types[node.inputs[0]].shape[0] else node
              for node in graph.nodes]
     if all(a is b for a, b in zip(nodes, graph.nodes)):
@@ -168,9 +165,9 @@ def _searched_histogram(node: Node, producer: Mapping[str, Node], types: Mapping
             or not 1 < bins == high - low + 1 <= MAX_SEARCHED_BINS or not low <= known[0] <= known[1] <= high):
         return None
     sequence = producer.get(counted)
-    while sequence is not None and sequence.op == "_to_copy" and sequence.inputs[0] in ranges:
+    while sequence is not None and sequence.definition.converts and sequence.inputs[0] in ranges:
         sequence = producer.get(sequence.inputs[0])
-    if sequence is None or sequence.op != "sort" or sequence.attrs.get("descending", False) \
+    if sequence is None or sequence.definition.target != _SORT or sequence.attrs.get("descending", False) \
             or len(types[sequence.inputs[0]].shape) != 1:
         return None
     values = next(value.name for value, position in zip(sequence.outputs, sequence.result_positions) if position == 0)
@@ -185,7 +182,7 @@ def drop_decided_masks(graph: Graph) -> Graph:
     types = graph.types()
     nodes = []
     for node in graph.nodes:
-        if (node.op == "masked_fill.Scalar" and _never(node.inputs[1], producer, ranges)
+        if (node.definition.target == _MASKED_FILL and _never(node.inputs[1], producer, ranges)
                 and types[node.inputs[0]] == node.outputs[0].type):
             node = Node(node.name, "clone", node.inputs[:1], {}, node.outputs, source=node.source)
         nodes.append(node)
@@ -197,9 +194,9 @@ def drop_decided_masks(graph: Graph) -> Graph:
 def _never(mask: str, producer: Mapping[str, Node], ranges: Mapping[str, Range]) -> bool:
     """Whether `mask` (through views) is a comparison of a value with a number that no value in its range passes."""
     node = producer.get(mask)
-    while node is not None and node.op in _KEEPS_VALUES:
+    while node is not None and node.definition.keeps_values:
         node = producer.get(node.inputs[0])
-    if node is None or node.op not in _COMPARISONS or node.inputs[0] not in ranges:
+    if node is None or node.definition.compares is None or node.inputs[0] not in ranges:
         return False
-    compare, (low, high), number = _COMPARISONS[node.op], ranges[node.inputs[0]], node.attrs.get("other")
+    compare, (low, high), number = node.definition.compares, ranges[node.inputs[0]], node.attrs.get("other")
     return isinstance(number, (int, float)) and not compare(low, number) and not compare(high, number)

@@ -214,21 +214,18 @@ class CostModel:
         return tiles / (waves * self.profile.sm_count)
 
     def kernels(self, node: Node, inputs: Sequence[TensorType]) -> int:
-        """Kernels the node launches eagerly: one, or a matmul and a copy per expert (plus the zero fill)
-        for a grouped matmul's reference loop."""
-        if node.op == "grouped_mm":
-            return 2 * inputs[1].shape[0] + 1
-        return 1
+        """Kernels the node launches eagerly: one, or what the op table says its reference launches (a grouped
+        matmul's loop over experts)."""
+        eager = node.definition.eager
+        return eager(inputs)[0] if eager is not None else 1
 
     def host_us(self, node: Node, inputs: Sequence[TensorType]) -> float:
-        """Host time to issue the node eagerly. A grouped matmul's reference loop issues, per expert, three
-        slices, a matmul and a copy, after a zero fill and a host sync on the offsets."""
-        profile = self.profile
-        if node.op == "grouped_mm":
-            experts = inputs[1].shape[0]
-            per_expert = profile.dispatch("matmul") + profile.dispatch("pointwise") + 3 * profile.dispatch("view")
-            return experts * per_expert + 2 * profile.dispatch("default")
-        return profile.dispatch(node.definition.kind)
+        """Host time to issue the node eagerly: one dispatch of its kind, or those the op table says its reference
+        issues."""
+        eager = node.definition.eager
+        if eager is None:
+            return self.profile.dispatch(node.definition.kind)
+        return sum(count * self.profile.dispatch(kind) for kind, count in eager(inputs)[1].items())
 
     def matmul_efficiency(self, shape: MatmulShape, dtype: torch.dtype) -> float:
         """Fraction of peak a matmul of this shape reaches: analytic, corrected by calibration points nearby."""
@@ -259,30 +256,9 @@ class CostModel:
 
 
 def matmul_shape(node: Node, inputs: Sequence[TensorType], outputs: Sequence[TensorType]) -> MatmulShape | None:
-    """The GEMM a matmul-like node runs (convolution as implicit GEMM); None for other ops."""
-    op, out = node.op, outputs[0]
-    if op in ("mm", "addmm"):
-        a, b = inputs[-2:]
-        return MatmulShape(1, a.shape[0], b.shape[1], a.shape[1])
-    if op in ("bmm", "baddbmm"):
-        a, b = inputs[-2:]
-        return MatmulShape(a.shape[0], a.shape[1], b.shape[2], a.shape[2])
-    if op == "linear":
-        x, weight = inputs[:2]
-        return MatmulShape(1, math.prod(x.shape[:-1]), weight.shape[0], weight.shape[1])
-    if op == "linears":
-        x = inputs[0]
-        return MatmulShape(1, math.prod(x.shape[:-1]), sum(out.shape[-1] for out in outputs), x.shape[-1])
-    if op == "grouped_mm":
-        x, weight = inputs[:2]
-        experts = weight.shape[0]
-        return MatmulShape(experts, max(1, x.shape[0] // experts), weight.shape[2], weight.shape[1])
-    if op == "convolution":
-        weight = inputs[1]
-        groups = node.attrs.get("groups", 1)
-        out_channels = out.shape[1]
-        return MatmulShape(groups, out.numel // out_channels, out_channels // groups, math.prod(weight.shape[1:]))
-    return None
+    """The GEMM a matmul-like node runs, as the op table gives it (convolution as implicit GEMM); None for other ops."""
+    gemm = node.definition.gemm
+    return MatmulShape(*gemm(inputs, outputs, node.attrs)) if gemm is not None else None
 
 
 def _distance(here: tuple[float, float, float], point: Iterable[float]) -> float:
