@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..ir.moves import summed_dims
 from ..ir.schema import _tensor_kind
 from ..ir.types import TensorType
 
@@ -290,7 +291,7 @@ def fusible(node: Node, types: Mapping[str, TensorType]) -> bool:
     if result in INDEX_TYPES:
         readable: tuple[torch.dtype, ...] = INDEX_TYPES
     else:
-        readable = (*TRITON_TYPES, *INDEX_TYPES) if node.op == "_to_copy" else tuple(TRITON_TYPES)
+        readable = (*TRITON_TYPES, *INDEX_TYPES) if node.definition.converts else tuple(TRITON_TYPES)
         if result not in TRITON_TYPES:
             return False
     if any(dtype not in readable for dtype in reads):
@@ -303,22 +304,16 @@ def fusible(node: Node, types: Mapping[str, TensorType]) -> bool:
     return expression(node, [f"v{i}" for i in range(len(node.inputs))]) is not None
 
 
-MOVES = frozenset({"slice.Tensor", "split.Tensor", "split_with_sizes", "cat", "unsqueeze", "expand", "view",
-                   "_unsafe_view", "reshape", "permute", "transpose.int", "t", "index.Tensor", "sum.dim_IntList"})
-"""Ops a pointwise kernel computes by reading its operand at other coordinates rather than by an expression:
-views, cat, a gather along adjacent dims, and a sum over a few elements of non-trailing dims."""
-
-MATERIALIZED = frozenset({"cat", "index.Tensor", "sum.dim_IntList"})
-"""The moves whose results are new dense tensors, which a kernel may store (a view's may not be)."""
-
 def materialized(node: Node) -> bool:
-    """Whether the node is a move whose result is a new dense tensor (see MATERIALIZED)."""
-    return node.op in MATERIALIZED
+    """Whether the node is a move whose result is a new dense tensor, which a kernel may store (cat, gather, sum)."""
+    move = node.definition.move
+    return move is not None and move.stored
 
 
 def viewing_move(node: Node) -> bool:
     """Whether the node is a move whose result a kernel reads through but never stores (a view, a slice)."""
-    return node.op in MOVES and node.op not in MATERIALIZED
+    move = node.definition.move
+    return move is not None and not move.stored
 
 
 MAX_SUMMED = 8
@@ -326,27 +321,26 @@ MAX_SUMMED = 8
 
 
 def movable(node: Node, types: Mapping[str, TensorType]) -> bool:
-    """Whether a pointwise kernel can read through this node (see MOVES): values of the kernel's dtypes, index
-    tensors of int32 or int64, a slice of step 1, a cat of equal ranks, indices of adjacent dims (broadcast
-    against each other, as `mask[batch, position]`), a short sum."""
-    if node.op not in MOVES:
+    """Whether a pointwise kernel can read through this node (a move of the op table, ir.moves): values of the
+    kernel's dtypes, index tensors of int32 or int64, pieces of equal ranks and a slice of step 1, indices of adjacent
+    dims (broadcast against each other, as `mask[batch, position]`), a short sum."""
+    move = node.definition.move
+    if move is None:
         return False
     slots = {slot for slot in node.attrs.get("indices", ()) if slot is not None}
     indices = [types[node.inputs[slot]] for slot in sorted(slots)]
     values = [types[name] for position, name in enumerate(node.inputs) if position not in slots]
     if any(t.dtype not in TRITON_TYPES for t in (*values, *(v.type for v in node.outputs))):
         return False
-    if node.op == "slice.Tensor":
-        return node.attrs.get("step", 1) == 1
-    if node.op == "cat":
-        return all(len(t.shape) == len(node.outputs[0].type.shape) for t in values)
-    if node.op == "index.Tensor":
+    if move.kind == "pieces":
+        return node.attrs.get("step", 1) == 1 and all(len(t.shape) == len(node.outputs[0].type.shape) for t in values)
+    if move.kind == "gather":
         taken = [dim for dim, slot in enumerate(node.attrs["indices"]) if slot is not None]
         return (bool(indices) and all(index.dtype in INDEX_TYPES for index in indices)
                 and taken == list(range(taken[0], taken[-1] + 1)) and len(node.attrs["indices"]) <= len(values[0].shape))
-    if node.op == "sum.dim_IntList":
+    if move.kind == "sum":
         source = values[0].shape
-        dims = {dim % len(source) for dim in node.attrs.get("dim") or range(len(source))} if source else set()
+        dims = summed_dims(node.attrs, source)
         return (node.attrs.get("dtype") in (None, node.outputs[0].type.dtype) and bool(dims)
                 and 1 <= math.prod(source[dim] for dim in dims) <= MAX_SUMMED)
     return True
@@ -357,7 +351,7 @@ def gathered_rows(node: Node, types: Mapping[str, TensorType], shape: Sequence[i
     reads it: an embedding lookup whose result is the kernel's space, or broadcasts to it along the rows, so each
     of the kernel's rows is one row of the table, picked by its index (a norm over token embeddings reads them
     from the table itself)."""
-    if node.op != "embedding" or reduced != 1 or len(node.outputs) != 1:
+    if node.definition.target != torch.ops.aten.embedding.default or reduced != 1 or len(node.outputs) != 1:
         return False
     table, indices, result = types[node.inputs[0]], types[node.inputs[1]], node.outputs[0].type
     return (len(table.shape) == 2 and table.dtype in FLOATS and indices.dtype in INDEX_TYPES

@@ -3,7 +3,7 @@
 Every value the group reads is loaded through its own strides, broadcast to the iteration shape (the
 shape all the group's results share); floating values are computed in float32 and rounded once,
 when stored. A value is computed where it is needed: through a move (a view, cat, gather or short sum,
-see expressions.MOVES) the kernel reads the operand at the coordinates the move maps to, masked to the
+see ir.moves) the kernel reads the operand at the coordinates the move maps to, masked to the
 piece it comes from, so whatever feeds a move is computed there. The group's IR is a comment at the top of
 the source, so a dumped kernel says what it is.
 """
@@ -14,7 +14,8 @@ import math
 from collections.abc import Callable, Sequence
 
 from ..ir import Graph, Node, TensorType
-from .expressions import INDEX_TYPES, MOVES, STORED_TYPES, expression
+from ..ir.moves import summed_dims
+from .expressions import INDEX_TYPES, STORED_TYPES, expression
 from ..ir.plans import reads_of
 from .source import IDENTIFIER, KernelSource, check_dtypes, coordinates, header, load, offset
 
@@ -57,7 +58,7 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
             if node is None:
                 variable = f"t{len(lines)}"
                 lines.append(load(variable, pointer[value], types[value], offset(types[value], at), where, scalars))
-            elif node.op not in MOVES:
+            elif node.definition.move is None:
                 computed_here = expression(node, [value_at(n, at, where) for n in node.inputs])
                 variable = fresh(computed_here, f"  # %{value} = {node.op}")
             else:
@@ -79,34 +80,28 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
 def _read_through(node: Node, value: str, at: Coordinates, where: str, types: dict[str, TensorType],
                   value_at: ValueAt, fresh: Callable[[str], str]) -> str:
     """The move `node`'s result `value` at coordinates `at` (one per dim of its own shape), read from its operand."""
-    shape, source = types[value].shape, node.inputs[0]
+    shape, source, move = types[value].shape, node.inputs[0], node.definition.move
     rank = len(shape)
-    if node.op in ("slice.Tensor", "split.Tensor", "split_with_sizes", "cat"):
+    if move.kind == "pieces":
         return _read_pieces(node, value, at, where, types, value_at, fresh)
-    if node.op == "unsqueeze":
+    if move.kind == "insert":
         dim = node.attrs["dim"] % rank
         return value_at(source, at[:dim] + at[dim + 1:], where)
-    if node.op == "expand":
+    if move.kind == "broadcast":
         kept = types[source].shape
         return value_at(source, tuple("0" if size == 1 else at[rank - len(kept) + dim] for dim, size in enumerate(kept)),
                         where)
-    if node.op in ("permute", "transpose.int", "t"):
-        order = list(range(rank))
-        if node.op == "permute":
-            order = [dim % rank for dim in node.attrs["dims"]]
-        elif rank == 2 or node.op == "transpose.int":
-            first, second = (node.attrs["dim0"] % rank, node.attrs["dim1"] % rank) if node.op != "t" else (0, 1)
-            order[first], order[second] = order[second], order[first]
+    if move.kind == "permute":
         source_at = [""] * rank
-        for dim, taken in enumerate(order):
+        for dim, taken in enumerate(move.order(node.attrs, rank)):
             source_at[taken] = at[dim]
         return value_at(source, tuple(source_at), where)
-    if node.op == "index.Tensor":
+    if move.kind == "gather":
         return _read_index(node, at, where, types, value_at, fresh)
-    if node.op == "sum.dim_IntList":
+    if move.kind == "sum":
         return _read_sum(node, at, where, types, value_at, fresh)
     flat = " + ".join(f"{coordinate} * {stride}" for coordinate, stride in zip(at, _row_major(shape)) if coordinate != "0")
-    flat = fresh(flat or "0")  # a view or reshape keeps the row-major order of elements
+    flat = fresh(flat or "0")  # a reshape keeps the row-major order of elements
     kept = types[source].shape
     return value_at(source, tuple("0" if size == 1 else f"(({flat} // {stride}) % {size})"
                                   for size, stride in zip(kept, _row_major(kept))), where)
@@ -135,23 +130,7 @@ def _read_index(node: Node, at: Coordinates, where: str, types: dict[str, Tensor
 def _read_pieces(node: Node, value: str, at: Coordinates, where: str, types: dict[str, TensorType],
                  value_at: ValueAt, fresh: Callable[[str], str]) -> str:
     """A slice, split or cat: along one dim, result coordinates first <= c < end read an operand at c + shift."""
-    rank = len(types[value].shape)
-    dim = node.attrs.get("dim", 0) % rank
-    if node.op == "cat":
-        pieces, first = [], 0
-        for name in node.inputs:
-            pieces.append((name, first, first + types[name].shape[dim], -first))
-            first += types[name].shape[dim]
-    else:
-        source, size = node.inputs[0], types[node.inputs[0]].shape[dim]
-        if node.op == "slice.Tensor":
-            start = node.attrs.get("start") or 0
-            start = min(max(start + size if start < 0 else start, 0), size)
-        else:
-            split = node.attrs.get("split_sizes") or [node.attrs["split_size"]] * -(-size // node.attrs["split_size"])
-            position = node.result_positions[[v.name for v in node.outputs].index(value)]
-            start = sum(split[:position])
-        pieces = [(source, 0, types[value].shape[dim], start)]
+    dim, pieces = node.definition.move.pieces(node, value, types)
     result = None
     for source, first, end, shift in reversed(pieces):
         inside = fresh(f"({at[dim]} >= {first}) & ({at[dim]} < {end})") if len(pieces) > 1 else None
@@ -166,7 +145,7 @@ def _read_sum(node: Node, at: Coordinates, where: str, types: dict[str, TensorTy
               fresh: Callable[[str], str]) -> str:
     """A sum over a few elements: each result coordinate adds its operand at every combination of the summed dims."""
     kept = types[node.inputs[0]].shape
-    dims = sorted({dim % len(kept) for dim in node.attrs.get("dim") or range(len(kept))})
+    dims = summed_dims(node.attrs, kept)
     keepdim = node.attrs.get("keepdim", False)
     outer = iter(at)
     base = []

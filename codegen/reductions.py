@@ -119,13 +119,8 @@ def reduced_dims(node: Node, types: Mapping[str, TensorType], read: set[str] | f
     rank = len(reduced.shape)
     if rank == 0 or node.attrs.get("dtype") not in (None, *FLOATS):
         return None
-    if node.op == "native_layer_norm":
-        count = len(node.attrs["normalized_shape"])
-    elif node.op in ("_softmax", "_log_softmax", "_safe_softmax"):
-        count = 1 if node.attrs["dim"] % rank == rank - 1 else 0
-    else:
-        dims = {dim % rank for dim in node.attrs.get("dim") or range(rank)}
-        count = len(dims) if dims == set(range(rank - len(dims), rank)) else 0
+    dims = node.definition.reduces(node.attrs, rank)
+    count = len(dims) if dims == set(range(rank - len(dims), rank)) else 0
     if count == 0 or count > rank or math.prod(reduced.shape[rank - count:]) == 0:
         return None
     return count

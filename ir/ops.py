@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .moves import MOVES, Move
 from .schema import bind_arguments
 from .types import TensorType, type_of
 
@@ -64,6 +65,10 @@ class OpDef:
     converted (views, copies, sorting)."""
     index_result: int | None = None
     """The position of a result holding indices along `dim` of its first input (topk's, sort's)."""
+    reduces: Callable[[Mapping[str, Any], int], set[int]] | None = None
+    """(attrs, rank of its first input) -> the dims of it that it reduces over, for reductions and normalizations."""
+    move: Move | None = None
+    """How its result's coordinates map to its operands' when it computes nothing (views, slices, cat: ir.moves)."""
     converts: bool = False
     """Its result is its input's values in another dtype, or on another device (_to_copy)."""
     compares: Callable[[Any, Any], bool] | None = None
@@ -387,6 +392,20 @@ def _convolution_gemm(inputs: Sequence[TensorType], outputs: Sequence[TensorType
     return groups, out.numel // out_channels, out_channels // groups, math.prod(weight.shape[1:])
 
 
+def _named_dims(attrs: Mapping[str, Any], rank: int) -> set[int]:
+    """A reduction's `dim` attr (all dims when it names none)."""
+    return {dim % rank for dim in attrs.get("dim") or range(rank)}
+
+
+def _softmax_dim(attrs: Mapping[str, Any], rank: int) -> set[int]:
+    return {attrs["dim"] % rank}
+
+
+def _normalized_dims(attrs: Mapping[str, Any], rank: int) -> set[int]:
+    """A layer norm's trailing `normalized_shape` dims."""
+    return set(range(rank - len(attrs["normalized_shape"]), rank))
+
+
 def _grouped_mm_eager(inputs: Sequence[TensorType]) -> tuple[int, Mapping[str, int]]:
     """grouped_mm_reference: a zero fill and a host sync on the offsets, then per expert three slices, a matmul and
     a copy."""
@@ -503,6 +522,11 @@ _annotate("view _unsafe_view reshape clone expand unsqueeze squeeze squeeze.dim 
           "select.int alias detach _to_copy sort topk", keeps_values=True)
 _annotate("sort topk", index_result=1)
 _annotate("_to_copy", converts=True)
+_annotate("sum.dim_IntList mean.dim", reduces=_named_dims)
+_annotate("_softmax _log_softmax _safe_softmax", reduces=_softmax_dim)
+_annotate("native_layer_norm", reduces=_normalized_dims)
+for _name, _move in MOVES.items():
+    _annotate(_name, move=_move)
 for _name, _comparison in {"ge.Scalar": operator.ge, "gt.Scalar": operator.gt, "le.Scalar": operator.le,
                            "lt.Scalar": operator.lt}.items():
     _annotate(_name, compares=_comparison)
