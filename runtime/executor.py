@@ -360,7 +360,7 @@ def _staged_inputs(graph: Graph, device: torch.device) -> frozenset[int]:
                 readers[name].append(node)
     return frozenset(position for position, value in enumerate(graph.inputs)
                      if value.type.device == "cpu" and readers[value.name]
-                     and all(node.op == "_to_copy" and torch.device(node.attrs.get("device", "cpu")).type == device.type
+                     and all(node.definition.converts and torch.device(node.attrs.get("device", "cpu")).type == device.type
                              for node in readers[value.name]))
 
 

@@ -508,6 +508,48 @@ def test_reference_matches_direct_call(name, index, dtype):
             assert_close(got, want)
 
 
+KEEPING = [pytest.param(name, i, id=f"{name}-{i}") for name in sorted(OP_TABLE) for i in range(sample_count(name))
+           if OP_TABLE[name].keeps_values and not OP_TABLE[name].converts
+           or OP_TABLE[name].move is not None and OP_TABLE[name].move.kind != "sum"]
+
+
+@pytest.mark.parametrize("name, index", KEEPING)
+def test_moves_and_ops_that_keep_values_only_pick_their_input_elements(name, index):
+    """What the op table says of a move (ir.moves) or of `keeps_values`: every element of a result (but an index
+    result) is an element of an operand. Sample data are random floats, so a computed element would be new."""
+    op, inputs, attrs, direct = run_sample(name, index, torch.float64)
+    operands = inputs if op.move is not None else inputs[:1]
+    known = set(torch.cat([t.reshape(-1) for t in operands if t.is_floating_point()]).tolist())
+    picked = [t for position, t in enumerate(direct) if position != op.index_result]
+    assert picked and all(set(t.reshape(-1).tolist()) <= known for t in picked)
+
+
+@pytest.mark.parametrize("name, index", [pytest.param(name, i, id=f"{name}-{i}") for name in sorted(OP_TABLE)
+                                         for i in range(sample_count(name)) if OP_TABLE[name].index_result is not None])
+def test_an_index_result_indexes_the_reduced_dim(name, index):
+    op, inputs, attrs, direct = run_sample(name, index, torch.float64)
+    indices, size = direct[op.index_result], inputs[0].shape[attrs.get("dim", -1)]
+    assert not indices.is_floating_point() and bool(((indices >= 0) & (indices < size)).all())
+
+
+@pytest.mark.parametrize("name, index", [pytest.param(name, i, id=f"{name}-{i}") for name in sorted(OP_TABLE)
+                                         for i in range(sample_count(name)) if OP_TABLE[name].reduces is not None])
+def test_the_reduced_dims_are_those_the_result_loses(name, index):
+    """`reduces` names the dims a reduction folds: its first result has size 1 there (kept) or lacks them, as a
+    layer norm's saved statistics do; a softmax's probabilities add up to one over them."""
+    op, inputs, attrs, direct = run_sample(name, index, torch.float64)
+    rank = inputs[0].dim()
+    dims = op.reduces(attrs, rank)
+    result = direct[-1] if op.kind == "normalization" and len(direct) > 1 else direct[0]
+    kept = [size for dim, size in enumerate(inputs[0].shape) if dim not in dims]
+    if op.kind == "normalization" and len(direct) == 1:  # a softmax: the shape stays
+        sums = (result.exp() if name == "_log_softmax" else result).sum(tuple(dims))
+        masked = sums == 0 if name == "_safe_softmax" else torch.zeros_like(sums, dtype=torch.bool)  # rows all masked
+        assert bool(((sums - 1).abs() < 1e-9).logical_or(masked).all()), sums
+    else:
+        assert result.numel() == math.prod(kept), (dims, inputs[0].shape, result.shape)
+
+
 @pytest.mark.parametrize("name, index, dtype", CASES)
 def test_writing_into_arena_views_matches_direct_call(name, index, dtype):
     """Each op run as the arena runs it: results land in views at an odd planned offset of a dirty arena."""
