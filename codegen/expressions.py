@@ -21,6 +21,7 @@ from ..ir.types import TensorType
 if TYPE_CHECKING:
     from ..ir.graph import Node
 
+aten = torch.ops.aten
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_TYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
                 torch.bool: "tl.int1"}
@@ -161,55 +162,59 @@ def _logical(form: str) -> Emit:
     return emit
 
 
-EXPRESSIONS: dict[str, Emit] = {
-    "add.Tensor": _binary("({x} + {y})", scaled=True),
-    "add.Scalar": _binary("({x} + {y})", scaled=True),
-    "sub.Tensor": _binary("({x} - {y})", scaled=True),
-    "sub.Scalar": _binary("({x} - {y})", scaled=True),
-    "rsub.Scalar": _rsub,
-    "mul.Tensor": _binary("({x} * {y})"),
-    "mul.Scalar": _binary("({x} * {y})"),
-    "div.Tensor": _binary("({x} / {y})"),
-    "div.Scalar": _binary("({x} / {y})"),
-    "maximum": _binary("tl.where(({x} > {y}) | ({x} != {x}), {x}, {y})"),
-    "minimum": _binary("tl.where(({x} < {y}) | ({x} != {x}), {x}, {y})"),
-    "eq.Tensor": _compare("=="), "eq.Scalar": _compare("=="),
-    "ne.Tensor": _compare("!="), "ne.Scalar": _compare("!="),
-    "lt.Tensor": _compare("<"), "lt.Scalar": _compare("<"),
-    "le.Tensor": _compare("<="), "le.Scalar": _compare("<="),
-    "gt.Tensor": _compare(">"), "gt.Scalar": _compare(">"),
-    "ge.Tensor": _compare(">="), "ge.Scalar": _compare(">="),
-    "neg": _unary("(-{x})"),
-    "abs": _unary("tl.abs({x})"),
-    "exp": _unary("tl.exp({x})"),
-    "log": _unary("tl.log({x})"),
-    "sqrt": _unary("tl.sqrt({x})"),
-    "rsqrt": _unary("tl.rsqrt({x})"),
-    "reciprocal": _unary("(1.0 / {x})"),
-    "sin": _unary("tl.sin({x})"),
-    "cos": _unary("tl.cos({x})"),
-    "erf": _unary("tl.erf({x})"),
-    "sigmoid": _unary("tl.sigmoid({x})"),
-    "tanh": _unary("(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)"),
-    "silu": _unary("({x} * tl.sigmoid({x}))"),
-    "relu": _unary("tl.where({x} < 0.0, 0.0, {x})"),
-    "gelu": _gelu,
-    "leaky_relu": _leaky_relu,
-    "pow.Tensor_Scalar": _pow,
-    "clamp": _clamp("min", "max"),
-    "clamp_min": _clamp("min", None),
-    "clamp_max": _clamp(None, "max"),
-    "hardtanh": _clamp("min_val", "max_val"),
-    "where.self": _where,
-    "where.ScalarOther": _where,
-    "where.Scalar": _where,
-    "logical_and": _logical("({x} & {y})"), "bitwise_and.Tensor": _logical("({x} & {y})"),
-    "logical_or": _logical("({x} | {y})"), "bitwise_or.Tensor": _logical("({x} | {y})"),
-    "logical_not": _unary("({x} == 0)"), "bitwise_not": _unary("({x} == 0)"),
-    "masked_fill.Scalar": _masked_fill,
-    "_to_copy": _to_copy,
-    "clone": _unary("{x}"),
+EXPRESSIONS: dict[torch._ops.OpOverload, Emit] = {
+    aten.add.Tensor: _binary("({x} + {y})", scaled=True),
+    aten.add.Scalar: _binary("({x} + {y})", scaled=True),
+    aten.sub.Tensor: _binary("({x} - {y})", scaled=True),
+    aten.sub.Scalar: _binary("({x} - {y})", scaled=True),
+    aten.rsub.Scalar: _rsub,
+    aten.mul.Tensor: _binary("({x} * {y})"),
+    aten.mul.Scalar: _binary("({x} * {y})"),
+    aten.div.Tensor: _binary("({x} / {y})"),
+    aten.div.Scalar: _binary("({x} / {y})"),
+    aten.maximum.default: _binary("tl.where(({x} > {y}) | ({x} != {x}), {x}, {y})"),
+    aten.minimum.default: _binary("tl.where(({x} < {y}) | ({x} != {x}), {x}, {y})"),
+    aten.eq.Tensor: _compare("=="), aten.eq.Scalar: _compare("=="),
+    aten.ne.Tensor: _compare("!="), aten.ne.Scalar: _compare("!="),
+    aten.lt.Tensor: _compare("<"), aten.lt.Scalar: _compare("<"),
+    aten.le.Tensor: _compare("<="), aten.le.Scalar: _compare("<="),
+    aten.gt.Tensor: _compare(">"), aten.gt.Scalar: _compare(">"),
+    aten.ge.Tensor: _compare(">="), aten.ge.Scalar: _compare(">="),
+    aten.neg.default: _unary("(-{x})"),
+    aten.abs.default: _unary("tl.abs({x})"),
+    aten.exp.default: _unary("tl.exp({x})"),
+    aten.log.default: _unary("tl.log({x})"),
+    aten.sqrt.default: _unary("tl.sqrt({x})"),
+    aten.rsqrt.default: _unary("tl.rsqrt({x})"),
+    aten.reciprocal.default: _unary("(1.0 / {x})"),
+    aten.sin.default: _unary("tl.sin({x})"),
+    aten.cos.default: _unary("tl.cos({x})"),
+    aten.erf.default: _unary("tl.erf({x})"),
+    aten.sigmoid.default: _unary("tl.sigmoid({x})"),
+    aten.tanh.default: _unary("(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)"),
+    aten.silu.default: _unary("({x} * tl.sigmoid({x}))"),
+    aten.relu.default: _unary("tl.where({x} < 0.0, 0.0, {x})"),
+    aten.gelu.default: _gelu,
+    aten.leaky_relu.default: _leaky_relu,
+    aten.pow.Tensor_Scalar: _pow,
+    aten.clamp.default: _clamp("min", "max"),
+    aten.clamp_min.default: _clamp("min", None),
+    aten.clamp_max.default: _clamp(None, "max"),
+    aten.hardtanh.default: _clamp("min_val", "max_val"),
+    aten.where.self: _where,
+    aten.where.ScalarOther: _where,
+    aten.where.Scalar: _where,
+    aten.logical_and.default: _logical("({x} & {y})"), aten.bitwise_and.Tensor: _logical("({x} & {y})"),
+    aten.logical_or.default: _logical("({x} | {y})"), aten.bitwise_or.Tensor: _logical("({x} | {y})"),
+    aten.logical_not.default: _unary("({x} == 0)"), aten.bitwise_not.default: _unary("({x} == 0)"),
+    aten.masked_fill.Scalar: _masked_fill,
+    aten._to_copy.default: _to_copy,
+    aten.clone.default: _unary("{x}"),
 }
+
+
+BITWISE = frozenset({aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_not.default})
+"""Bitwise ops, spelled here as logical ones: right on booleans only."""
 
 
 def _integer(value: Any) -> str | None:
@@ -257,16 +262,16 @@ def _integer_cast(args: Mapping[str, Any]) -> str | None:
 STORED_TYPES = {**TRITON_TYPES, torch.int32: "tl.int32", torch.int64: "tl.int64"}
 """Every dtype a generated kernel stores: its floating and boolean values, and integers it computes."""
 
-INTEGER_EXPRESSIONS: dict[str, Emit] = {
-    "add.Tensor": _integer_binary("({x} + {y})", scaled=True),
-    "add.Scalar": _integer_binary("({x} + {y})", scaled=True),
-    "sub.Tensor": _integer_binary("({x} - {y})", scaled=True),
-    "sub.Scalar": _integer_binary("({x} - {y})", scaled=True),
-    "mul.Tensor": _integer_binary("({x} * {y})"),
-    "mul.Scalar": _integer_binary("({x} * {y})"),
-    "div.Tensor_mode": _integer_divide,
-    "_to_copy": _integer_cast,
-    "clone": _unary("{x}"),
+INTEGER_EXPRESSIONS: dict[torch._ops.OpOverload, Emit] = {
+    aten.add.Tensor: _integer_binary("({x} + {y})", scaled=True),
+    aten.add.Scalar: _integer_binary("({x} + {y})", scaled=True),
+    aten.sub.Tensor: _integer_binary("({x} - {y})", scaled=True),
+    aten.sub.Scalar: _integer_binary("({x} - {y})", scaled=True),
+    aten.mul.Tensor: _integer_binary("({x} * {y})"),
+    aten.mul.Scalar: _integer_binary("({x} * {y})"),
+    aten.div.Tensor_mode: _integer_divide,
+    aten._to_copy.default: _integer_cast,
+    aten.clone.default: _unary("{x}"),
 }
 """Integer arithmetic over int32 and int64 operands, computed in integers (an index made from another: MoE
 routing's token of each sorted choice, `order // top_k`)."""
@@ -276,7 +281,7 @@ def expression(node: Node, arguments: Sequence[str]) -> str | None:
     """What a kernel computes for `node` from its operands' kernel variables (integer arithmetic where the node
     makes integers), or None if no form covers its op and attrs."""
     table = INTEGER_EXPRESSIONS if node.outputs[0].type.dtype in INDEX_TYPES else EXPRESSIONS
-    emit = table.get(node.op)
+    emit = table.get(node.definition.target)
     return None if emit is None else emit(operands(node.definition.schema, node.attrs, arguments))
 
 
@@ -296,7 +301,7 @@ def fusible(node: Node, types: Mapping[str, TensorType]) -> bool:
             return False
     if any(dtype not in readable for dtype in reads):
         return False
-    if node.op.startswith("bitwise") and any(dtype != torch.bool for dtype in reads):
+    if node.definition.target in BITWISE and any(dtype != torch.bool for dtype in reads):
         return False
     device = node.attrs.get("device")
     if device is not None and any(torch.device(device).type != types[n].device for n in node.inputs):

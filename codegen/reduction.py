@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from ..ir import Graph, Node, TensorType
 from .expressions import INDEX_TYPES, STORED_TYPES, expression, gathered_rows
-from .reductions import REDUCTIONS, emit_reduction
+from .reductions import emit_reduction, row_reduction
 from ..ir.plans import reads_of
 from .source import KernelSource, check_dtypes, coordinates, header, load, offset
 
@@ -115,9 +115,10 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
     for node in nodes:
         if node.outputs[0].name in gathered:
             continue
-        if node.op in REDUCTIONS:
+        reduction = row_reduction(node)
+        if reduction is not None:
             results = emit_reduction(node, [read(n, False, shape) for n in node.inputs], code)
-            kinds = REDUCTIONS[node.op].results
+            kinds = reduction.results
             for value, position in zip(node.outputs, node.result_positions):
                 variable[value.name] = code.let(results[position], f"%{value.name} = {node.op}")
                 per_row[value.name] = kinds[position] == "row"

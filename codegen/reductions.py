@@ -12,8 +12,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+
 from .expressions import FLOATS, operands
 from ..ir.types import TensorType
+
+aten = torch.ops.aten
 
 if TYPE_CHECKING:
     from ..ir.graph import Node
@@ -86,19 +90,19 @@ def _layer_norm(args: Mapping[str, Any], code: RowCode) -> tuple[str, ...]:
     return out, mean, rstd
 
 
-REDUCTIONS: dict[str, Reduction] = {
-    "sum.dim_IntList": Reduction(_sum, ("row",)),
-    "mean.dim": Reduction(_mean, ("row",)),
-    "_softmax": Reduction(_softmax, ("full",)),
-    "_log_softmax": Reduction(_log_softmax, ("full",)),
-    "_safe_softmax": Reduction(_safe_softmax, ("full",)),
-    "native_layer_norm": Reduction(_layer_norm, ("full", "row", "row"), reduced="input"),
+REDUCTIONS: dict[torch._ops.OpOverload, Reduction] = {
+    aten.sum.dim_IntList: Reduction(_sum, ("row",)),
+    aten.mean.dim: Reduction(_mean, ("row",)),
+    aten._softmax.default: Reduction(_softmax, ("full",)),
+    aten._log_softmax.default: Reduction(_log_softmax, ("full",)),
+    aten._safe_softmax.default: Reduction(_safe_softmax, ("full",)),
+    aten.native_layer_norm.default: Reduction(_layer_norm, ("full", "row", "row"), reduced="input"),
 }
 
 
 def row_reduction(node: Node) -> Reduction | None:
     """How a row kernel computes the node, when it is a reduction one can."""
-    return REDUCTIONS.get(node.op)
+    return REDUCTIONS.get(node.definition.target)
 
 
 def reduced_dims(node: Node, types: Mapping[str, TensorType], read: set[str] | frozenset[str]) -> int | None:
@@ -128,4 +132,4 @@ def reduced_dims(node: Node, types: Mapping[str, TensorType], read: set[str] | f
 
 def emit_reduction(node: Node, variables: Sequence[str], code: RowCode) -> tuple[str, ...]:
     """The node's results as expressions over the kernel's `variables` (one per tensor input, in order)."""
-    return REDUCTIONS[node.op].emit(operands(node.definition.schema, node.attrs, variables), code)
+    return REDUCTIONS[node.definition.target].emit(operands(node.definition.schema, node.attrs, variables), code)
