@@ -25,10 +25,12 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..ir import OP_TABLE, Graph, Node, TensorType, Value
-from ..ir.ops import infer_by_tracing
+from ..ir.ops import infer_by_tracing, op_name
 from ..ir.types import contiguous_strides
 from .canonicalize import eliminate_dead_code
 from .fold import may_fold, mutated_memory
+
+aten = torch.ops.aten
 
 Select = Callable[[Node, Mapping[str, TensorType]], bool]
 
@@ -159,10 +161,12 @@ class _Writer:
     def __init__(self, node: Node, types: Mapping[str, TensorType]) -> None:
         self.node, self.types, self.nodes = node, dict(types), []
 
-    def __call__(self, op: str, inputs: tuple[str, ...], attrs: Mapping[str, Any], name: str | None = None,
-                 traced: bool = False) -> str:
-        """The node's result; `traced`: typed by running torch's own kernel choice on fake tensors, for the strides
-        its result really has (a fused attention lays its result out as its kernel chooses)."""
+    def __call__(self, overload: torch._ops.OpOverload, inputs: tuple[str, ...], attrs: Mapping[str, Any],
+                 name: str | None = None, traced: bool = False) -> str:
+        """The result of a node of the op table's entry for `overload`; `traced`: typed by running torch's own kernel
+        choice on fake tensors, for the strides its result really has (a fused attention lays its result out as its
+        kernel chooses)."""
+        op = op_name(overload)
         definition = OP_TABLE[op]
         infer = infer_by_tracing if traced else definition.infer
         (result,) = infer(definition, [self.types[n] for n in inputs], attrs)
@@ -177,10 +181,10 @@ class _Writer:
         value = self.types[name]
         shape = (math.prod(value.shape[:-2]), *value.shape[-2:])
         if value.dtype != torch.float32:
-            name = self("_to_copy", (name,), {"dtype": torch.float32, "memory_format": torch.contiguous_format})
+            name = self(aten._to_copy.default, (name,), {"dtype": torch.float32, "memory_format": torch.contiguous_format})
         elif not _viewable(value, shape):
-            name = self("clone", (name,), {"memory_format": torch.contiguous_format})
-        return self("view", (name,), {"size": shape})
+            name = self(aten.clone.default, (name,), {"memory_format": torch.contiguous_format})
+        return self(aten.view.default, (name,), {"size": shape})
 
 
 def _viewable(value: TensorType, shape: tuple[int, ...]) -> bool:
@@ -208,21 +212,21 @@ def _write(node: Node, write: _Writer, mask: str | None) -> None:
     batch, (rows, features) = types[query].shape[:-2], types[query].shape[-2:]
     columns = types[key].shape[-2]
     scale = node.attrs.get("scale") or 1.0 / math.sqrt(features)
-    keys = write("transpose.int", (write.batched(key),), {"dim0": 1, "dim1": 2})
-    scores = write("view", (write("bmm", (write.batched(query), keys), {}),), {"size": (*batch, rows, columns)})
-    scores = write("mul.Tensor", (scores,), {"other": scale})
+    keys = write(aten.transpose.int, (write.batched(key),), {"dim0": 1, "dim1": 2})
+    scores = write(aten.view.default, (write(aten.bmm.default, (write.batched(query), keys), {}),), {"size": (*batch, rows, columns)})
+    scores = write(aten.mul.Tensor, (scores,), {"other": scale})
     if mask is not None and types[mask].dtype == torch.bool:
-        scores = write("where.ScalarOther", (mask, scores), {"other": float("-inf")})
+        scores = write(aten.where.ScalarOther, (mask, scores), {"other": float("-inf")})
     elif mask is not None:
-        scores = write("add.Tensor", (scores, mask), {})  # promotes to float32
-    weights = (write("_safe_softmax", (scores,), {"dim": -1}) if mask is not None
-               else write("_softmax", (scores,), {"dim": -1, "half_to_float": False}))
-    out = write("bmm", (write.batched(weights), write.batched(value)), {})
+        scores = write(aten.add.Tensor, (scores, mask), {})  # promotes to float32
+    weights = (write(aten._safe_softmax.default, (scores,), {"dim": -1}) if mask is not None
+               else write(aten._softmax.default, (scores,), {"dim": -1, "half_to_float": False}))
+    out = write(aten.bmm.default, (write.batched(weights), write.batched(value)), {})
     result = node.outputs[0]
     if result.type.layout == contiguous_strides(result.type.shape) and result.type.dtype == torch.float32:
-        write("view", (out,), {"size": result.type.shape}, name=result.name)
+        write(aten.view.default, (out,), {"size": result.type.shape}, name=result.name)
     else:
-        _copy_as(write, write("view", (out,), {"size": result.type.shape}), result)
+        _copy_as(write, write(aten.view.default, (out,), {"size": result.type.shape}), result)
 
 
 def _copy_as(write: _Writer, name: str, result: Value) -> None:
@@ -230,10 +234,10 @@ def _copy_as(write: _Writer, name: str, result: Value) -> None:
     rounded = {"dtype": result.type.dtype, "memory_format": torch.contiguous_format}
     order = sorted(range(len(result.type.shape)), key=lambda dim: -result.type.layout[dim])  # memory order
     if order == sorted(order):
-        write("_to_copy", (name,), rounded, name=result.name)
+        write(aten._to_copy.default, (name,), rounded, name=result.name)
         return
-    dense = write("_to_copy", (write("permute", (name,), {"dims": order}),), rounded)
-    write("permute", (dense,), {"dims": [order.index(dim) for dim in range(len(order))]}, name=result.name)
+    dense = write(aten._to_copy.default, (write(aten.permute.default, (name,), {"dims": order}),), rounded)
+    write(aten.permute.default, (dense,), {"dims": [order.index(dim) for dim in range(len(order))]}, name=result.name)
 
 
 def _unmasked(node: Node, types: Mapping[str, TensorType], causal: bool) -> list[Node]:
@@ -268,10 +272,10 @@ def convert_attention_masks(graph: Graph) -> Graph:
         if (mask, dtype) not in converted:
             write = _Writer(node, types)
             name = f"{mask}_additive_{str(dtype).removeprefix('torch.')}"
-            additive = write("where.Scalar", (mask,), {"self": 0.0, "other": float("-inf")},
+            additive = write(aten.where.Scalar, (mask,), {"self": 0.0, "other": float("-inf")},
                              name=name if dtype == torch.float32 else f"{name}_float32")
             if dtype != torch.float32:
-                additive = write("_to_copy", (additive,), {"dtype": dtype}, name=name)
+                additive = write(aten._to_copy.default, (additive,), {"dtype": dtype}, name=name)
             converted[(mask, dtype)] = additive
             nodes += write.nodes
             types.update(write.types)
@@ -362,9 +366,9 @@ def _folded(node: Node, producer: Mapping[str, Node], types: Mapping[str, Tensor
     if not _viewable(query, folded_shape):
         return None
     write = _Writer(node, types)
-    queries = write("view", (node.inputs[0],), {"size": folded_shape})
+    queries = write(aten.view.default, (node.inputs[0],), {"size": folded_shape})
     try:
-        attention = write("scaled_dot_product_attention", (queries, key, value, *node.inputs[3:]), attrs, traced=True)
+        attention = write(aten.scaled_dot_product_attention.default, (queries, key, value, *node.inputs[3:]), attrs, traced=True)
     except (RuntimeError, NotImplementedError, ValueError):  # torch declining the folded call: not folded
         return None
     before, folded_node = write.nodes[:-1], write.nodes[-1]
@@ -372,11 +376,11 @@ def _folded(node: Node, producer: Mapping[str, Node], types: Mapping[str, Tensor
     order = sorted(range(4), key=lambda dim: -result.type.layout[dim])  # the result's memory order
     in_order = tuple(result.type.shape[dim] for dim in order)
     if not _viewable(write.types[attention], in_order):  # flash lays the rows of a group outermost: one small copy
-        attention = write("clone", (attention,), {"memory_format": torch.contiguous_format})
+        attention = write(aten.clone.default, (attention,), {"memory_format": torch.contiguous_format})
     if order == sorted(order):
-        write("view", (attention,), {"size": in_order}, name=result.name)
+        write(aten.view.default, (attention,), {"size": in_order}, name=result.name)
     else:
-        write("permute", (write("view", (attention,), {"size": in_order}),),
+        write(aten.permute.default, (write(aten.view.default, (attention,), {"size": in_order}),),
               {"dims": [order.index(dim) for dim in range(4)]}, name=result.name)
     if write.types[result.name].layout != result.type.layout or write.types[result.name].shape != result.type.shape:
         return None
@@ -387,7 +391,6 @@ def _repeated_heads(name: str, producer: Mapping[str, Node], types: Mapping[str,
     """The [batch, heads, length, features] value that `name` repeats along its heads, if it is repeat_kv's
     view of a contiguous copy of the value expanded along a new dim after the heads."""
     chain = []
-    aten = torch.ops.aten
     for ops in ((aten._unsafe_view.default, aten.view.default, aten.reshape.default), (aten.clone.default,),
                 (aten.expand.default,), (aten.unsqueeze.default,)):
         node = producer.get(name)

@@ -6,6 +6,7 @@ import dataclasses
 import torch
 
 from ..ir import Graph, Node
+from ..ir.ops import op_name
 
 
 def eliminate_dead_code(graph: Graph) -> Graph:
@@ -40,7 +41,7 @@ def drop_empty_cat_inputs(graph: Graph) -> Graph:
         if len(kept) > 1:  # the list argument's slots number the inputs afresh
             nodes.append(dataclasses.replace(node, inputs=kept, attrs={**node.attrs, "tensors": tuple(range(len(kept)))}))
         elif len(kept) == 1 and types[kept[0]].shape == value.type.shape and value.type.is_contiguous:
-            nodes.append(Node(node.name, "clone", kept, {"memory_format": torch.contiguous_format}, node.outputs,
+            nodes.append(Node(node.name, op_name(torch.ops.aten.clone.default), kept, {"memory_format": torch.contiguous_format}, node.outputs,
                               source=node.source))
         else:  # all empty, or a legacy 1-D empty beside a tensor of another shape: leave it to torch
             nodes.append(node)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
+
 from ..ir import Graph, Node
+from ..ir.ops import op_name
 
 MAX_JOINED = 4
 """The most linears one `linears` node takes (the kernel's weight arguments)."""
@@ -54,7 +57,7 @@ def _joined(members: list[Node]) -> Node:
     biases = [node.inputs[2] if len(node.inputs) > 2 else None for node in members]
     present = [name for name in biases if name is not None]
     slots = iter(range(1 + len(weights), 1 + len(weights) + len(present)))
-    return Node(f"{members[0].name}_joined", "linears", (members[0].inputs[0], *weights, *present),
+    return Node(f"{members[0].name}_joined", op_name(torch.ops.ember.linears.default), (members[0].inputs[0], *weights, *present),
                 {"weights": tuple(range(1, 1 + len(weights))),
                  "biases": tuple(None if name is None else next(slots) for name in biases)},
                 tuple(node.outputs[0] for node in members), source=members[0].source)

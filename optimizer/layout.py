@@ -15,6 +15,7 @@ import dataclasses
 import torch
 
 from ..ir import Graph, Node, TensorType, Value
+from ..ir.ops import op_name
 from ..ir.types import contiguous_strides
 
 FEATURE_MULTIPLE = 8
@@ -53,7 +54,7 @@ def pad_linear_features(graph: Graph) -> Graph:
                                                               value.type.device))
         nodes.append(dataclasses.replace(node, inputs=tuple(operands), outputs=(wide_value,)))
         sliced = dataclasses.replace(value.type, strides=contiguous_strides(wide_shape))
-        nodes.append(Node(f"{node.name}_features", "slice.Tensor", (wide_value.name,),
+        nodes.append(Node(f"{node.name}_features", op_name(torch.ops.aten.slice.Tensor), (wide_value.name,),
                           {"dim": len(wide_shape) - 1, "end": value.type.shape[-1]}, (Value(value.name, sliced),),
                           source=node.source))
     if len(nodes) == len(graph.nodes):

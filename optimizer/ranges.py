@@ -20,6 +20,7 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..ir import Graph, Node, TensorType, Value
+from ..ir.ops import op_name
 from ..ir.types import type_of
 from .canonicalize import eliminate_dead_code
 
@@ -140,7 +141,7 @@ def offsets_by_search(graph: Graph) -> Graph:
         boundaries = Value(f"{node.name}_bins", type_of(values))
         params.append(boundaries)
         weights[boundaries.name] = values
-        nodes[position] = Node(node.name, "searchsorted.Tensor", (sequence, boundaries.name),
+        nodes[position] = Node(node.name, op_name(torch.ops.aten.searchsorted.Tensor), (sequence, boundaries.name),
                                {"out_int32": node.outputs[0].type.dtype == torch.int32, "right": True, "side": None,
                                 "sorter": None}, node.outputs,
                                source=node.source)
@@ -184,7 +185,7 @@ def drop_decided_masks(graph: Graph) -> Graph:
     for node in graph.nodes:
         if (node.definition.target == _MASKED_FILL and _never(node.inputs[1], producer, ranges)
                 and types[node.inputs[0]] == node.outputs[0].type):
-            node = Node(node.name, "clone", node.inputs[:1], {}, node.outputs, source=node.source)
+            node = Node(node.name, op_name(torch.ops.aten.clone.default), node.inputs[:1], {}, node.outputs, source=node.source)
         nodes.append(node)
     if all(a is b for a, b in zip(nodes, graph.nodes)):
         return graph
