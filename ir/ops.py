@@ -343,15 +343,15 @@ def linears_reference(x: torch.Tensor, weights: Sequence[torch.Tensor],
     return [torch.nn.functional.linear(x, weight, biases[i] if biases else None) for i, weight in enumerate(weights)]
 
 
-_GROUPED_MM_LIB = torch.library.Library("ember", "FRAGMENT")
-_GROUPED_MM_LIB.define("grouped_mm(Tensor input, Tensor weight, Tensor offsets, bool rows_covered=False) -> Tensor")
-_GROUPED_MM_LIB.impl("grouped_mm", grouped_mm_reference, "CompositeExplicitAutograd")
-_GROUPED_MM_LIB.impl(
+_EMBER_LIBRARY = torch.library.Library("ember", "FRAGMENT")
+_EMBER_LIBRARY.define("grouped_mm(Tensor input, Tensor weight, Tensor offsets, bool rows_covered=False) -> Tensor")
+_EMBER_LIBRARY.impl("grouped_mm", grouped_mm_reference, "CompositeExplicitAutograd")
+_EMBER_LIBRARY.impl(
     "grouped_mm", lambda x, weight, offsets, rows_covered=False: x.new_empty(x.shape[0], weight.shape[2]), "Meta"
 )
-_GROUPED_MM_LIB.define("linears(Tensor input, Tensor[] weights, Tensor?[] biases) -> Tensor[]")
-_GROUPED_MM_LIB.impl("linears", linears_reference, "CompositeExplicitAutograd")
-_GROUPED_MM_LIB.impl("linears", lambda x, weights, biases=(): [x.new_empty(*x.shape[:-1], weight.shape[0])
+_EMBER_LIBRARY.define("linears(Tensor input, Tensor[] weights, Tensor?[] biases) -> Tensor[]")
+_EMBER_LIBRARY.impl("linears", linears_reference, "CompositeExplicitAutograd")
+_EMBER_LIBRARY.impl("linears", lambda x, weights, biases=(): [x.new_empty(*x.shape[:-1], weight.shape[0])
                                                                for weight in weights], "Meta")
 
 
