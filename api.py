@@ -54,7 +54,7 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     started = time.perf_counter()
     arena, fusion = compilation.arena, compilation.fusion
     report = coverage_report(compilation.graph, compilation.seconds, arena.summary() if arena else None,
-                             fusion_summary(fusion), compilation.capture, compilation.changes)
+                             fusion_summary(fusion), compilation.capture, compilation.changes, compilation.decisions)
     program = Program(compilation.graph, report, layout=arena.layout if arena else None, work=compilation.work,
                       cuda_graphs=compilation.capture["capture"], check_inputs=options.check_inputs,
                       debug_dir=options.debug_dir, captured=graph, **program_args)

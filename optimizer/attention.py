@@ -28,6 +28,7 @@ from ..ir import OP_TABLE, Graph, Node, TensorType, Value
 from ..ir.ops import infer_by_tracing, op_name
 from ..ir.types import contiguous_strides
 from .canonicalize import eliminate_dead_code
+from .decisions import record
 from .fold import may_fold, mutated_memory
 
 aten = torch.ops.aten
@@ -72,6 +73,9 @@ def fold_constant_masks(graph: Graph) -> Graph:
             keeps_all = kept is not None and bool(kept.all())
             causal = kept is not None and not keeps_all and _is_causal(
                 kept, types[node.inputs[0]].shape[-2], types[node.inputs[1]].shape[-2])
+        if keeps_all or causal:
+            record(f"a mask computed from no input ({types[node.inputs[3]].shape}) "
+                   + ("keeps every key: dropped" if keeps_all else "is the causal triangle: is_causal instead"))
         nodes += _unmasked(node, types, causal) if keeps_all or causal else [node]
     if all(a is b for a, b in zip(nodes, graph.nodes)):
         return graph
@@ -132,6 +136,8 @@ def decompose_attention(graph: Graph, select: Select = runs_math_path) -> Graph:
         if not (written.same_as(result) and written.layout == result.layout):  # a layout no permutation gives
             nodes.append(node)
             continue
+        record(f"attention of {types[node.inputs[0]].shape} queries over {types[node.inputs[1]].shape[-2]} keys "
+               "written out as matmuls and a softmax (torch would run its math path)")
         if causal is not None and causal.name not in weights:
             weights[causal.name] = torch.ones(causal.type.shape, dtype=torch.bool, device=causal.type.device).tril()
             params.append(causal)
@@ -277,6 +283,8 @@ def convert_attention_masks(graph: Graph) -> Graph:
             if dtype != torch.float32:
                 additive = write(aten._to_copy.default, (additive,), {"dtype": dtype}, name=name)
             converted[(mask, dtype)] = additive
+            record(f"a boolean mask {types[mask].shape} made additive in {dtype} once, not by torch in every "
+                   "attention reading it")
             nodes += write.nodes
             types.update(write.types)
         nodes.append(dataclasses.replace(node, inputs=(*node.inputs[:3], converted[(mask, dtype)], *node.inputs[4:])))
@@ -313,6 +321,8 @@ def group_query_heads(graph: Graph, select: Select = takes_grouped_heads) -> Gra
         grouped = dataclasses.replace(node, inputs=(node.inputs[0], key, value, *node.inputs[3:]),
                                       attrs={**node.attrs, "enable_gqa": True})
         if select(grouped, types):
+            record(f"attention reads its {types[key].shape} keys and values unrepeated (enable_gqa; torch runs it "
+                   "on a fused kernel): the repeat's two copies go")
             replaced[node.name] = grouped
     if not replaced:
         return graph
@@ -336,6 +346,8 @@ def fold_query_groups(graph: Graph, select: Select = takes_grouped_heads) -> Gra
         folded = _folded(node, producer, types)
         if folded is not None and select(folded[0], {**types, **{n.outputs[0].name: n.outputs[0].type
                                                                    for n in folded[1]}}):
+            record(f"one query per head over {types[node.inputs[1]].shape} repeated keys: the query groups folded "
+                   f"into rows of {folded[0].outputs[0].type.shape} against the unrepeated keys and values")
             replaced[node.name] = [*folded[1], folded[0], *folded[2]]
     if not replaced:
         return graph

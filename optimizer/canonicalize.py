@@ -7,6 +7,7 @@ import torch
 
 from ..ir import Graph, Node
 from ..ir.ops import op_name
+from .decisions import record
 
 
 def eliminate_dead_code(graph: Graph) -> Graph:
@@ -38,9 +39,12 @@ def drop_empty_cat_inputs(graph: Graph) -> Graph:
             continue
         kept = tuple(name for name in node.inputs if types[name].numel != 0)
         value = node.outputs[0]
-        if len(kept) > 1:  # the list argument's slots number the inputs afresh
+        dropped = f"a cat of {len(node.inputs)} tensors, {len(node.inputs) - len(kept)} of them empty (a cache's first update)"
+        if len(kept) > 1:
+            record(f"{dropped}, reads only the others")  # the list argument's slots number the inputs afresh
             nodes.append(dataclasses.replace(node, inputs=kept, attrs={**node.attrs, "tensors": tuple(range(len(kept)))}))
         elif len(kept) == 1 and types[kept[0]].shape == value.type.shape and value.type.is_contiguous:
+            record(f"{dropped}: a copy of the one left")
             nodes.append(Node(node.name, op_name(torch.ops.aten.clone.default), kept, {"memory_format": torch.contiguous_format}, node.outputs,
                               source=node.source))
         else:  # all empty, or a legacy 1-D empty beside a tensor of another shape: leave it to torch

@@ -22,6 +22,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..ir import Graph, Node, Value
 from .canonicalize import eliminate_dead_code
+from ..units import format_bytes
+from .decisions import record
 
 FOLDED_ELEMENTS = 1 << 20
 """The most elements of a value worked out at compile time (a rotary table of 8,192 positions × 128 is 1M)."""
@@ -58,6 +60,8 @@ def fold_constants(graph: Graph) -> Graph:
         derived[value.name] = tuple({id(tensor): tensor for name in sources[value.name]
                                      for tensor in derived.get(name, (graph.weights[name],))}.values())
         params.append(value)
+    record(f"{len(folded)} nodes computed from weights and constants alone, worked out at compile time: "
+           f"{len(frontier)} constants of {format_bytes(sum(value.type.nbytes for value in frontier))} kept instead")
     nodes = tuple(node for node in graph.nodes if node.name not in folded)
     return eliminate_dead_code(dataclasses.replace(graph, nodes=nodes, params=tuple(params), weights=weights,
                                                    derived=derived))

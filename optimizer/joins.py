@@ -15,6 +15,8 @@ import torch
 
 from ..ir import Graph, Node
 from ..ir.ops import op_name
+from ..units import format_bytes
+from .decisions import record
 
 MAX_JOINED = 4
 """The most linears one `linears` node takes (the kernel's weight arguments)."""
@@ -33,6 +35,9 @@ def join_vector_products(graph: Graph) -> Graph:
         for start in range(0, len(members) - 1, MAX_JOINED):
             chunk = members[start: start + MAX_JOINED]
             if len(chunk) > 1:
+                weight_bytes = sum(types[node.inputs[1]].nbytes for node in chunk)
+                record(f"{len(chunk)} linears of one row ({', '.join(str(types[node.inputs[1]].shape[0]) for node in chunk)} "
+                       f"features) read their {format_bytes(weight_bytes)} of weights in one kernel")
                 joined[chunk[0].name] = _joined(chunk)
                 dropped.update(node.name for node in chunk[1:])
     if not joined:

@@ -17,6 +17,7 @@ import torch
 from ..ir import Graph, Node, TensorType, Value
 from ..ir.ops import op_name
 from ..ir.types import contiguous_strides
+from .decisions import record
 
 FEATURE_MULTIPLE = 8
 
@@ -33,6 +34,8 @@ def pad_linear_features(graph: Graph) -> Graph:
         if padded is None:
             nodes.append(node)
             continue
+        record(f"a linear's {node.outputs[0].type.shape[-1]} output features padded to {padded} "
+               f"({node.outputs[0].type.dtype}): cuBLAS is slow when they are not a multiple of {FEATURE_MULTIPLE}")
         operands = []
         for position, name in enumerate(node.inputs):
             if position == 0:

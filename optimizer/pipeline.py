@@ -33,6 +33,7 @@ from .attention import (convert_attention_masks, decompose_attention, fold_const
 from .canonicalize import drop_empty_cat_inputs, eliminate_dead_code
 from .cost import CostModel, DeviceProfile, known_profiles, load_profile
 from .cost.calibrate import calibrated_name
+from .decisions import recording
 from .fold import fold_constants
 from .fusion import FusionPlan, plan_fusion
 from .fusion_verify import verify_fusion
@@ -98,6 +99,8 @@ class Compilation:
     changes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     """Graph pass -> what it changed, by op: nodes removed, added, and rewritten (same node, other inputs or
     attributes); passes that changed nothing are absent."""
+    decisions: dict[str, list[str]] = field(default_factory=dict)
+    """Graph pass -> the decisions it recorded, with the numbers behind them (optimizer.decisions)."""
 
     @property
     def cost(self) -> CostModel:
@@ -251,8 +254,11 @@ def run(compilation: Compilation, to_run: Sequence[Stage]) -> Compilation:
             update(description=f"stage {index}/{len(to_run)}: {name}")
             started = time.perf_counter()
             before = compilation.graph
-            compilation = stage(compilation)
+            with recording() as decisions:
+                compilation = stage(compilation)
             compilation.seconds[name] = time.perf_counter() - started
+            if decisions:
+                compilation.decisions[name] = decisions
             if isinstance(stage, GraphPass):
                 checkpoint(compilation.graph, name, compilation.options, index=index,
                            changed=compilation.graph is not before)

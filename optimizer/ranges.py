@@ -23,6 +23,7 @@ from ..ir import Graph, Node, TensorType, Value
 from ..ir.ops import op_name
 from ..ir.types import type_of
 from .canonicalize import eliminate_dead_code
+from .decisions import record
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,17 @@ def cover_grouped_rows(graph: Graph) -> Graph:
     last offset to zero."""
     ranges, types = integer_ranges(graph), graph.types()
     producer = {value.name: node for node in graph.nodes for value in node.outputs}
-    nodes = [dataclasses.replace(node, attrs={**node.attrs, "rows_covered": True})
-             if node.definition.target == _GROUPED_MM and not node.attrs.get("rows_covered")
-             and counted_total(node.inputs[2], producer, types, ranges) == types[node.inputs[0]].shape[0] else node
-             for node in graph.nodes]
+    nodes = []
+    for node in graph.nodes:
+        if node.definition.target != _GROUPED_MM or node.attrs.get("rows_covered"):
+            nodes.append(node)
+            continue
+        rows = types[node.inputs[0]].shape[0]
+        if counted_total(node.inputs[2], producer, types, ranges) == rows:
+            record(f"a grouped matmul's offsets proven to end at its {rows} rows (a running sum of a histogram "
+                   "counting every routed row): no tail to zero")
+            node = dataclasses.replace(node, attrs={**node.attrs, "rows_covered": True})
+        nodes.append(node)
     if all(a is b for a, b in zip(nodes, graph.nodes)):
         return graph
     return dataclasses.replace(graph, nodes=tuple(nodes))
@@ -138,6 +146,8 @@ def offsets_by_search(graph: Graph) -> Graph:
         except RuntimeError as error:  # a device this machine lacks
             log.debug("%s stays a scan: its bins' values cannot be made here (%s)", node.name, error)
             continue
+        record(f"a running sum over a {bins}-bin histogram of {sequence_type.shape} sorted integers made one "
+               "searchsorted of them (one bin per integer their proved range holds)")
         boundaries = Value(f"{node.name}_bins", type_of(values))
         params.append(boundaries)
         weights[boundaries.name] = values
@@ -185,6 +195,8 @@ def drop_decided_masks(graph: Graph) -> Graph:
     for node in graph.nodes:
         if (node.definition.target == _MASKED_FILL and _never(node.inputs[1], producer, ranges)
                 and types[node.inputs[0]] == node.outputs[0].type):
+            record(f"a fill through a mask that its comparison's proved range makes false everywhere "
+                   f"({types[node.inputs[1]].shape}): a copy")
             node = Node(node.name, op_name(torch.ops.aten.clone.default), node.inputs[:1], {}, node.outputs, source=node.source)
         nodes.append(node)
     if all(a is b for a, b in zip(nodes, graph.nodes)):

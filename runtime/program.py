@@ -5,6 +5,7 @@ The report prints as tables (rich, or plain text with `print`), so a user sees w
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,8 @@ class CompileReport:
     and device time."""
     pass_changes: Mapping[str, Mapping[str, Mapping[str, int]]] = field(default_factory=dict)
     """Graph pass -> the nodes it removed, added and rewritten, by op (pipeline.graph_changes)."""
+    pass_decisions: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """Graph pass -> why it changed what it did, with the numbers behind it (optimizer.decisions)."""
 
     def __rich__(self) -> Group:
         return render_compile_report(self)
@@ -87,8 +90,12 @@ def render_compile_report(report: CompileReport) -> Group:
         passes = _table("graph passes that changed the graph")
         passes.add_column("pass")
         passes.add_column("changed")
+        passes.add_column("why")
         for name, changes in report.pass_changes.items():
-            passes.add_row(name, "; ".join(f"{kind} {_counts(counts, LISTED_OPS)}" for kind, counts in changes.items()))
+            decisions = Counter(report.pass_decisions.get(name, ()))
+            passes.add_row(name, "; ".join(f"{kind} {_counts(counts, LISTED_OPS)}" for kind, counts in changes.items()),
+                           "\n".join(decision if count == 1 else f"{decision} (×{count})"
+                                     for decision, count in decisions.items()))
         parts.append(passes)
     if report.extern_ops:
         externs = _table("extern ops (ATen)")
@@ -145,7 +152,8 @@ def _cuda_graphs_line(cuda_graphs: Mapping[str, Any]) -> str:
 
 def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Mapping[str, Any] | None = None,
                     fusion: Mapping[str, Any] | None = None, cuda_graphs: Mapping[str, Any] | None = None,
-                    pass_changes: Mapping[str, Any] | None = None) -> CompileReport:
+                    pass_changes: Mapping[str, Any] | None = None,
+                    pass_decisions: Mapping[str, Sequence[str]] | None = None) -> CompileReport:
     """Count native and extern nodes of the final graph."""
     native: dict[str, int] = {}
     extern: dict[str, int] = {}
@@ -155,7 +163,7 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Ma
     total = len(graph.nodes)
     coverage = 1.0 if total == 0 else sum(native.values()) / total
     return CompileReport(total, coverage, extern, dict(stage_seconds), native, dict(memory or {}), dict(fusion or {}),
-                         dict(cuda_graphs or {}), dict(pass_changes or {}))
+                         dict(cuda_graphs or {}), dict(pass_changes or {}), dict(pass_decisions or {}))
 
 
 class Program:

@@ -134,6 +134,28 @@ def test_each_graph_pass_records_what_it_changed_by_op():
     assert "graph passes that changed the graph" in str(report) and "rewritten grouped_mm" in str(report)
 
 
+def test_each_graph_pass_says_why_with_its_numbers():
+    """The decisions behind the changes, per pass, in the report: Mixtral's proofs about its routing, and a decode
+    step's joined projections (tiny Llama, one token)."""
+    from ember import models
+
+    model, inputs = models.load("mixtral")
+    decisions = ember.compile(model, inputs).report.pass_decisions
+    layers = model.config.num_hidden_layers
+    assert len(decisions["cover_grouped_rows"]) == 2 * layers
+    assert all("proven to end at its" in decision for decision in decisions["cover_grouped_rows"])
+    assert len(decisions["offsets_by_search"]) == layers and "fold_constants" in decisions
+    assert set(decisions) <= set(ember.compile(model, inputs).report.pass_changes)  # a decision is a change's reason
+
+    model, _ = models.load("llama")
+    report = ember.compile(model, (torch.randint(1, 100, (1, 1)),)).report
+    joined = report.pass_decisions["join_vector_products"]
+    assert joined.count(joined[0]) == model.config.num_hidden_layers  # one of each kind per layer
+    assert any(decision.startswith("3 linears of one row") for decision in joined)
+    assert any(decision.startswith("2 linears of one row") for decision in joined)
+    assert "3 linears of one row" in str(report)
+
+
 def test_graph_changes_of_an_unchanged_graph_are_empty():
     graph = ember.compile(torch.nn.Linear(4, 2), (torch.randn(3, 4),)).graph
     assert pipeline.graph_changes(graph, graph) == {}
