@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ember.codegen.skinny_mm as skinny_mm
 from ember.codegen.skinny_mm import MAX_WEIGHTS, Tiling, linears, takes
 from ember.ir.ops import linears_reference
 from ember.tolerance import tolerance_for
@@ -43,8 +44,15 @@ def test_kernel_matches_the_reference(case, dtype):
         assert error <= tolerance_for(dtype, scale=expected.abs().max().item()), (case, error)
 
 
-def test_more_weights_than_one_launch_takes_are_all_computed():
-    assert len(CASES["two launches"][0]) > MAX_WEIGHTS
+def test_more_weights_than_one_launch_takes_go_in_further_launches(monkeypatch):
+    launched = []
+    launch = skinny_mm._launch
+    monkeypatch.setattr(skinny_mm, "_launch", lambda x, weights, *rest: launched.append(len(weights)) or launch(x, weights, *rest))
+    torch.manual_seed(0)
+    x, weights, biases = _operands(tuple(range(3, 4 + MAX_WEIGHTS)), 20, (False,) * (MAX_WEIGHTS + 1), torch.float32)
+    for result, expected in zip(linears(x, weights, biases), linears_reference(x, weights, biases)):
+        torch.testing.assert_close(result, expected)
+    assert launched == [MAX_WEIGHTS, 1]
 
 
 @pytest.mark.parametrize("change", ["two rows", "column-major weight", "float64", "broadcast bias"])
