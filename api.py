@@ -55,8 +55,8 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     arena, fusion = compilation.arena, compilation.fusion
     report = coverage_report(compilation.graph, compilation.seconds, arena.summary() if arena else None,
                              fusion_summary(fusion), compilation.capture, compilation.changes, compilation.decisions)
-    program = Program(compilation.graph, report, layout=arena.layout if arena else None, work=compilation.work,
-                      cuda_graphs=compilation.capture["capture"], check_inputs=options.check_inputs,
+    program = Program(compilation.graph, report, schedule=compilation.schedule, layout=arena.layout if arena else None,
+                      work=compilation.work, cuda_graphs=compilation.capture["capture"], check_inputs=options.check_inputs,
                       debug_dir=options.debug_dir, captured=graph, **program_args)
     program.executor.prepare(compilation.target.device or torch.device("cpu"))
     program.report.stage_seconds["build"] = time.perf_counter() - started

@@ -187,7 +187,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.graph:
         err.print(f"graph: {write_graph(report, args.graph)}")
     if args.plot_memory:
-        err.print(f"memory plot: {plot_memory(report.graph, report.memory, report.plan, args.plot_memory, report.model)}")
+        err.print(f"memory plot: {plot_memory(report.order, report.memory, report.plan, args.plot_memory, report.model)}")
     return 0
 
 
@@ -200,7 +200,8 @@ def run_optimize(args: argparse.Namespace) -> int:
     from .frontend import from_module
     from .optimizer.cost import load_profile
     from .optimizer.inspect import memory_summary
-    from .optimizer.liveness import buffers, peak_live_bytes
+    from .ir.schedule import schedule_of
+    from .optimizer.liveness import peak_live_bytes
     from .optimizer.plots import plot_memory
     from .options import Options
 
@@ -208,8 +209,9 @@ def run_optimize(args: argparse.Namespace) -> int:
     options = Options(reorder=args.reorder, plan_time_limit=args.time_limit)
     report = ember_inspect(model, inputs, device=load_profile(args.device), options=options)
     graph = report.graph
-    memory, plan = memory_summary(graph, args.time_limit)
-    memory["eager_order_peak_bytes"] = peak_live_bytes(from_module(model, inputs).graph)[0]
+    order = schedule_of(graph)
+    memory, plan = memory_summary(graph, order, args.time_limit)
+    memory["eager_order_peak_bytes"] = peak_live_bytes(schedule_of(from_module(model, inputs).graph))[0]
     memory["nodes"] = len(graph.nodes)
     memory["compile"] = {"device": report.device, "arena": dict(report.arena), "fusion_groups": report.fusion.get("groups", 0),
                          "capture": dict(report.capture)}
@@ -219,13 +221,13 @@ def run_optimize(args: argparse.Namespace) -> int:
         _print_memory(type(model).__name__, memory)
     err = Console(stderr=True)
     if args.plot_memory:
-        err.print(f"memory plot: {plot_memory(graph, memory, plan, args.plot_memory, type(model).__name__)}")
+        err.print(f"memory plot: {plot_memory(order, memory, plan, args.plot_memory, type(model).__name__)}")
     if args.out:
         directory = Path(args.out)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "graph.ir.txt").write_text(str(graph) + "\n")
         rows = [{"name": b.name, "bytes": b.size_bytes, "start": b.start, "end": b.end, "offset": offset}
-                for b, offset in zip(buffers(graph), plan.offsets)]
+                for b, offset in zip(order.buffers, plan.offsets)]
         (directory / "memory_plan.json").write_text(json.dumps({**memory, "buffers": rows}, indent=2) + "\n")
         err.print(f"wrote {directory / 'graph.ir.txt'} and {directory / 'memory_plan.json'}")
     return 0

@@ -19,7 +19,7 @@ import ember
 from ember import models
 from ember.api import optimize
 from ember.frontend import from_module
-from ember.optimizer.liveness import buffers
+from ember.ir.schedule import schedule_of
 from ember.optimizer.memory_plan import plan_intervals
 from ember.optimizer.memory_verify import verify_plan
 from ember.runtime.executor import given_memory
@@ -44,7 +44,7 @@ def measure(name: str) -> dict:
     torch.manual_seed(0)
     model, inputs = models.load(name, "suite", device="cuda")
     graph = optimize(from_module(model, inputs).graph, ember.Options(), {})
-    all_buffers = buffers(graph)
+    all_buffers = schedule_of(graph).buffers
     intervals = ([b.size_bytes for b in all_buffers], [b.start for b in all_buffers], [b.end for b in all_buffers])
     greedy = plan_intervals(*intervals, method="greedy")
     planned = plan_intervals(*intervals, method="mip", time_limit=10.0)

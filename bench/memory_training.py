@@ -17,7 +17,7 @@ from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from ember import models
 from ember.frontend.decompositions import ember_decompositions
 from ember.frontend.lower import lower_fx
-from ember.optimizer.liveness import buffers
+from ember.ir.schedule import schedule_of
 from ember.optimizer.memory_plan import first_fit, greedy_by_size, plan_intervals
 from ember.optimizer.memory_verify import verify_plan
 
@@ -60,11 +60,11 @@ def training_intervals(model: torch.nn.Module, inputs: tuple, loss) -> tuple[lis
             last_use[name] = steps + index
     saved_until = {out: last_use.get(inp, steps) for out, inp in zip(saved_outputs, saved_inputs)}
     sizes, starts, ends = [], [], []
-    for buffer in buffers(forward):
+    for buffer in schedule_of(forward).buffers:
         sizes.append(buffer.size_bytes)
         starts.append(buffer.start)
         ends.append(max(buffer.end, saved_until.get(buffer.name, buffer.end)))
-    for buffer in buffers(backward):
+    for buffer in schedule_of(backward).buffers:
         sizes.append(buffer.size_bytes)
         starts.append(steps + buffer.start)
         ends.append(steps + buffer.end)

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir import ALIGNMENT, Arena, ArenaLayout, Graph, TensorType
-from ..ir.plans import FusionPlan
-from .liveness import (Buffer, base_of, buffers, live_bytes, reuses, steps_of, unrepeatable_updates,
-                       updates_written_over)
+from ..ir.schedule import Buffer, Schedule, schedule_of
+from .liveness import live_bytes, unrepeatable_updates, updates_written_over
 from .memory_plan import MemoryPlan, plan_intervals
 from .memory_verify import verify_plan
 
@@ -63,22 +62,21 @@ class ArenaPlan:
                 "reused_values": len(self.layout.reuses)}
 
 
-def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, updates: Mapping[str, str] | None = None,
+def plan_arena(graph: Graph, schedule: Schedule | None = None, *, updates: Mapping[str, str] | None = None,
                alignment: int = ALIGNMENT, time_limit: float = 10.0, verify: bool = False) -> ArenaPlan:
-    """Plan the arenas of `graph` in its current order, or in the fusion plan's schedule; the plans share
+    """Plan the arenas of `graph` in the order of `schedule` (by default, its nodes' order); the plans share
     `time_limit` in proportion to their buffers. `updates` (input -> the output written back into it after each
     call) says which inputs the model updates, so that their updates may be written over them."""
     started = time.perf_counter()
-    bases = base_of(graph, fusion)
+    schedule = schedule_of(graph) if schedule is None else schedule
+    bases = schedule.bases
     outside = {bases[name] for name in graph.outputs if name in bases}
-    grouped = {name for group in fusion.groups for name in group.nodes} if fusion is not None else set()
+    steps = {step.name for step in schedule.steps}
     for node in graph.nodes:
-        if node.name in grouped:
-            continue
-        if not node.fills_given_memory and not node.returns_view:
+        if node.name in steps and not node.fills_given_memory and not node.returns_view:
             outside.update(value.name for value in node.outputs)
-    all_buffers = buffers(graph, fusion)
-    step_count = len(steps_of(graph, fusion))
+    all_buffers = schedule.buffers
+    step_count = len(schedule.steps)
     windows = arena_windows(all_buffers, outside, step_count, alignment)
     members: list[list[Buffer]] = [[] for _ in windows]
     window_of = np.full(step_count, -1)
@@ -103,8 +101,8 @@ def plan_arena(graph: Graph, *, fusion: FusionPlan | None = None, updates: Mappi
         arenas.append(Arena(plan.arena_bytes, first, max(b.end for b in group)))
         slots.update((b.name, (index, offset, types[b.name])) for b, offset in zip(group, plan.offsets))
     fresh = sorted(b.name for b in all_buffers if b.name not in slots)
-    written = updates_written_over(graph, updates or {}, fusion)
-    layout = ArenaLayout(slots, tuple(arenas), {**reuses(graph, fusion), **written},
+    written = updates_written_over(schedule, graph, updates or {})
+    layout = ArenaLayout(slots, tuple(arenas), {**schedule.reused, **written},
                          unrepeatable_updates(graph, written))
     lower = int(live_bytes(all_buffers, step_count, alignment).max(initial=0))
     return ArenaPlan(layout, tuple(plans), tuple(fresh), lower, _peak(all_buffers, layout, step_count, alignment),

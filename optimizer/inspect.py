@@ -18,10 +18,11 @@ from rich.table import Table
 from typing import TYPE_CHECKING
 
 from ..ir import Graph
+from ..ir.schedule import Schedule, schedule_of
 from ..units import format_bytes, format_us
 from .cost import CostModel
 from .fusion import fusion_summary
-from .liveness import buffers, peak_live_bytes
+from .liveness import peak_live_bytes
 from .memory_plan import MemoryPlan, plan_intervals
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class Report:
     """The graph that was priced (not part of the JSON), for drawing."""
     plan: MemoryPlan | None = field(default=None, repr=False, compare=False)
     """The arena plan of its buffers (not part of the JSON), for drawing."""
+    order: Schedule | None = field(default=None, repr=False, compare=False)
+    """The graph's own order of steps that `memory` and `plan` measure (not part of the JSON), for drawing."""
     fusion_groups: Mapping[str, str] = field(default_factory=dict)
     """The kept fusion group of each fused node, by node name."""
     arena: Mapping[str, Any] = field(default_factory=dict)
@@ -81,8 +84,8 @@ class Report:
         return sorted(self.rows, key=lambda row: row.predicted_us, reverse=True)[:count]
 
     def to_dict(self) -> dict[str, Any]:
-        data = {key: value for key, value in asdict(dataclasses.replace(self, graph=None, plan=None)).items()
-                if key not in ("graph", "plan")}
+        data = {key: value for key, value in asdict(dataclasses.replace(self, graph=None, plan=None, order=None)).items()
+                if key not in ("graph", "plan", "order")}
         data["costliest"] = [row.name for row in self.costliest()]
         return data
 
@@ -118,7 +121,8 @@ def build_report(compilation: Compilation, model: str = "model") -> Report:
         entry["flops"] += row.flops
         entry["bytes"] += row.bytes
         entry["predicted_us"] += row.predicted_us
-    memory, plan = memory_summary(graph)
+    order = schedule_of(graph)
+    memory, plan = memory_summary(graph, order)
     totals = {
         "flops": sum(row.flops for row in rows), "bytes": sum(row.bytes for row in rows),
         "predicted_us": sum(row.predicted_us for row in rows), "nodes": len(rows),
@@ -127,14 +131,15 @@ def build_report(compilation: Compilation, model: str = "model") -> Report:
     fusion = compilation.fusion
     groups = {name: group.name for group in fusion.groups for name in group.nodes} if fusion else {}
     arena = compilation.arena.summary() if compilation.arena else {}
-    return Report(model, profile.name, tuple(rows), totals, memory, by_kind, fusion_summary(fusion), graph, plan,
+    return Report(model, profile.name, tuple(rows), totals, memory, by_kind, fusion_summary(fusion), graph, plan, order,
                   groups, arena, dict(compilation.capture))
 
 
-def memory_summary(graph: Graph, time_limit: float = PLAN_SECONDS) -> tuple[dict[str, Any], MemoryPlan]:
-    """Live memory of `graph` in its order and the arena plans of its buffers: lower bound, no reuse, greedy, planned."""
-    all_buffers = buffers(graph)
-    peak, peak_step = peak_live_bytes(graph, all_buffers)
+def memory_summary(graph: Graph, order: Schedule, time_limit: float = PLAN_SECONDS) -> tuple[dict[str, Any], MemoryPlan]:
+    """Live memory of `graph` in the order of steps `order` and the arena plans of its buffers: lower bound, no
+    reuse, greedy, planned."""
+    all_buffers = order.buffers
+    peak, peak_step = peak_live_bytes(order)
     intervals = ([b.size_bytes for b in all_buffers], [b.start for b in all_buffers], [b.end for b in all_buffers])
     greedy = plan_intervals(*intervals, method="greedy")
     planned = plan_intervals(*intervals, method="mip", time_limit=time_limit)

@@ -1,5 +1,5 @@
-"""The compilation pipeline, every stage in order: the graph passes, then the planners (fusion, kernels, memory,
-capture), each a function over one plain-data record of the compilation. `api.compile_graph` runs `stages(...)`.
+"""The compilation pipeline, every stage in order: the graph passes, then the planners (fusion, the schedule,
+kernels, memory, capture), each a function over one plain-data record of the compilation. `api.compile_graph` runs `stages(...)`.
 
 A new graph pass is a Graph -> Graph function in its own module and one line in PASSES. A new planner is a
 Compilation -> Compilation function and one line in `stages`; it reads what earlier stages decided from the
@@ -25,6 +25,7 @@ import torch
 from ..codegen import GroupKernel, lower_schedule, precompile
 from ..errors import CompileError
 from ..ir import Graph, Node, VerifyError
+from ..ir.schedule import Schedule, schedule_of
 from ..options import Options
 from ..progress import task
 from .arena import ArenaPlan, plan_arena
@@ -93,6 +94,8 @@ class Compilation:
     """Input the model updates in place -> the output written back into it after each call."""
     seconds: dict[str, float] = field(default_factory=dict)
     fusion: FusionPlan | None = None
+    schedule: Schedule | None = None
+    """The steps in order and the lifetimes they imply, from the final graph and the fusion plan."""
     work: tuple[Node | GroupKernel, ...] | None = None
     arena: ArenaPlan | None = None
     capture: dict[str, Any] = field(default_factory=dict)
@@ -159,6 +162,12 @@ def fuse(compilation: Compilation) -> Compilation:
     return dataclasses.replace(compilation, fusion=fusion)
 
 
+def schedule_steps(compilation: Compilation) -> Compilation:
+    """The steps in order and the lifetimes they imply, worked out once for memory planning, the executor and
+    inspection."""
+    return dataclasses.replace(compilation, schedule=schedule_of(compilation.graph, compilation.fusion))
+
+
 def lower_kernels(compilation: Compilation) -> Compilation:
     """The fusion plan's schedule as runtime work: each kept group a generated kernel."""
     if compilation.fusion is None:
@@ -181,7 +190,7 @@ def plan_memory(compilation: Compilation) -> Compilation:
     options = compilation.options
     if not options.arena:
         return compilation
-    arena = plan_arena(compilation.graph, fusion=compilation.fusion, updates=compilation.updates,
+    arena = plan_arena(compilation.graph, compilation.schedule, updates=compilation.updates,
                        time_limit=options.plan_time_limit, verify=options.debug)
     return dataclasses.replace(compilation, arena=arena)
 
@@ -237,7 +246,7 @@ def pass_stages(options: Options) -> tuple[Stage, ...]:
 
 def stages(options: Options) -> tuple[Stage, ...]:
     """Every stage of a compile, in order."""
-    return (*pass_stages(options), fuse, lower_kernels, compile_kernels, plan_memory, decide_capture)
+    return (*pass_stages(options), fuse, schedule_steps, lower_kernels, compile_kernels, plan_memory, decide_capture)
 
 
 def planning_stages(options: Options) -> tuple[Stage, ...]:

@@ -9,10 +9,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..ir import ALIGNMENT, Graph
+from ..ir import ALIGNMENT
+from ..ir.schedule import Schedule
 from .cost import DeviceProfile
 from .inspect import COSTLIEST, Report, Row
-from .liveness import buffers, live_bytes
+from .liveness import live_bytes
 from .memory_plan import MemoryPlan
 
 LABEL_FONT_PT = 7
@@ -88,15 +89,15 @@ def _name_costliest_points(axes: Any, rows: list[Row], count: int = COSTLIEST) -
                       arrowprops={"arrowstyle": "-", "color": "0.5", "linewidth": 0.5} if lift else None)
 
 
-def plot_memory(graph: Graph, memory: Mapping[str, Any], plan: MemoryPlan, path: str | Path, title: str = "model") -> Path:
-    """A PNG of memory over execution steps: bytes live per step, and the arena plan as one box per buffer
-    (offset by lifetime). `memory` and `plan` are `memory_summary(graph)`'s."""
+def plot_memory(order: Schedule, memory: Mapping[str, Any], plan: MemoryPlan, path: str | Path, title: str = "model") -> Path:
+    """A PNG of memory over the steps of `order`: bytes live per step, and the arena plan as one box per buffer
+    (offset by lifetime). `memory` and `plan` are `memory_summary(graph, order)`'s."""
     plt = _pyplot()
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
-    all_buffers = buffers(graph)
-    per_step = live_bytes(all_buffers, len(graph.nodes))
+    all_buffers = order.buffers
+    per_step = live_bytes(all_buffers, len(order.steps))
     scale, unit = _axis_unit(max([*per_step, plan.arena_bytes, memory["greedy_bytes"]]))
     figure, (live, boxes) = plt.subplots(2, 1, figsize=(11, 8), sharex=True, height_ratios=(1, 2))
     live.step(range(len(per_step)), [b / scale for b in per_step], where="post", color="tab:blue", label="live")

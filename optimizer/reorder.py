@@ -11,6 +11,7 @@ import heapq
 import logging
 
 from ..ir import Graph, Node
+from ..ir.schedule import schedule_of
 from .liveness import peak_live_bytes
 
 log = logging.getLogger(__name__)
@@ -19,23 +20,16 @@ log = logging.getLogger(__name__)
 def reorder_for_memory(graph: Graph) -> Graph:
     """The graph with its nodes in a topological order of lower (or equal) peak live bytes."""
     reordered = dataclasses.replace(graph, nodes=tuple(_schedule(graph)))
-    before, after = peak_live_bytes(graph)[0], peak_live_bytes(reordered)[0]
+    before, after = peak_live_bytes(schedule_of(graph))[0], peak_live_bytes(schedule_of(reordered))[0]
     log.info("reordering: peak live bytes %d -> %d", before, after)
     return reordered if after < before else graph
 
 
 def _schedule(graph: Graph) -> list[Node]:
     nodes = graph.nodes
-    base: dict[str, str] = {}          # value -> the buffer that owns its bytes (views share their base's)
-    owned: dict[str, int] = {}         # buffer -> bytes
-    for node in nodes:
-        is_view = node.returns_view
-        for value in node.outputs:
-            if is_view and node.inputs and node.inputs[0] in base:
-                base[value.name] = base[node.inputs[0]]
-            elif not is_view:
-                base[value.name] = value.name
-                owned[value.name] = value.type.nbytes
+    base = schedule_of(graph).views  # value -> the buffer that owns its bytes, whatever the order
+    types = graph.types()
+    owned = {name: types[name].storage_bytes for name in set(base.values())}  # buffer -> bytes
     pending_uses = {name: 0 for name in owned}
     for node in nodes:
         for name in set(node.inputs):

@@ -17,6 +17,7 @@ import torch
 
 from ..codegen import GroupKernel
 from ..ir import ArenaLayout, Graph, Node, TensorType, Value
+from ..ir.schedule import Schedule, schedule_of
 from .arena import Call, GivenRun, bind_call, plan_call, slot_view
 from .cuda_graph import WARM_UP_CALLS, GraphedCall, PoolInUse
 from .wrapper import Wrapper, generate_wrapper
@@ -47,24 +48,20 @@ class Step:
     closes: tuple[int, ...] = ()
 
 
-def plan_steps(graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None,
-               device: str | None = None) -> tuple[Step, ...]:
-    """Bind every node, or every item of `work` (nodes and generated kernels in order), with its results
-    going where `layout` puts them (for a call on `device`), and work out when each value dies."""
+def plan_steps(schedule: Schedule, graph: Graph, layout: ArenaLayout | None = None,
+               work: Sequence[Node | GroupKernel] | None = None, device: str | None = None) -> tuple[Step, ...]:
+    """Bind every step of `schedule`: the graph's nodes, or the items of `work` (nodes and generated kernels in the
+    schedule's order), with their results going where `layout` puts them (for a call on `device`), each value
+    freed after the schedule's last read of it."""
     items = tuple(graph.nodes) if work is None else tuple(work)
-    last_use: dict[str, int] = {}
-    for index, item in enumerate(items):
-        for name in item.inputs:
-            last_use[name] = index
+    if [item.name for item in items] != [step.name for step in schedule.steps]:
+        raise ValueError("the steps to bind are not the schedule's: a fused program needs the schedule of its fusion plan")
     keep = set(graph.outputs) | {value.name for value in (*graph.inputs, *graph.params)}
     dies_at: dict[int, list[str]] = {}
-    for name, index in last_use.items():
-        if name not in keep:
-            dies_at.setdefault(index, []).append(name)
-    for index, item in enumerate(items):  # outputs that nothing reads die at once
-        for value in item.outputs:
-            if value.name not in last_use and value.name not in keep:
-                dies_at.setdefault(index, []).append(value.name)
+    for index, step in enumerate(schedule.steps):  # a value dies after its last read, or at once if nothing reads it
+        for value in step.writes:
+            if value.name not in keep:
+                dies_at.setdefault(schedule.last_read.get(value.name, index), []).append(value.name)
     opens: dict[int, list[int]] = {}
     closes: dict[int, list[int]] = {}
     for index, arena in enumerate(layout.arenas if layout else ()):
@@ -138,7 +135,8 @@ class Executor:
 
     def __init__(self, graph: Graph, layout: ArenaLayout | None = None, work: Sequence[Node | GroupKernel] | None = None,
                  cuda_graphs: bool = False, *, name: str = "program", debug_dir: str | None = None,
-                 written_back: int = 0, updated_inputs: tuple[int, ...] = (), captured: Graph | None = None):
+                 written_back: int = 0, updated_inputs: tuple[int, ...] = (), captured: Graph | None = None,
+                 schedule: Schedule | None = None):
         self.graph = graph
         self.captured = captured if captured is not None and _same_signature(captured, graph) else graph
         self.written_back = written_back
@@ -149,8 +147,9 @@ class Executor:
         self.work = work
         self.name = name
         self.debug_dir = debug_dir
-        self.reference_steps = plan_steps(self.captured)
-        self.steps = plan_steps(graph, work=work)
+        self.schedule = schedule_of(graph) if schedule is None else schedule
+        self.reference_steps = plan_steps(schedule_of(self.captured), self.captured)
+        self.steps = plan_steps(self.schedule, graph, work=work)
         self.input_names = tuple(value.name for value in graph.inputs)
         self._steps_on: dict[str, tuple[Step, ...]] = {}
         self._wrappers: dict[torch.device | None, Wrapper] = {}
@@ -226,7 +225,7 @@ class Executor:
         if device not in self.graphed:
             if device not in self._split:
                 steps = self.steps_on(device)
-                split = tail_start(steps, self.graph, self.layout)
+                split = tail_start(self.schedule, self.graph)
                 carried = _carried(steps[:split], steps[split:], self.graph)
                 self._split[device] = (self._generate(device, name=f"{self.name}_captured", stop=split, returns=carried),
                                        self._generate(device, name=f"{self.name}_tail", start=split, carried=carried),
@@ -290,7 +289,7 @@ class Executor:
     def steps_on(self, device: torch.device) -> tuple[Step, ...]:
         """The steps bound to put their results where the layout says, for calls on this device."""
         if device.type not in self._steps_on:
-            self._steps_on[device.type] = plan_steps(self.graph, self.layout, self.work, device.type)
+            self._steps_on[device.type] = plan_steps(self.schedule, self.graph, self.layout, self.work, device.type)
         return self._steps_on[device.type]
 
 
@@ -305,29 +304,18 @@ step's logits, an encoder's hidden states. A language model's logits over a long
 made after the graph."""
 
 
-def tail_start(steps: Sequence[Step], graph: Graph, layout: ArenaLayout | None,
-               min_bytes: int = TAIL_MIN_BYTES) -> int:
+def tail_start(schedule: Schedule, graph: Graph, min_bytes: int = TAIL_MIN_BYTES) -> int:
     """Where a captured call's graph ends: before the first step that makes the memory of an output among the
     last few steps, when those outputs hold `min_bytes` or more (outputs made inside a graph live in its memory,
     which the next replay overwrites, so the caller gets copies of those it keeps: a language model's logits
     are made after the graph, while the KV cache its layers made early is lent); else after the last step."""
-    nodes = {node.name: node for node in graph.nodes}
-    made = {name: index for index, step in enumerate(steps) for name in step.outputs}
-    over = dict(layout.reuses) if layout else {}
-    over.update((name, step.inputs[0]) for step in steps if step.node in nodes and step.inputs
-                and nodes[step.node].returns_view for name in step.outputs)
-
-    def maker(name: str) -> int:
-        while over.get(name) in made:
-            name = over[name]
-        return made[name]
-
-    late = {name: maker(name) for name in graph.outputs
-            if name in made and len(steps) - maker(name) <= MAX_TAIL_STEPS}
+    steps = len(schedule.steps)
+    late = {name: schedule.made_at(name) for name in graph.outputs
+            if name in schedule.made and steps - schedule.made_at(name) <= MAX_TAIL_STEPS}
     types = graph.types()
     if sum(types[name].storage_bytes for name in late) < min_bytes:
-        return len(steps)
-    return min(late.values(), default=len(steps))
+        return steps
+    return min(late.values(), default=steps)
 
 
 def _failing_line(error: BaseException) -> str:

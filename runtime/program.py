@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from ..errors import InputError
 from ..codegen import GroupKernel
 from ..ir import ArenaLayout, Graph, Node, TensorType
+from ..ir.schedule import Schedule
 from ..units import format_bytes, format_us
 from .executor import Executor
 
@@ -184,6 +185,7 @@ class Program:
         mutated_buffers: tuple[torch.Tensor, ...] = (),
         mutated_inputs: tuple[int, ...] = (),
         check_inputs: bool = True,
+        schedule: Schedule | None = None,
         layout: ArenaLayout | None = None,
         work: Sequence[Node | GroupKernel] | None = None,
         cuda_graphs: bool = False,
@@ -204,7 +206,7 @@ class Program:
         self.check_inputs = check_inputs
         self.executor = Executor(graph, layout, work, cuda_graphs, name=name, debug_dir=debug_dir,
                                  written_back=len(mutated_buffers) + len(mutated_inputs), updated_inputs=mutated_inputs,
-                                 captured=captured)
+                                 captured=captured, schedule=schedule)
         self.derived_from = tuple({id(source): (source, source._version) for sources in graph.derived.values()
                                    for source in sources if not source.is_inference()}.values())
         """The weights a compile-time value was made from (a padded LM head, a folded table), with their versions then.

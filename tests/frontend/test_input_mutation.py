@@ -77,6 +77,7 @@ class ReadsBefore(torch.nn.Module):
 
 
 def test_an_update_runs_in_place_only_after_every_read_of_the_old_value():
+    from ember.ir.schedule import schedule_of
     from ember.optimizer.liveness import updates_written_over
 
     with torch.no_grad():
@@ -88,7 +89,7 @@ def test_an_update_runs_in_place_only_after_every_read_of_the_old_value():
     later = [node for node in graph.nodes if node is not read]
     at = next(index for index, node in enumerate(later) if update in (v.name for v in node.outputs))
     reordered = dataclasses.replace(graph, nodes=(*later[:at + 1], read, *later[at + 1:]))
-    assert updates_written_over(reordered, {cache: update}) == {}
+    assert updates_written_over(schedule_of(reordered), reordered, {cache: update}) == {}
     cache_value, expected = torch.zeros(5, 4), torch.zeros(5, 4)
     with torch.no_grad():
         for step in range(3):

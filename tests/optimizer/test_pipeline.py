@@ -47,9 +47,46 @@ def test_every_stage_runs_in_the_order_the_pipeline_lists_and_is_timed():
     options = ember.Options()
     names = [pipeline.stage_name(stage) for stage in pipeline.stages(options)]
     assert names == [transform.__name__ for transform in pipeline.PASSES] + [
-        "fuse", "lower_kernels", "compile_kernels", "plan_memory", "decide_capture"]
+        "fuse", "schedule_steps", "lower_kernels", "compile_kernels", "plan_memory", "decide_capture"]
     program = ember.compile(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
     assert set(names) <= set(program.report.stage_seconds)
+
+
+class Chain(torch.nn.Module):
+    def forward(self, x):
+        return (torch.relu(x * 2) + 1).sum(-1), torch.sin(x).t()
+
+
+def test_the_schedule_is_worked_out_once_and_read_by_memory_planning_and_the_executor(monkeypatch):
+    """One derivation of the compiled graph's steps (and one of the captured graph's, for autograd's reference
+    steps): the arena's reuses, the executor's steps and its frees all come from that one object."""
+    import ember.ir.schedule as schedule_module
+
+    derived = []
+    steps = schedule_module._steps
+    monkeypatch.setattr(schedule_module, "_steps", lambda graph, fusion: derived.append(fusion) or steps(graph, fusion))
+    x = torch.randn(5, 7)
+    program = ember.compile(Chain(), (x,), ember.Options(fusion=True))
+    assert len(derived) == 2 and derived[0] is not None  # the fused program's, then the captured graph's
+    schedule, executor = program.executor.schedule, program.executor
+    assert [step.name for step in schedule.steps] == [step.node for step in executor.steps]
+    assert executor.layout.reuses.items() >= schedule.reused.items()
+    freed = {name: index for index, step in enumerate(executor.steps) for name in step.frees}
+    assert all(freed[name] == schedule.last_read.get(name, schedule.made[name]) for name in freed)
+    expected = Chain()(x)
+    for got, want in zip(program(x), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_steps_are_bound_only_against_their_own_schedule():
+    from ember.ir.schedule import schedule_of
+    from ember.runtime.executor import Executor
+
+    program = ember.compile(Chain(), (torch.randn(5, 7),), ember.Options(fusion=True))
+    assert program.report.fusion["groups"]
+    unfused = schedule_of(program.graph)
+    with pytest.raises(ValueError, match="not the schedule's"):
+        Executor(program.graph, work=program.executor.work, schedule=unfused)
 
 
 def test_a_new_planner_is_one_function_in_the_list(monkeypatch):

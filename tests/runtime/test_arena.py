@@ -8,7 +8,7 @@ from torch import nn
 import ember
 from ember import models
 from ember.optimizer.arena import plan_arena
-from ember.optimizer.liveness import buffers
+from ember.ir.schedule import schedule_of
 from ember.optimizer.memory_verify import verify_plan
 from ember.ir import Node, Value
 from ember.ir.types import type_of
@@ -130,7 +130,7 @@ def test_the_arena_plan_covers_every_buffer_but_outputs_and_saved_statistics():
     model, inputs = models.load("demo")
     graph = ember.compile(model, inputs).graph
     arena_plan = plan_arena(graph, verify=True)
-    all_buffers = {b.name: b for b in buffers(graph)}
+    all_buffers = {b.name: b for b in schedule_of(graph).buffers}
     assert set(arena_plan.slots) | set(arena_plan.fresh) == set(all_buffers)
     assert not set(arena_plan.slots) & set(arena_plan.fresh)
     for index, (plan, arena) in enumerate(zip(arena_plan.plans, arena_plan.layout.arenas)):

@@ -29,7 +29,7 @@ def test_a_language_model_makes_its_logits_after_the_graph(use_cache):
     model, inputs = models.load("gpt2")
     model.config.use_cache = use_cache
     program, steps = _steps(model, inputs)
-    split = tail_start(steps, program.graph, program.executor.layout, min_bytes=0)
+    split = tail_start(program.executor.schedule, program.graph, min_bytes=0)
     nodes = {node.name: node for node in program.graph.nodes}
     assert 0 < len(steps) - split <= MAX_TAIL_STEPS
     assert nodes[steps[split].node].op in ("linear", "mm", "addmm", "matmul")  # the language-model head
@@ -43,8 +43,8 @@ def test_a_language_model_makes_its_logits_after_the_graph(use_cache):
 def test_small_outputs_are_made_inside_the_graph():
     """A tiny model's logits hold far fewer bytes than the host time of steps after each replay is worth."""
     program, steps = _steps(*models.load("gpt2"))
-    assert tail_start(steps, program.graph, program.executor.layout) == len(steps)
-    assert tail_start(steps, program.graph, program.executor.layout, min_bytes=1) < len(steps)
+    assert tail_start(program.executor.schedule, program.graph) == len(steps)
+    assert tail_start(program.executor.schedule, program.graph, min_bytes=1) < len(steps)
 
 
 def test_outputs_made_early_stay_in_the_graph_and_are_copied_out():
@@ -57,7 +57,7 @@ def test_outputs_made_early_stay_in_the_graph_and_are_copied_out():
             return hidden, deep.sum(0, keepdim=True) * deep
 
     program, steps = _steps(Early(), (torch.randn(8, 8),))
-    split = tail_start(steps, program.graph, program.executor.layout, min_bytes=0)
+    split = tail_start(program.executor.schedule, program.graph, min_bytes=0)
     assert split < len(steps) and program.graph.outputs[0] in _carried(steps[:split], steps[split:], program.graph)
 
 
@@ -72,7 +72,7 @@ def test_an_output_viewing_a_result_starts_the_tail_where_that_result_is_made():
             return self.head(torch.relu(self.up(x)))[..., :20]
 
     program, steps = _steps(Sliced(), (torch.randn(4, 8),))
-    split = tail_start(steps, program.graph, program.executor.layout, min_bytes=0)
+    split = tail_start(program.executor.schedule, program.graph, min_bytes=0)
     nodes = {node.name: node for node in program.graph.nodes}
     assert nodes[steps[split].node].op == "linear" and steps[split].node != steps[0].node
     assert nodes[steps[-1].node].definition.kind == "view"

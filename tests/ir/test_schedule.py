@@ -1,4 +1,4 @@
-"""Buffer lifetimes: views share their base, outputs live to the end, the peak is hand-checked."""
+"""The schedule's buffer lifetimes: views share their base, outputs live to the end, the peak is hand-checked."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +6,8 @@ import torch
 import ember
 
 from ember.ir import Graph, Node, TensorType, Value
-from ember.optimizer.liveness import Buffer, buffers, live_bytes, peak_live_bytes, reuses
+from ember.ir.schedule import Buffer, schedule_of
+from ember.optimizer.liveness import live_bytes, peak_live_bytes
 
 
 def _v(name: str, *shape: int) -> Value:
@@ -25,11 +26,11 @@ def test_views_extend_their_base_and_outputs_live_to_the_end():
     )
     graph = Graph((x,), (), nodes, ("c", "d", "xv"))
     graph.verify()
-    assert buffers(graph) == (
+    assert schedule_of(graph).buffers == (
         Buffer("a", 128, 0, 3), Buffer("b", 128, 2, 4), Buffer("c", 128, 3, 5), Buffer("d", 128, 4, 5),
     )
-    assert live_bytes(buffers(graph), len(nodes)).tolist() == [128, 128, 256, 384, 384, 256]
-    assert peak_live_bytes(graph) == (384, 3)
+    assert live_bytes(schedule_of(graph).buffers, len(nodes)).tolist() == [128, 128, 256, 384, 384, 256]
+    assert peak_live_bytes(schedule_of(graph)) == (384, 3)
 
 
 def test_an_elementwise_result_is_written_over_an_input_that_dies_there():
@@ -45,8 +46,8 @@ def test_an_elementwise_result_is_written_over_an_input_that_dies_there():
     )
     graph = Graph((x,), (), nodes, ("e", "f"))
     graph.verify()
-    assert reuses(graph) == {"b": "a", "c": "b"}
-    assert buffers(graph) == (Buffer("a", 64, 0, 4), Buffer("d", 64, 4, 5), Buffer("e", 64, 5, 6),
+    assert schedule_of(graph).reused == {"b": "a", "c": "b"}
+    assert schedule_of(graph).buffers == (Buffer("a", 64, 0, 4), Buffer("d", 64, 4, 5), Buffer("e", 64, 5, 6),
                               Buffer("f", 4, 6, 6))
 
 
@@ -59,7 +60,7 @@ def test_nothing_is_written_over_memory_a_returned_view_keeps():
     )
     graph = Graph((x,), (), nodes, ("view", "b"))
     graph.verify()
-    assert reuses(graph) == {}
+    assert schedule_of(graph).reused == {}
 
 
 def test_an_op_whose_out_overload_copies_is_written_over_its_first_input_in_place():
@@ -78,8 +79,8 @@ def test_an_op_whose_out_overload_copies_is_written_over_its_first_input_in_plac
     graph = Graph((x, y, mask, table, ids), (), nodes, ("f",))
     graph.verify()
     assert [node.fills_given_memory for node in nodes] == [True, False, True, False, True]
-    assert reuses(graph) == {"b": "a", "c": "b"}
-    assert [buffer.name for buffer in buffers(graph)] == ["a", "e", "f"]
+    assert schedule_of(graph).reused == {"b": "a", "c": "b"}
+    assert [buffer.name for buffer in schedule_of(graph).buffers] == ["a", "e", "f"]
 
 
 def test_an_inverse_permutation_is_written_into_the_buffer_it_fills_not_a_copy_of_it():
@@ -93,9 +94,9 @@ def test_an_inverse_permutation_is_written_into_the_buffer_it_fills_not_a_copy_o
     twice = Node("twice", "mul.Scalar", ("put",), {"other": 2}, (Value("twice", TensorType((6,), torch.int64)),))
     graph = Graph((order, positions), (), (empty, put, twice), ("twice",))
     graph.verify()
-    assert reuses(graph) == {"put": "inverse"}
+    assert schedule_of(graph).reused == {"put": "inverse"}
     kept = Graph((order, positions), (), (empty, put, twice), ("twice", "inverse"))
-    assert "put" not in reuses(kept)
+    assert "put" not in schedule_of(kept).reused
     with torch.inference_mode():
         program = ember.compile(_InversePermutation(), (torch.randperm(6),))
         order = torch.randperm(6)
@@ -125,4 +126,4 @@ def test_an_extern_op_returning_a_view_extends_its_base():
     )
     graph = Graph((x,), (), nodes, ("m", "r"))
     graph.verify()
-    assert Buffer("s", 128, 0, 3) in buffers(graph)
+    assert Buffer("s", 128, 0, 3) in schedule_of(graph).buffers
