@@ -2,6 +2,7 @@
 
     fast = torch.compile(model, backend="ember")      # as a torch.compile backend
     program = ember.compile(model, example_inputs)    # offline
+    program.save("out/model"); ember.load("out/model") # saved, and loaded without optimizing again
 
 The names that need torch load on first use, so `import ember` (and `ember --help`) stays light.
 """
@@ -9,7 +10,7 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from .errors import ArtifactError, CompileError, EmberError, InputError, PlanError
+from .errors import ArtifactError, CompileError, EmberError, ExportError, InputError, PlanError
 from .options import Options
 
 try:
@@ -17,12 +18,12 @@ try:
 except PackageNotFoundError:
     __version__ = "0.0.0+unknown"
 
-_LAZY = {"compile": ".api", "inspect": ".api", "CompileReport": ".runtime", "Program": ".runtime"}
+_LAZY = {"compile": ".api", "inspect": ".api", "load": ".api", "CompileReport": ".runtime", "Program": ".runtime"}
 """Public names defined in modules that import torch: name -> module, imported when first asked for."""
 
 __all__ = [
-    "ArtifactError", "CompileError", "CompileReport", "EmberError", "InputError", "Options", "PlanError", "Program",
-    "compile", "inspect", "__version__",
+    "ArtifactError", "CompileError", "CompileReport", "EmberError", "ExportError", "InputError", "Options", "PlanError", "Program",
+    "compile", "inspect", "load", "__version__",
 ]
 
 

@@ -1,15 +1,18 @@
-"""ember.compile: capture a model, run the pass pipeline with the verifier between stages, build a Program."""
+"""ember.compile: capture a model, run the pass pipeline with the verifier between stages, build a Program;
+ember.inspect: the plan compile would build; ember.load: a saved Program."""
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .frontend import from_module
-from .frontend.export import ResultBuilder
+from .frontend.export import normalize_inputs
+from .results import ResultBuilder
 from .ir import Graph
 from .optimizer.cost import DeviceProfile, load_profile
 from .optimizer.fusion import fusion_summary
@@ -19,6 +22,7 @@ from .optimizer.pipeline import (Compilation, Target, checkpoint, decide_target,
 from .options import Options
 from .progress import task
 from .runtime import Program
+from .runtime.artifact import load_program
 from .runtime.program import coverage_report
 
 log = logging.getLogger(__name__)
@@ -29,7 +33,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, options: Options | Mapp
     options = _as_options(options)
     captured = from_module(model, example_inputs)
     checkpoint(captured.graph, "lower", options, index=0)
-    return compile_graph(
+    program = compile_graph(
         captured.graph,
         options,
         stage_seconds=captured.stage_seconds,
@@ -43,6 +47,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, options: Options | Mapp
         mutated_inputs=captured.mutated_inputs,
         name=type(model).__name__,
     )
+    args, kwargs = normalize_inputs(example_inputs)
+    program.sample_inputs = program.tensor_inputs(*args, **kwargs)
+    return program
 
 
 def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str, float] | None = None, **program_args: Any) -> Program:
@@ -55,8 +62,8 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     arena, fusion = compilation.arena, compilation.fusion
     report = coverage_report(compilation.graph, compilation.seconds, arena.summary() if arena else None,
                              fusion_summary(fusion), compilation.capture, compilation.changes, compilation.decisions)
-    program = Program(compilation.graph, report, schedule=compilation.schedule, layout=arena.layout if arena else None,
-                      work=compilation.work, cuda_graphs=compilation.capture["capture"], check_inputs=options.check_inputs,
+    program = Program(compilation.graph, report, schedule=compilation.schedule, fusion=compilation.fusion,
+                      layout=arena.layout if arena else None, work=compilation.work, cuda_graphs=compilation.capture["capture"], check_inputs=options.check_inputs,
                       debug_dir=options.debug_dir, captured=graph, **program_args)
     program.executor.prepare(compilation.target.device or torch.device("cpu"))
     program.report.stage_seconds["build"] = time.perf_counter() - started
@@ -98,6 +105,13 @@ def inspect(
                       planning_stages(options))
     with task(f"pricing {len(compilation.graph.nodes)} nodes on {profile.name}"):
         return build_report(compilation, model=type(model).__name__)
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> Program:
+    """The program `Program.save` (or `ember export`) wrote to the directory `path`, rebuilt from its saved plans
+    without capturing or optimizing again; its weights on `device` (default: the kind it was built for). Every
+    file is checked against the manifest's sha256 first: ArtifactError names a missing or changed one."""
+    return load_program(path, device)
 
 
 def _as_options(options: Options | Mapping[str, Any] | None) -> Options:

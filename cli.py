@@ -1,4 +1,4 @@
-"""The `ember` command line: demo, inspect, optimize, calibrate.
+"""The `ember` command line: demo, inspect, optimize, calibrate; export, load, verify and run saved programs.
 
 Only the standard library and argparse load before a command is chosen, so `ember --help` and `--version`
 answer at once; every failure prints one line (what went wrong, what to do) unless `--debug` asks for the
@@ -84,6 +84,25 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--json", action="store_true", help="print the memory summary as JSON")
     optimize.add_argument("--plot-memory", metavar="PNG", help="write live memory over time and the arena plan (needs matplotlib)")
     optimize.add_argument("--out", metavar="DIR", help="write the optimized IR (graph.ir.txt) and the plan (memory_plan.json)")
+    export = commands.add_parser("export", help="compile a model and save the program (and ONNX), verified")
+    export.add_argument("model", help=MODEL_HELP)
+    export.add_argument("--out", metavar="DIR", required=True, help="directory to write the program to")
+    export.add_argument("--onnx", metavar="FILE", help="also write the optimized graph as ONNX, verified in onnxruntime")
+    export.add_argument("--size", choices=SIZES, default="tiny", help="built-in model size (default: tiny)")
+    export.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    load = commands.add_parser("load", help="load a saved program and describe it")
+    load.add_argument("path", metavar="DIR", help="a directory `ember export` or Program.save wrote")
+    load.add_argument("--device", default=None, help="where to load it (default: the kind it was built for)")
+    verify = commands.add_parser("verify", help="run a saved program on its saved sample and compare the outputs")
+    verify.add_argument("path", metavar="DIR", help="a directory `ember export` or Program.save wrote")
+    verify.add_argument("--device", default=None, help="where to load it (default: the kind it was built for)")
+    run = commands.add_parser("run", help="run a saved program on inputs from a safetensors file")
+    run.add_argument("path", metavar="DIR", help="a directory `ember export` or Program.save wrote")
+    run.add_argument("--inputs", metavar="FILE", required=True,
+                     help="safetensors with the tensor inputs in graph order as input.0, input.1, ...")
+    run.add_argument("--out", metavar="FILE", help="where to write the outputs, as output.0, output.1, ... "
+                     "(default: outputs.safetensors beside the inputs)")
+    run.add_argument("--device", default=None, help="where to load it (default: the kind it was built for)")
     calibrate = commands.add_parser("calibrate", help="measure this device's ceilings and save them as a profile")
     calibrate.add_argument("--out", help="where to write the profile JSON (default: the user cache directory)")
     calibrate.add_argument("--name", help="profile name (default: from the device name)")
@@ -350,8 +369,118 @@ def _print_demo(result: dict, report: Any) -> None:
     console.print(verdict)
 
 
+def run_export(args: argparse.Namespace) -> int:
+    """Compile the model on the device, save the program, load it back and check it on its sample; with --onnx,
+    write and verify the ONNX model too. Prints what it wrote and the checks."""
+    import torch
+    from rich.console import Console
+
+    from .api import compile as ember_compile
+    from .runtime.artifact import verify_program
+
+    device = _device(args.device)
+    torch.manual_seed(0)
+    model, inputs = _load(args.model, args.size)
+    model = model.to(device).eval()
+    inputs = tuple(value.to(device) if isinstance(value, torch.Tensor) else value for value in inputs)
+    with torch.no_grad():
+        program = ember_compile(model, inputs)
+    directory = program.save(args.out)
+    console = Console()
+    console.print(f"saved [cyan]{args.model}[/] ({type(model).__name__}) compiled on {device} to {directory}")
+    _print_files(console, directory)
+    _, checks = verify_program(directory, device)
+    passed = _print_checks(console, checks)
+    if args.onnx:
+        from .codegen.onnx import export_onnx, verify_onnx
+
+        written = export_onnx(program.graph, args.onnx)
+        with torch.no_grad():
+            expected = program.run([tensor.clone() for tensor in program.sample_inputs])
+        result = verify_onnx(args.onnx, program.sample_inputs, expected,
+                             language_model=args.model in LANGUAGE_MODELS)
+        console.print(f"ONNX: {written}")
+        console.print(f"onnxruntime (CPU) against ember: {result}")
+    return 0 if passed else 1
+
+
+LANGUAGE_MODELS = ("gpt2", "llama", "llama_b1", "mixtral")
+"""Built-ins whose first output is a language model's logits (ONNX verification also checks their argmax)."""
+
+
+def run_load(args: argparse.Namespace) -> int:
+    """Load a saved program and print what it is: versions, device, and its compile report."""
+    from rich.console import Console
+
+    from .api import load
+    from .runtime.artifact import read_manifest
+
+    program = load(args.path, args.device)
+    manifest = read_manifest(Path(args.path))
+    console = Console()
+    built = manifest["device"]
+    console.print(f"[cyan]{program.executor.name}[/] from {args.path}: saved by ember {manifest['ember']} "
+                  f"(torch {manifest['torch']}, triton {manifest['triton']}) for {built.get('name', built['type'])}; "
+                  f"loaded in {program.report.stage_seconds['load']:.2f} s")
+    console.print(program.report)
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Run the saved sample and compare each output with the saved one, within its dtype's tolerance."""
+    from rich.console import Console
+
+    from .runtime.artifact import verify_program
+
+    _, checks = verify_program(args.path, args.device)
+    return 0 if _print_checks(Console(), checks) else 1
+
+
+def run_saved(args: argparse.Namespace) -> int:
+    """Run a saved program on the tensors of a safetensors file (input.0, input.1, ...) and write its outputs."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from .api import load
+    from .errors import InputError
+
+    program = load(args.path, args.device)
+    given = load_file(args.inputs)
+    names = [f"input.{i}" for i in range(len(program.graph.inputs))]
+    missing = [name for name in names if name not in given]
+    if missing or len(given) != len(names):
+        raise InputError(f"{args.inputs}: expected tensors {', '.join(names)}, found {', '.join(sorted(given))}")
+    inputs = [given[name].to(sample.device) for name, sample in zip(names, program.sample_inputs)]
+    with torch.no_grad():
+        outputs = program.run(inputs)
+    out = Path(args.out) if args.out else Path(args.inputs).with_name("outputs.safetensors")
+    save_file({f"output.{i}": tensor.detach().cpu().contiguous() for i, tensor in enumerate(outputs)}, out)
+    print(f"wrote {len(outputs)} output(s) to {out}")
+    return 0
+
+
+def _print_files(console: Any, directory: Path) -> None:
+    from .units import format_bytes
+
+    for file in sorted(path for path in directory.rglob("*") if path.is_file()):
+        console.print(f"  {file.relative_to(directory)}  {format_bytes(file.stat().st_size)}")
+
+
+def _print_checks(console: Any, checks: Sequence[Any]) -> bool:
+    """A line per output of a saved program checked against its sample; whether all passed."""
+    for check in checks:
+        mark = "[green]ok[/]" if check.ok else "[bold red]FAIL[/]"
+        console.print(f"  output {check.output} {check.dtype}{list(check.shape)}: max |error| {check.max_error:.3g} "
+                      f"(allowed {check.tolerance:.3g}) {mark}")
+    passed = all(check.ok for check in checks)
+    console.print("[bold green]PASS[/]: the loaded program reproduces its saved outputs" if passed
+                  else "[bold red]FAIL[/]: the loaded program's outputs differ from the saved ones")
+    return passed
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": run_demo, "inspect": run_inspect, "optimize": run_optimize, "calibrate": run_calibrate,
+    "export": run_export, "load": run_load, "verify": run_verify, "run": run_saved,
 }
 
 

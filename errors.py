@@ -19,3 +19,7 @@ class PlanError(EmberError):
 
 class ArtifactError(EmberError):
     """A saved program is missing, corrupt, or from an incompatible version."""
+
+
+class ExportError(EmberError):
+    """A program could not be written in another format (ONNX): an op it cannot express, or a failed check."""

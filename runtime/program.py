@@ -8,6 +8,7 @@ import io
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils import _pytree as pytree
 from ..errors import InputError
 from ..codegen import GroupKernel
 from ..ir import ArenaLayout, Graph, Node, TensorType
+from ..ir.plans import FusionPlan
 from ..ir.schedule import Schedule
 from ..units import format_bytes, format_us
 from .executor import Executor
@@ -186,6 +188,7 @@ class Program:
         mutated_inputs: tuple[int, ...] = (),
         check_inputs: bool = True,
         schedule: Schedule | None = None,
+        fusion: FusionPlan | None = None,
         layout: ArenaLayout | None = None,
         work: Sequence[Node | GroupKernel] | None = None,
         cuda_graphs: bool = False,
@@ -204,6 +207,10 @@ class Program:
         self.mutated_buffers = mutated_buffers
         self.mutated_inputs = mutated_inputs
         self.check_inputs = check_inputs
+        self.fusion = fusion
+        self.sample_inputs: list[torch.Tensor] | None = None
+        """The tensor inputs of the example the program was compiled for (graph order): `save` keeps them, with the
+        outputs they give, as the artifact's sample."""
         self.executor = Executor(graph, layout, work, cuda_graphs, name=name, debug_dir=debug_dir,
                                  written_back=len(mutated_buffers) + len(mutated_inputs), updated_inputs=mutated_inputs,
                                  captured=captured, schedule=schedule)
@@ -212,7 +219,19 @@ class Program:
         """The weights a compile-time value was made from (a padded LM head, a folded table), with their versions then.
         Inference tensors keep no version and are left out (outside inference mode they cannot be updated in place)."""
 
+    def save(self, path: str | Path, sample_inputs: Sequence[torch.Tensor] | None = None) -> Path:
+        """Write the program to the directory `path`, for `ember.load` (see runtime/artifact.py); its sample is
+        `sample_inputs` (tensor inputs in graph order), by default the example it was compiled for."""
+        from .artifact import save_program  # artifact builds Programs: it imports this module
+
+        return save_program(self, path, sample_inputs)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = self.tensor_inputs(*args, **kwargs)
+        return self.finish(self.run(tensors), tensors)
+
+    def tensor_inputs(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        """A call's tensor inputs in graph order, its structure and non-tensor inputs checked against the compiled ones."""
         if self.arg_count is not None and (len(args) != self.arg_count or set(kwargs) != set(self.kwarg_names)):
             raise InputError(
                 f"expected {self.arg_count} positional argument(s) and keywords ({', '.join(self.kwarg_names)}), "
@@ -222,8 +241,7 @@ class Program:
         flat, spec = pytree.tree_flatten((args, kwargs))
         if self.in_spec is not None and spec != self.in_spec:
             raise InputError(f"expected (args, kwargs) shaped like {_shape_of(self.in_spec)}, got {_shape_of(spec)}")
-        tensors = self._tensor_inputs(flat)
-        return self.finish(self.run(tensors), tensors)
+        return self._tensor_inputs(flat)
 
     def finish(self, outputs: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Any:
         """The call's result from the run's flat outputs: buffers and `inputs` (the call's tensor inputs) the model

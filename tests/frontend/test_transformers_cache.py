@@ -161,7 +161,7 @@ def test_a_cache_without_layers_is_rebuilt_by_transformers_itself():
     """Older transformers keep a DynamicCache's tensors in lists, not layers: no template, transformers rebuilds it."""
     from types import SimpleNamespace
 
-    from ember.frontend.export import _cache_template
+    from ember.results import _cache_template
 
     keys, values = [torch.randn(1, 2, 3, 4)], [torch.randn(1, 2, 3, 4)]
     built = SimpleNamespace(key_cache=keys, value_cache=values)
