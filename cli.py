@@ -443,6 +443,7 @@ def run_saved(args: argparse.Namespace) -> int:
 
     from .api import load
     from .errors import InputError
+    from .runtime.artifact import place_inputs
 
     program = load(args.path, args.device)
     given = load_file(args.inputs)
@@ -450,7 +451,7 @@ def run_saved(args: argparse.Namespace) -> int:
     missing = [name for name in names if name not in given]
     if missing or len(given) != len(names):
         raise InputError(f"{args.inputs}: expected tensors {', '.join(names)}, found {', '.join(sorted(given))}")
-    inputs = [given[name].to(sample.device) for name, sample in zip(names, program.sample_inputs)]
+    inputs = place_inputs(program, [given[name] for name in names])
     with torch.no_grad():
         outputs = program.run(inputs)
     out = Path(args.out) if args.out else Path(args.inputs).with_name("outputs.safetensors")

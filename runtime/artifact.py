@@ -14,16 +14,19 @@ import hashlib
 import importlib.util
 import json
 import logging
+import mmap
+import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils import _pytree as pytree
 
@@ -47,6 +50,9 @@ PROGRAM = "program.json"
 WEIGHTS = "weights.safetensors"
 SAMPLES = "samples.safetensors"
 KERNELS = "kernels"
+BLOCK_BYTES = 64 << 20
+"""Files are checked in blocks of this many bytes, each with its own sha256, so that a load checks them on every
+core (the manifest keeps each file's whole sha256 too, for `sha256sum`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +125,7 @@ def load_program(path: str | Path, device: str | torch.device | None = None) -> 
     started = time.perf_counter()
     directory = Path(path)
     manifest = read_manifest(directory)
+    check_files(directory, manifest, [name for name in manifest["files"] if name != SAMPLES])
     target = _load_device(manifest, device)
     description = _read_json(directory, PROGRAM)
     try:
@@ -147,15 +154,15 @@ def load_program(path: str | Path, device: str | torch.device | None = None) -> 
                       arg_count=description["arg_count"], kwarg_names=tuple(description["kwarg_names"]),
                       constant_inputs=constant_inputs, mutated_buffers=mutated_buffers,
                       mutated_inputs=tuple(description["mutated_inputs"]))
-    program.sample_inputs = load_samples(directory, program, target)[0]
     program.executor.prepare(target)
     program.report.stage_seconds["load"] = time.perf_counter() - started
     return program
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """The manifest, after checking it and every file it lists: ArtifactError naming what is missing or changed,
-    or a schema newer than this ember reads."""
+    """The manifest, checked (its own checksum, format and schema) and every file it lists present: ArtifactError
+    naming what is missing or changed, or a schema newer than this ember reads. `check_files` checks the files'
+    contents (load, every file it reads; verify, the sample)."""
     if not (directory / MANIFEST).is_file():
         raise ArtifactError(f"{directory}: no {MANIFEST}; not a saved ember program (save one with "
                             "program.save(path) or `ember export`)")
@@ -172,35 +179,54 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     for name in (PROGRAM, WEIGHTS, SAMPLES):
         if name not in manifest["files"]:
             raise ArtifactError(f"{directory / MANIFEST}: lists no {name}")
-    for name, expected in manifest["files"].items():
-        file = directory / name
-        if not file.is_file():
-            raise ArtifactError(f"{file}: missing (the manifest lists it)")
-        actual = _file_digest(file)
-        if actual != expected["sha256"]:
-            raise ArtifactError(f"{file}: sha256 {actual} is not the {expected['sha256']} the manifest records "
-                                f"({file.stat().st_size} bytes against {expected['bytes']}): the file was changed")
+    for name in manifest["files"]:
+        if not (directory / name).is_file():
+            raise ArtifactError(f"{directory / name}: missing (the manifest lists it)")
     return manifest
 
 
-def load_samples(directory: Path, program: Program, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The saved sample's inputs (on the devices the graph's inputs live on) and outputs (on the CPU)."""
+def check_files(directory: Path, manifest: Mapping[str, Any], names: Sequence[str]) -> None:
+    """Check the files `names` against the manifest's checksums, a block at a time on every core: ArtifactError
+    naming the file, the bytes and the checksum that failed."""
+    for name in names:
+        file, expected = directory / name, manifest["files"][name]
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise ArtifactError(f"{file}: {size} bytes, not the {expected['bytes']} the manifest records: the file "
+                                "was changed or cut short")
+        block = expected["block_bytes"]
+        for index, (actual, recorded) in enumerate(zip(_block_digests(file, block), expected["blocks"])):
+            if actual != recorded:
+                raise ArtifactError(f"{file}: bytes {index * block}–{min((index + 1) * block, size) - 1} have sha256 "
+                                    f"{actual}, not the {recorded} the manifest records: the file was changed")
+    return manifest
+
+
+def load_samples(directory: Path, program: Program) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The saved sample's inputs (on the devices the program reads them on) and outputs (on the CPU)."""
     try:
         tensors = load_file(directory / SAMPLES)
     except SafetensorError as error:
         raise ArtifactError(f"{directory / SAMPLES}: not a safetensors file ({error})") from error
     inputs = [tensors[f"input.{i}"] for i in range(len(program.graph.inputs))]
     outputs = [tensors[f"output.{i}"] for i in range(len(program.graph.outputs))]
-    inputs = [tensor.to(device if value.type.device == "cuda" else "cpu")
-              for tensor, value in zip(inputs, program.graph.inputs)]
-    return inputs, outputs
+    return place_inputs(program, inputs), outputs
+
+
+def place_inputs(program: Program, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors` (a call's tensor inputs in graph order) each on the device the program reads that input on."""
+    device = _program_device(program)
+    return [tensor.to(device if value.type.device == "cuda" else "cpu")
+            for tensor, value in zip(tensors, program.graph.inputs)]
 
 
 def verify_program(path: str | Path, device: str | torch.device | None = None) -> tuple[Program, list[SampleCheck]]:
     """Load the program at `path`, run its saved sample inputs and compare with the saved outputs, each within its
-    dtype's tolerance (exact for integers and bools)."""
+    dtype's tolerance (exact for integers and bools). The loaded program keeps the sample as its own."""
     program = load_program(path, device)
-    inputs, expected = load_samples(Path(path), program, _program_device(program))
+    check_files(Path(path), read_manifest(Path(path)), [SAMPLES])
+    inputs, expected = load_samples(Path(path), program)
+    program.sample_inputs = inputs
     with torch.no_grad():
         actual = program.run([tensor.clone() for tensor in inputs])
     checks = []
@@ -252,8 +278,12 @@ def _buffer_name(buffer: torch.Tensor, graph: Graph, index: int) -> str:
 def _load_weights(directory: Path, described: Mapping[str, Any], params: Mapping[str, Any],
                   device: torch.device) -> dict[str, torch.Tensor]:
     """name -> tensor, each checked against its IR type (shape and dtype) and laid out at its saved strides."""
+    on_device = {how["key"] for how in described.values() if how["device"] == "cuda"}
     try:
         saved = load_file(directory / WEIGHTS)
+        if on_device and device.type == "cuda":  # read from the mapped file straight into the GPU's memory
+            with safe_open(directory / WEIGHTS, framework="pt", device=str(device)) as file:
+                saved.update((key, file.get_tensor(key)) for key in on_device)
     except SafetensorError as error:
         raise ArtifactError(f"{directory / WEIGHTS}: not a safetensors file ({error})") from error
     missing = sorted(set(params) - set(described))
@@ -366,7 +396,8 @@ def _write_manifest(directory: Path, files: Sequence[str], device: Mapping[str, 
         "torch": torch.__version__,
         "triton": _installed("triton"),
         "device": dict(device),
-        "files": {name: {"sha256": _file_digest(directory / name), "bytes": (directory / name).stat().st_size}
+        "files": {name: {"sha256": _file_digest(directory / name), "bytes": (directory / name).stat().st_size,
+                         "block_bytes": BLOCK_BYTES, "blocks": _block_digests(directory / name, BLOCK_BYTES)}
                   for name in files},
     }
     (directory / MANIFEST).write_text(json.dumps({**body, "checksum": _digest(_canonical(body))}, indent=1) + "\n")
@@ -388,6 +419,21 @@ def _canonical(data: Any) -> bytes:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _block_digests(path: Path, block_bytes: int) -> list[str]:
+    """The sha256 of each `block_bytes` of the file, hashed on every core (hashlib lets go of the GIL)."""
+    size = path.stat().st_size
+    if size == 0:
+        return []
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        view = memoryview(data)
+        try:
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                return list(pool.map(lambda start: hashlib.sha256(view[start:start + block_bytes]).hexdigest(),
+                                     range(0, size, block_bytes)))
+        finally:
+            view.release()
 
 
 def _file_digest(path: Path) -> str:

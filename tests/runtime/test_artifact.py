@@ -108,6 +108,7 @@ def _copy_tree(source, target):
 @pytest.mark.parametrize("file", [artifact.MANIFEST, artifact.PROGRAM, artifact.WEIGHTS, artifact.SAMPLES])
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
 def test_a_flipped_byte_in_any_file_is_refused_naming_the_file(saved_gpt2, tmp_path, file, where):
+    """Each file is checked before it is read, a block at a time: the error names the file and the bytes."""
     _, _, directory = saved_gpt2
     copy = tmp_path / "copy"
     _copy_tree(directory, copy)
@@ -115,7 +116,10 @@ def test_a_flipped_byte_in_any_file_is_refused_naming_the_file(saved_gpt2, tmp_p
     data[int(len(data) * where)] ^= 0x01
     (copy / file).write_bytes(bytes(data))
     with pytest.raises(ember.ArtifactError, match=file.replace(".", r"\.")):
-        ember.load(copy)
+        if file == artifact.SAMPLES:  # read by verify only: loading does not read it
+            artifact.verify_program(copy)
+        else:
+            ember.load(copy)
 
 
 def test_a_changed_kernel_source_is_refused(tmp_path):
@@ -133,7 +137,7 @@ def test_a_truncated_or_missing_file_is_refused(saved_gpt2, tmp_path):
     _copy_tree(directory, truncated)
     weights = truncated / artifact.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ember.ArtifactError, match=r"weights\.safetensors: sha256 .* \(1000 bytes against"):
+    with pytest.raises(ember.ArtifactError, match=r"weights\.safetensors: 1000 bytes, not the \d+ the manifest records"):
         ember.load(truncated)
     missing = tmp_path / "missing"
     _copy_tree(directory, missing)
