@@ -30,10 +30,13 @@ from common import environment, write_results
 FRESH_LOAD = """
 import sys, time
 started = time.perf_counter()
+from pathlib import Path
 import torch, ember
+from ember.runtime.artifact import load_samples
 program = ember.load(sys.argv[1])
+inputs, _ = load_samples(Path(sys.argv[1]), program)
 with torch.no_grad():
-    outputs = program.run([tensor.clone() for tensor in program.sample_inputs])
+    outputs = program.run(inputs)
 if torch.cuda.is_available():
     torch.cuda.synchronize()
 print(time.perf_counter() - started)
