@@ -392,19 +392,23 @@ def run_export(args: argparse.Namespace) -> int:
     _, checks = verify_program(directory, device)
     passed = _print_checks(console, checks)
     if args.onnx:
-        from .codegen.onnx import export_onnx, verify_onnx
+        from .codegen.onnx import export_onnx
+        from .codegen.onnx_verify import verify_onnx
+        from .units import format_bytes
 
         written = export_onnx(program.graph, args.onnx)
         with torch.no_grad():
             expected = program.run([tensor.clone() for tensor in program.sample_inputs])
         result = verify_onnx(args.onnx, program.sample_inputs, expected,
                              language_model=args.model in LANGUAGE_MODELS)
-        console.print(f"ONNX: {written}")
-        console.print(f"onnxruntime (CPU) against ember: {result}")
+        console.print(f"ONNX: {written.path} ({written.node_count} nodes, opset {written.opset}, "
+                      f"{format_bytes(written.model_bytes)}"
+                      f"{f', weights in {written.data_path.name}' if written.data_path else ''})", soft_wrap=True)
+        console.print("onnxruntime (CPU) against ember:\n" + result.summary(), soft_wrap=True)
     return 0 if passed else 1
 
 
-LANGUAGE_MODELS = ("gpt2", "llama", "llama_b1", "mixtral")
+LANGUAGE_MODELS = ("demo", "gpt2", "llama", "llama_b1", "mixtral")
 """Built-ins whose first output is a language model's logits (ONNX verification also checks their argmax)."""
 
 
@@ -421,7 +425,7 @@ def run_load(args: argparse.Namespace) -> int:
     built = manifest["device"]
     console.print(f"[cyan]{program.executor.name}[/] from {args.path}: saved by ember {manifest['ember']} "
                   f"(torch {manifest['torch']}, triton {manifest['triton']}) for {built.get('name', built['type'])}; "
-                  f"loaded in {program.report.stage_seconds['load']:.2f} s")
+                  f"loaded in {program.report.stage_seconds['load']:.2f} s", soft_wrap=True)
     console.print(program.report)
     return 0
 
