@@ -3,6 +3,7 @@
     fast = torch.compile(model, backend="ember")      # as a torch.compile backend
     program = ember.compile(model, example_inputs)    # offline
     program.save("out/model"); ember.load("out/model") # saved, and loaded without optimizing again
+    plan = ember.plan_skip(model, calibration, budget=0.05)  # sublayers to remove; Options(layer_skip=plan)
 
 The names that need torch load on first use, so `import ember` (and `ember --help`) stays light.
 """
@@ -18,12 +19,13 @@ try:
 except PackageNotFoundError:
     __version__ = "0.0.0+unknown"
 
-_LAZY = {"compile": ".api", "inspect": ".api", "load": ".api", "CompileReport": ".runtime", "Program": ".runtime"}
+_LAZY = {"compile": ".api", "inspect": ".api", "load": ".api", "plan_skip": ".api", "CompileReport": ".runtime",
+         "Program": ".runtime", "LayerSkip": ".optimizer.skip_search", "SkipPlan": ".optimizer.skip_search"}
 """Public names defined in modules that import torch: name -> module, imported when first asked for."""
 
 __all__ = [
-    "ArtifactError", "CompileError", "CompileReport", "EmberError", "ExportError", "InputError", "Options", "PlanError", "Program",
-    "compile", "inspect", "load", "__version__",
+    "ArtifactError", "CompileError", "CompileReport", "EmberError", "ExportError", "InputError", "LayerSkip", "Options",
+    "PlanError", "Program", "SkipPlan", "compile", "inspect", "load", "plan_skip", "__version__",
 ]
 
 

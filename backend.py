@@ -27,6 +27,7 @@ from .errors import CompileError
 from .frontend.decompositions import ember_decompositions
 from .frontend.lower import SymbolicShapeError, lower_fx
 from .optimizer.pipeline import checkpoint
+from .optimizer.skip_search import SkipPlan
 from .options import Options
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ def ember_backend(
 ) -> Callable[..., Any]:
     """torch.compile backend: `torch.compile(model, backend="ember", options={...})`."""
     opts = Options.from_mapping(options, mode=mode)
+    if opts.layer_skip is not None and not isinstance(opts.layer_skip, SkipPlan):
+        raise CompileError("Options.layer_skip asks for a plan to be chosen, which needs the model: for torch.compile, "
+                           "choose one first (ember.plan_skip or `ember skip --json`) and pass the plan")
     if not _records_grad(example_inputs):
         try:
             return ExportedRunner(gm, list(example_inputs), opts)
@@ -201,6 +205,8 @@ def compile_forward(fx_gm: fx.GraphModule, options: Options,
     except SymbolicShapeError:
         return _ShapeSpecialized(fx_gm, options, tuple(static))
     except CompileError as error:
+        if options.layer_skip is not None:  # eager would run the whole model: not what was asked for
+            raise CompileError(f"layer skipping was asked for, and this graph cannot be compiled: {error}") from error
         _warn_once(f"ember could not compile a graph and runs it eagerly: {error}")
         return make_boxed_func(fx_gm)
     return runner

@@ -35,6 +35,10 @@ class Options:
     mode: torch.compile's mode, meaning for CUDA graphs what it means for Inductor: "reduce-overhead" and
         "max-autotune" capture, "max-autotune-no-cudagraphs" does not, "default" leaves it to the cost model;
         `cuda_graphs`, when set, wins. The report's capture decision says which decided.
+    layer_skip: residual sublayers to remove (numerics change: off unless asked). A SkipPlan (from
+        `ember.plan_skip` or `ember skip --json`; also as its dict or the path of its JSON) is applied as it is;
+        a LayerSkip (a budget and calibration calls) has ember.compile choose one first. See
+        optimizer/skip_search.py.
     """
 
     verify: bool = True
@@ -47,10 +51,15 @@ class Options:
     fusion: bool | None = None
     cuda_graphs: bool | None = None
     mode: str = "default"
+    layer_skip: Any = None
 
     def __post_init__(self) -> None:
         if self.mode not in COMPILE_MODES:
             raise CompileError(f"unknown mode {self.mode!r}; expected one of {', '.join(COMPILE_MODES)}")
+        if self.layer_skip is not None:
+            from .optimizer.skip_search import as_layer_skip
+
+            object.__setattr__(self, "layer_skip", as_layer_skip(self.layer_skip))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None, **extra: Any) -> Options:

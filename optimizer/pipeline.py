@@ -39,9 +39,11 @@ from .fold import fold_constants
 from .fusion import FusionPlan, plan_fusion
 from .fusion_verify import verify_fusion
 from .joins import join_vector_products
+from .layer_skip import apply_skip
 from .layout import pad_linear_features
 from .ranges import cover_grouped_rows, drop_decided_masks, offsets_by_search
 from .reorder import reorder_for_memory
+from .skip_search import SkipPlan
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,9 @@ class Compilation:
     attributes); passes that changed nothing are absent."""
     decisions: dict[str, list[str]] = field(default_factory=dict)
     """Graph pass -> the decisions it recorded, with the numbers behind them (optimizer.decisions)."""
+    skipped: Graph | None = None
+    """The model as a skip plan leaves it (the captured graph with sublayers removed), before any other pass:
+    what a call autograd records runs. None without layer skipping."""
 
     @property
     def cost(self) -> CostModel:
@@ -149,6 +154,22 @@ class GraphPass:
 
     def __call__(self, compilation: Compilation) -> Compilation:
         return dataclasses.replace(compilation, graph=self.transform(compilation.graph))
+
+
+@dataclass(frozen=True, slots=True)
+class SkipLayers:
+    """Layer skipping as a stage, first of all: the plan in Options.layer_skip applied to the captured graph."""
+
+    name = "skip_layers"
+
+    def __call__(self, compilation: Compilation) -> Compilation:
+        plan = compilation.options.layer_skip
+        if not isinstance(plan, SkipPlan):
+            raise CompileError("Options.layer_skip asks for a plan to be chosen, which needs the model: ember.compile "
+                               "does that; for torch.compile, choose one first (ember.plan_skip or `ember skip "
+                               "--json`) and pass the plan")
+        graph = apply_skip(compilation.graph, plan.removed, plan.sublayers)
+        return dataclasses.replace(compilation, graph=graph, skipped=graph)
 
 
 def fuse(compilation: Compilation) -> Compilation:
@@ -240,8 +261,9 @@ def fuses(compilation: Compilation) -> bool:
 
 
 def pass_stages(options: Options) -> tuple[Stage, ...]:
-    """The graph passes as stages (the memory reorder last when asked for)."""
-    return tuple(GraphPass(transform) for transform in PASSES + (REORDER if options.reorder else ()))
+    """The graph passes as stages: layer skipping first when asked for, the memory reorder last when asked for."""
+    skip = (SkipLayers(),) if options.layer_skip is not None else ()
+    return skip + tuple(GraphPass(transform) for transform in PASSES + (REORDER if options.reorder else ()))
 
 
 def stages(options: Options) -> tuple[Stage, ...]:
@@ -268,7 +290,7 @@ def run(compilation: Compilation, to_run: Sequence[Stage]) -> Compilation:
             compilation.seconds[name] = time.perf_counter() - started
             if decisions:
                 compilation.decisions[name] = decisions
-            if isinstance(stage, GraphPass):
+            if isinstance(stage, (GraphPass, SkipLayers)):
                 checkpoint(compilation.graph, name, compilation.options, index=index,
                            changed=compilation.graph is not before)
                 changes = graph_changes(before, compilation.graph)
@@ -295,7 +317,7 @@ def graph_changes(before: Graph, after: Graph) -> dict[str, dict[str, int]]:
 
 
 def stage_name(stage: Stage) -> str:
-    return stage.name if isinstance(stage, GraphPass) else stage.__name__
+    return stage.name if isinstance(stage, (GraphPass, SkipLayers)) else stage.__name__
 
 
 def checkpoint(graph: Graph, stage: str, options: Options, *, index: int, changed: bool = True) -> None:

@@ -46,6 +46,9 @@ class CompileReport:
     """Graph pass -> the nodes it removed, added and rewritten, by op (pipeline.graph_changes)."""
     pass_decisions: Mapping[str, Sequence[str]] = field(default_factory=dict)
     """Graph pass -> why it changed what it did, with the numbers behind it (optimizer.decisions)."""
+    layer_skip: Mapping[str, Any] = field(default_factory=dict)
+    """The skip plan applied (SkipPlan.to_dict: what was removed, the budget, calibration and held-out numbers);
+    empty without layer skipping."""
 
     def __rich__(self) -> Group:
         return render_compile_report(self)
@@ -79,6 +82,8 @@ def render_compile_report(report: CompileReport) -> Group:
     for what, value in _fusion_rows(report.fusion):
         summary.add_row(what, value)
     summary.add_row("CUDA graphs", _cuda_graphs_line(report.cuda_graphs))
+    if report.layer_skip:
+        summary.add_row("layer skipping", _skip_line(report.layer_skip))
     stages = _table("time per stage")
     stages.add_column("stage")
     stages.add_column("time", justify="right")
@@ -108,6 +113,14 @@ def render_compile_report(report: CompileReport) -> Group:
             externs.add_row(op, str(count))
         parts.append(externs)
     return Group(*parts)
+
+
+def _skip_line(plan: Mapping[str, Any]) -> str:
+    loss = (f"calibration perplexity {plan['calibration_loss']:+.1%}" if plan["metric"] == "perplexity"
+            else f"calibration divergence {plan['calibration_loss']:.4f}")
+    return (f"{len(plan['removed'])} of {plan['sublayers']} sublayers removed by {plan['method']} "
+            f"({plan['flops_removed']:.1%} of FLOPs, predicted {plan['predicted_speedup']:.2f}x); {loss}, "
+            f"budget {plan['budget']:g}")
 
 
 def _table(title: str, *, show_header: bool = True) -> Table:
@@ -156,7 +169,8 @@ def _cuda_graphs_line(cuda_graphs: Mapping[str, Any]) -> str:
 def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Mapping[str, Any] | None = None,
                     fusion: Mapping[str, Any] | None = None, cuda_graphs: Mapping[str, Any] | None = None,
                     pass_changes: Mapping[str, Any] | None = None,
-                    pass_decisions: Mapping[str, Sequence[str]] | None = None) -> CompileReport:
+                    pass_decisions: Mapping[str, Sequence[str]] | None = None,
+                    layer_skip: Mapping[str, Any] | None = None) -> CompileReport:
     """Count native and extern nodes of the final graph."""
     native: dict[str, int] = {}
     extern: dict[str, int] = {}
@@ -166,7 +180,8 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Ma
     total = len(graph.nodes)
     coverage = 1.0 if total == 0 else sum(native.values()) / total
     return CompileReport(total, coverage, extern, dict(stage_seconds), native, dict(memory or {}), dict(fusion or {}),
-                         dict(cuda_graphs or {}), dict(pass_changes or {}), dict(pass_decisions or {}))
+                         dict(cuda_graphs or {}), dict(pass_changes or {}), dict(pass_decisions or {}),
+                         dict(layer_skip or {}))
 
 
 class Program:
