@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .errors import CompileError
-from .optimizer.skip_search import (METHODS, Calibration, SkipPlan, SkipPoint, curve, run_graph,
+from .optimizer.skip_search import (METHODS, Calibration, SkipPlan, SkipPoint, curve, measure_speedup, run_graph,
                                     token_log_likelihoods)
 from .optimizer.layer_skip import skip_sublayers
 
@@ -47,8 +47,7 @@ def load_subject(spec: str, size: str = "tiny") -> Subject:
         real = REAL_MODELS[spec]()
         encoder = real.kind == "encoder"
         example = (torch.zeros(1, 64, dtype=torch.long),) if not encoder else (
-            {"input_ids": torch.zeros(SENTENCES_PER_CALL, 64, dtype=torch.long),
-             "attention_mask": torch.ones(SENTENCES_PER_CALL, 64, dtype=torch.long)},)
+            torch.zeros(SENTENCES_PER_CALL, 64, dtype=torch.long), torch.ones(SENTENCES_PER_CALL, 64, dtype=torch.long))
         return Subject(spec, real.model.eval(), example, real.tokenizer, encoder)
     model, example = models.load(spec, size)
     return Subject(spec, model.eval(), tuple(example), None, False)
@@ -67,7 +66,8 @@ def vocabulary(model: torch.nn.Module) -> int:
 
 def text_calls(subject: Subject, files: Sequence[str | Path], length: int, count: int | None) -> list[tuple[Any, ...]]:
     """Calls of the model made from the text in `files`: for a language model, windows of `length` tokens (one per
-    call); for an encoder, batches of SENTENCES_PER_CALL sentences padded to `length`. The first `count` calls (all if None): an error if
+    call); for an encoder, batches of SENTENCES_PER_CALL sentences padded to `length`, as (input_ids,
+    attention_mask). The first `count` calls (all if None): an error if
     the text holds fewer."""
     from .real_models import read_texts, sentences, token_windows
 
@@ -79,7 +79,7 @@ def text_calls(subject: Subject, files: Sequence[str | Path], length: int, count
         for start in range(0, len(found) - SENTENCES_PER_CALL + 1, SENTENCES_PER_CALL):
             batch = subject.tokenizer(found[start:start + SENTENCES_PER_CALL], padding="max_length", truncation=True,
                                       max_length=length, return_tensors="pt")
-            calls.append(({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},))
+            calls.append((batch["input_ids"], batch["attention_mask"]))
         if not calls:
             raise CompileError(f"{', '.join(map(str, files))}: fewer than {SENTENCES_PER_CALL} sentences")
         return calls[:count]
@@ -106,18 +106,15 @@ def _byte_calls(subject: Subject, text: str, length: int, count: int | None) -> 
 
 
 def random_calls(subject: Subject, count: int, seed: int = 0) -> list[tuple[Any, ...]]:
-    """Calls of random token ids shaped like the example: calibration when no text is given."""
+    """Calls of random token ids shaped like the example's first input (its token ids), its other inputs (a mask)
+    as they are: calibration when no text is given."""
     generator = torch.Generator().manual_seed(seed)
+    ids, *rest = subject.example
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+        raise CompileError(f"{subject.name} does not take token ids first: `ember skip` needs a model that reads "
+                           "token ids; give other models calibration calls through ember.plan_skip")
     vocab = vocabulary(subject.model)
-
-    def draw(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {key: draw(item) if key == "input_ids" else item for key, item in value.items()}
-        if isinstance(value, torch.Tensor) and not value.is_floating_point():
-            return torch.randint(0, vocab, value.shape, generator=generator)
-        return value
-
-    return [tuple(draw(value) for value in subject.example) for _ in range(count)]
+    return [(torch.randint(0, vocab, ids.shape, generator=generator), *rest) for _ in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +197,9 @@ def skip_report(calibration: Calibration, budget: float, method: str, methods: S
         raise CompileError(f"unknown layer-skip method(s) {unknown}: use {', '.join(METHODS)}")
     chosen = choose(calibration, budget, method)
     measured = {name: held_out_quality(calibration, chosen.removed, data) for name, data in heldout.items()}
-    chosen = SkipPlan(**{**chosen.to_dict(), "heldout": measured})
+    where = next(iter(calibration.calls[0])).device.type
+    speedup = {f"{where}, reference ops, first calibration call": measure_speedup(calibration, chosen.removed)}
+    chosen = SkipPlan(**{**chosen.to_dict(), "heldout": measured, "measured_speedup": speedup})
     curves = {}
     for name in methods:
         points = curve(calibration, name, max_flops=max_flops)
@@ -314,9 +313,11 @@ def _print(console: Any, result: dict[str, Any]) -> None:
         table.add_row(*row)
     console.print(table)
     plan = result["plan"]
+    measured = "".join(f", measured {value:.2f}x ({where})" for where, value in plan["measured_speedup"].items())
     console.print(f"[bold]{plan['method']}[/] within budget {plan['budget']:g}: removes {len(plan['removed'])} of "
                   f"{plan['sublayers']} sublayers, {plan['flops_removed']:.1%} of FLOPs (predicted "
-                  f"{plan['predicted_speedup']:.2f}x), calibration loss {plan['calibration_loss']:+.4f}", soft_wrap=True)
+                  f"{plan['predicted_speedup']:.2f}x{measured}), calibration loss {plan['calibration_loss']:+.4f}",
+                  soft_wrap=True)
     if plan["labels"]:
         console.print("removed: " + ", ".join(plan["labels"]), soft_wrap=True)
     for name, numbers in result["eval"].items():

@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import os
+import statistics
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +81,8 @@ class SkipPlan:
     """The skipped model's loss on the calibration inputs, in `metric`'s terms."""
     heldout: dict[str, float] = field(default_factory=dict)
     """Numbers measured on inputs the choice never saw, by who measured them."""
+    measured_speedup: dict[str, float] = field(default_factory=dict)
+    """Time of the full model over the skipped one's, as measured, by where and how (`measure_speedup`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -283,6 +287,24 @@ def run_graph(graph: Graph, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor
 
     with torch.no_grad():
         return Executor(graph).interpret(list(inputs))
+
+
+def measure_speedup(calibration: Calibration, removed: Collection[int], repeats: int = 5) -> float:
+    """Wall time of the full graph over the skipped one's on the first calibration call, each run op by op on its
+    reference ops where the calibration lives (median of `repeats` after one warm-up run, the two alternated)."""
+    skipped = skip_sublayers(calibration.graph, removed, calibration.sublayers)
+    call = calibration.calls[0]
+    synchronize = torch.cuda.synchronize if any(tensor.is_cuda for tensor in call) else (lambda: None)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for repeat in range(repeats + 1):
+        for which, graph in enumerate((calibration.graph, skipped)):
+            synchronize()
+            started = time.perf_counter()
+            run_graph(graph, call)
+            synchronize()
+            if repeat:
+                times[which].append(time.perf_counter() - started)
+    return statistics.median(times[0]) / statistics.median(times[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ def test_json_names_what_was_removed_and_the_held_out_perplexity(capsys):
     numbers = result["eval"][PROSE]
     assert numbers["full_ppl"] > 1.0 and numbers["skipped_ppl"] > 1.0
     assert result["calibration"]["loss"] <= 0.05
+    (where, speedup), = result["plan"]["measured_speedup"].items()
+    assert where.startswith("cpu") and speedup > 0
     assert set(result["curves"]) == {"ember", "finercut", "sleb", "bi"}
     for points in result["curves"].values():
         assert points[0]["removed"] == [] and points[0]["heldout"][PROSE] == pytest.approx(numbers["full_ppl"])
@@ -95,7 +97,7 @@ def test_too_little_text_is_a_clear_error(tmp_path):
 
 def test_a_model_without_token_ids_is_refused(capsys):
     assert main(["skip", "cnn", "--budget", "0.05"]) != 0
-    assert "reads token ids" in capsys.readouterr().err
+    assert "needs a model that reads token ids" in capsys.readouterr().err
 
 
 def test_an_unknown_method_is_refused(capsys):
