@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -91,9 +92,26 @@ class _Lifted(torch.nn.Module):
             else:
                 self.register_buffer(name, args[position])
 
+        names = [node.name for position, node in enumerate(gm.graph.find_nodes(op="placeholder"))
+                 if self.slots[position] is None]
+        if len(names) == len(self.slots) - len(static):
+            self.__class__ = _named_inputs(names)
+
     def forward(self, *inputs: Any) -> Any:
         given = iter(inputs)
         return self.gm(*(getattr(self, slot) if slot else next(given) for slot in self.slots))
+
+
+def _named_inputs(names: Sequence[str]) -> type[_Lifted]:
+    """_Lifted whose forward names its inputs after dynamo's placeholders (`l_kwargs_position_ids_`), so that the IR's
+    inputs keep the model's names (torch.export names them after the signature) and passes can find one by name."""
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in ("self", *names)]
+
+    def forward(self: _Lifted, *inputs: Any) -> Any:
+        return _Lifted.forward(self, *inputs)
+
+    forward.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return type("_Lifted", (_Lifted,), {"forward": forward})
 
 
 class ExportedRunner:
@@ -205,8 +223,9 @@ def compile_forward(fx_gm: fx.GraphModule, options: Options,
     except SymbolicShapeError:
         return _ShapeSpecialized(fx_gm, options, tuple(static))
     except CompileError as error:
-        if options.layer_skip is not None:  # eager would run the whole model: not what was asked for
-            raise CompileError(f"layer skipping was asked for, and this graph cannot be compiled: {error}") from error
+        if options.layer_skip is not None or options.ffn_gate is not None:  # eager would run the whole model
+            raise CompileError(f"layer skipping or the ffn gate was asked for, and this graph cannot be compiled: "
+                               f"{error}") from error
         _warn_once(f"ember could not compile a graph and runs it eagerly: {error}")
         return make_boxed_func(fx_gm)
     return runner

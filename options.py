@@ -39,6 +39,10 @@ class Options:
         `ember.plan_skip` or `ember skip --json`; also as its dict or the path of its JSON) is applied as it is;
         a LayerSkip (a budget and calibration calls) has ember.compile choose one first. See
         optimizer/skip_search.py.
+    ffn_gate: FFN-SkipLLM's input-adaptive gate in decode steps (numerics change: off unless asked). An FFNGate
+        (threshold, cold, warmup; also as its dict): once a feed-forward leaves the residual stream turned by
+        less than `threshold` (cosine), the feed-forwards after it skip, decided on the device. See
+        optimizer/ffn_gate.py.
     """
 
     verify: bool = True
@@ -52,6 +56,7 @@ class Options:
     cuda_graphs: bool | None = None
     mode: str = "default"
     layer_skip: Any = None
+    ffn_gate: Any = None
 
     def __post_init__(self) -> None:
         if self.mode not in COMPILE_MODES:
@@ -60,6 +65,10 @@ class Options:
             from .optimizer.skip_search import as_layer_skip
 
             object.__setattr__(self, "layer_skip", as_layer_skip(self.layer_skip))
+        if self.ffn_gate is not None:
+            from .optimizer.ffn_gate import as_ffn_gate
+
+            object.__setattr__(self, "ffn_gate", as_ffn_gate(self.ffn_gate))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None, **extra: Any) -> Options:

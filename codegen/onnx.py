@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ExportError
 from ..ir import Graph, Node
-from ..ir.ops import linears_reference, qualified_name
+from ..ir.ops import gated_linears_reference, linears_reference, qualified_name
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def scatter_reduce_decomposed(x: torch.Tensor, dim: int, index: torch.Tensor, sr
 DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
     torch.ops.ember.grouped_mm.default: grouped_mm_decomposed,
     torch.ops.ember.linears.default: linears_reference,  # one F.linear per weight
+    torch.ops.ember.gated_linears.default: gated_linears_reference,  # the same, then a where per result
     torch.ops.aten.searchsorted.Tensor: searchsorted_decomposed,
     torch.ops.aten.empty_permuted.default: empty_permuted_decomposed,
     torch.ops.aten.elu.default: elu_decomposed,

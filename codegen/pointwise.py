@@ -17,7 +17,7 @@ from ..ir import Graph, Node, TensorType
 from ..ir.moves import summed_dims
 from .expressions import INDEX_TYPES, STORED_TYPES, expression
 from ..ir.plans import reads_of
-from .source import IDENTIFIER, KernelSource, check_dtypes, coordinates, header, load, offset
+from .source import IDENTIFIER, KernelSource, check_dtypes, coordinates, header, load, offset, spread
 
 BLOCK = 1024
 
@@ -70,7 +70,7 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
 
     names = tuple(f"c{dim}" for dim in range(len(shape)))
     for position, value in enumerate(outputs):
-        lines.append(f"    tl.store(out{position}_ptr + {offset(types[value], names)}, "
+        lines.append(f"    tl.store(out{position}_ptr + {spread(offset(types[value], names), 'mask')}, "
                      f"{value_at(value, names, 'mask')}.to({STORED_TYPES[types[value].dtype]}), mask=mask)")
     numel = math.prod(shape)
     return KernelSource(name, "\n".join(lines) + "\n", inputs, tuple(outputs), -(-numel // BLOCK), (numel,),

@@ -16,7 +16,7 @@ from ..ir import Graph, Node, TensorType
 from .expressions import INDEX_TYPES, STORED_TYPES, expression, gathered_rows
 from .reductions import emit_reduction, row_reduction
 from ..ir.plans import reads_of
-from .source import KernelSource, check_dtypes, coordinates, header, load, offset
+from .source import KernelSource, check_dtypes, coordinates, header, load, offset, spread
 
 ELEMENTS_PER_PROGRAM = 4096
 """Rows per program are chosen so a program holds about this many elements of each [rows, columns] value."""
@@ -134,6 +134,6 @@ def generate_rows(name: str, nodes: Sequence[Node], graph: Graph, outputs: Seque
         place, mask = address(value_type, per_row[value], value_type.shape)
         result = read(value, False, shape) if value in gathered else variable[value]
         result = result if per_row[value] else f"tl.broadcast_to({result}, (ROWS, COLUMNS))"
-        lines.append(f"    tl.store(out{position}_ptr + {place}, {result}.to({STORED_TYPES[value_type.dtype]}), mask={mask})")
+        lines.append(f"    tl.store(out{position}_ptr + {spread(place, mask)}, {result}.to({STORED_TYPES[value_type.dtype]}), mask={mask})")
     return KernelSource(name, "\n".join(lines) + "\n", inputs, tuple(outputs), -(-rows // block_rows), (rows,),
                         (("ROWS", block_rows), ("COLUMNS", block_columns)), warps)

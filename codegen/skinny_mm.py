@@ -6,6 +6,10 @@ cuBLAS takes 16.6 µs for Llama's query, key and value projections, one kernel e
 three: bench/results/skinny_mm.*). Each program streams `block_n` rows of one weight, `block_k` columns at a time,
 keeping a float32 sum per element and reducing it once at the end; the programs of each weight follow the previous
 weight's. The op's definition and its reference (one F.linear per weight) are in ir.ops.
+
+ember.gated_linears runs the same kernel with a skip flag read on the device (a gated feed-forward's,
+optimizer.ffn_gate): where it is set, each program stores zeros and reads no weight, with no sync to the host, so a
+skipped feed-forward costs a few tiny programs even inside a CUDA graph.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..ir.ops import linears_reference
+from ..ir.ops import gated_linears_reference, linears_reference
 
 MAX_WEIGHTS = 4
 """The most weights one launch reads (the kernel's weight arguments); more go in further launches."""
@@ -48,7 +52,8 @@ def _kernel() -> Any:
 
     @triton.jit
     def linears(x_ptr, x_col, K, w0, w1, w2, w3, r0, r1, r2, r3, b0, b1, b2, b3, o0, o1, o2, o3, n0, n1, n2, n3,
-                s1, s2, s3, WEIGHTS: tl.constexpr, BIASES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                s1, s2, s3, skip_ptr, WEIGHTS: tl.constexpr, BIASES: tl.constexpr, GATED: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # which weight this program's rows belong to, and where its blocks start
         block = tl.program_id(0)
         w_ptr, w_row, bias_ptr, out_ptr, N, start, biased = w0, r0, b0, o0, n0, 0, BIASES & 1
@@ -59,15 +64,21 @@ def _kernel() -> Any:
         if WEIGHTS > 3 and block >= s3:
             w_ptr, w_row, bias_ptr, out_ptr, N, start, biased = w3, r3, b3, o3, n3, s3, BIASES & 8
         n = (block - start) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + n[:, None] * w_row + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
-            x = tl.load(x_ptr + k * x_col, mask=k < K, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        total = tl.sum(acc, axis=1)
-        if biased != 0:
-            total += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        runs = True
+        if GATED:  # a skipped row's results are zero: no weight is read
+            runs = tl.load(skip_ptr) == 0
+        if runs:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(w_ptr + n[:, None] * w_row + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
+                            other=0.0)
+                x = tl.load(x_ptr + k * x_col, mask=k < K, other=0.0)
+                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            total = tl.sum(acc, axis=1)
+            if biased != 0:
+                total += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)
         tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n < N)
 
     return linears
@@ -91,15 +102,31 @@ def linears(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
     biases = list(biases) or [None] * len(weights)
     if not takes(x, weights, biases):
         return linears_reference(x, weights, biases)
+    return _launches(x, weights, biases, None, chosen)
+
+
+def gated_linears(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                  skip: torch.Tensor, chosen: Tiling | None = None) -> list[torch.Tensor]:
+    """ember.gated_linears: linears' kernel reading the skip flag (one bool, on x's device) where `takes` says so,
+    else the reference."""
+    biases = list(biases) or [None] * len(weights)
+    if not (takes(x, weights, biases) and skip.numel() == 1 and skip.dtype == torch.bool and skip.device == x.device):
+        return gated_linears_reference(x, weights, biases, skip)
+    return _launches(x, weights, biases, skip, chosen)
+
+
+def _launches(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+              skip: torch.Tensor | None, chosen: Tiling | None) -> list[torch.Tensor]:
+    """The results of one launch per MAX_WEIGHTS weights, gated by `skip` unless it is None."""
     results = [torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device) for weight in weights]
     for first in range(0, len(weights), MAX_WEIGHTS):
         _launch(x, weights[first: first + MAX_WEIGHTS], biases[first: first + MAX_WEIGHTS],
-                results[first: first + MAX_WEIGHTS], chosen)
+                results[first: first + MAX_WEIGHTS], chosen, skip)
     return results
 
 
 def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-            results: Sequence[torch.Tensor], chosen: Tiling | None) -> None:
+            results: Sequence[torch.Tensor], chosen: Tiling | None, skip: torch.Tensor | None = None) -> None:
     depth = x.shape[-1]
     rows = [weight.shape[0] for weight in weights]
     tiles = chosen or tiling(sum(rows), depth)
@@ -113,9 +140,11 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
     row_strides = [w.stride(0) for w in ws]
     present = sum(1 << index for index, bias in enumerate(biases) if bias is not None)
     _kernel()[(sum(blocks),)](x, x.stride(-1), depth, *ws, *row_strides, *bs, *outs, *ns, *starts,
-                              WEIGHTS=len(weights), BIASES=present, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+                              x if skip is None else skip, WEIGHTS=len(weights), BIASES=present,
+                              GATED=skip is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
                               num_warps=tiles.num_warps)
 
 
 _LIBRARY = torch.library.Library("ember", "IMPL")
 _LIBRARY.impl("linears", linears, "CUDA")
+_LIBRARY.impl("gated_linears", gated_linears, "CUDA")

@@ -76,6 +76,12 @@ def load(variable: str, pointer: str, value_type: TensorType, address: str, mask
     element, or read at one: numbers, and `scalars`, variables computed from numbers alone) is spread to the
     mask's shape, as Triton wants of a masked load."""
     cast = ".to(tl.float32)" if value_type.dtype in FLOATS else ""
+    return f"    {variable} = tl.load({pointer} + {spread(address, mask, scalars)}, mask={mask}, other=0){cast}"
+
+
+def spread(address: str, mask: str, scalars: Collection[str] = ()) -> str:
+    """`address`, spread to the mask's shape where no coordinate reaches it (a value of one element): Triton wants
+    a block of pointers for a masked load or store of a block."""
     if all(name in scalars for name in IDENTIFIER.findall(address)):
-        address = f"{mask}.to(tl.int64) * 0 + {address}"
-    return f"    {variable} = tl.load({pointer} + {address}, mask={mask}, other=0){cast}"
+        return f"{mask}.to(tl.int64) * 0 + {address}"
+    return address

@@ -1,7 +1,7 @@
 """The op table: one entry per IR op, read by the verifier, the executor, the cost model and the tests.
 
 An IR op is an ATen overload (`mm`, `add.Tensor`, `sum.dim_IntList`) or one of ember's own
-(`grouped_mm`, `linears`). Each entry gives the shape and dtype rule, FLOPs, bytes moved and a reference
+(`grouped_mm`, `linears`, `gated_linears`). Each entry gives the shape and dtype rule, FLOPs, bytes moved and a reference
 implementation in torch; anything without an entry becomes an `extern` node that calls the op as is.
 """
 from __future__ import annotations
@@ -207,6 +207,8 @@ def infer_matmul(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, An
         out = _matmul_out((), x.shape[0], x.shape[1], w.shape[1], w.shape[2], x, op.name)
     elif op.name == "linears":
         return _infer_linears(inputs, attrs)
+    elif op.name == "gated_linears":
+        return _infer_gated_linears(inputs, attrs)
     else:
         raise KeyError(op.name)
     return (out,)
@@ -228,6 +230,14 @@ def _infer_linears(inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tu
             raise ValueError(f"linears: bias {position} {inputs[bias].shape} for weight {weight.shape}")
         results.append(TensorType((*x.shape[:-1], weight.shape[0]), x.dtype, device=x.device))
     return tuple(results)
+
+
+def _infer_gated_linears(inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    """ember.gated_linears: linears' results; its skip flag (the last input) is bool, one per input row."""
+    x, skip = inputs[0], inputs[-1]
+    if skip.dtype != torch.bool or skip.shape != x.shape[:-1]:
+        raise ValueError(f"gated_linears: skip {skip.shape} {skip.dtype} is not one bool per row of input {x.shape}")
+    return _infer_linears(inputs, attrs)
 
 
 def infer_attention(op: OpDef, inputs: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[TensorType, ...]:
@@ -343,6 +353,14 @@ def linears_reference(x: torch.Tensor, weights: Sequence[torch.Tensor],
     return [torch.nn.functional.linear(x, weight, biases[i] if biases else None) for i, weight in enumerate(weights)]
 
 
+def gated_linears_reference(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                            skip: torch.Tensor) -> list[torch.Tensor]:
+    """linears_reference with each result zero in the rows where `skip` (bool, shaped like x's rows) is true: a
+    gated feed-forward's products (optimizer.ffn_gate), whose GPU kernel reads no weight for a skipped row."""
+    zero = x.new_zeros(())
+    return [torch.where(skip.unsqueeze(-1), zero, result) for result in linears_reference(x, weights, biases)]
+
+
 _EMBER_LIBRARY = torch.library.Library("ember", "FRAGMENT")
 _EMBER_LIBRARY.define("grouped_mm(Tensor input, Tensor weight, Tensor offsets, bool rows_covered=False) -> Tensor")
 _EMBER_LIBRARY.impl("grouped_mm", grouped_mm_reference, "CompositeExplicitAutograd")
@@ -353,6 +371,10 @@ _EMBER_LIBRARY.define("linears(Tensor input, Tensor[] weights, Tensor?[] biases)
 _EMBER_LIBRARY.impl("linears", linears_reference, "CompositeExplicitAutograd")
 _EMBER_LIBRARY.impl("linears", lambda x, weights, biases=(): [x.new_empty(*x.shape[:-1], weight.shape[0])
                                                                for weight in weights], "Meta")
+_EMBER_LIBRARY.define("gated_linears(Tensor input, Tensor[] weights, Tensor?[] biases, Tensor skip) -> Tensor[]")
+_EMBER_LIBRARY.impl("gated_linears", gated_linears_reference, "CompositeExplicitAutograd")
+_EMBER_LIBRARY.impl("gated_linears", lambda x, weights, biases, skip: [x.new_empty(*x.shape[:-1], weight.shape[0])
+                                                                       for weight in weights], "Meta")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +507,8 @@ register(torch.ops.aten.linear.default, "matmul", infer_matmul, linear_flops, ge
 register(torch.ops.ember.grouped_mm.default, "matmul", infer_matmul, grouped_mm_flops, name="grouped_mm",
          gemm=_grouped_gemm, eager=_grouped_mm_eager)
 register(torch.ops.ember.linears.default, "matmul", infer_matmul, linears_flops, name="linears", gemm=_linears_gemm)
+register(torch.ops.ember.gated_linears.default, "matmul", infer_matmul, linears_flops, name="gated_linears",
+         gemm=_linears_gemm)
 register(torch.ops.aten.convolution.default, "convolution", infer_by_tracing, convolution_flops, gemm=_convolution_gemm)
 register(torch.ops.aten.scaled_dot_product_attention.default, "attention", infer_attention, attention_flops)
 

@@ -20,7 +20,7 @@ from ..ir import Graph, Node
 from .canonicalize import eliminate_dead_code
 from .decisions import record
 
-PRODUCTS = frozenset({"linear", "linears", "mm", "addmm", "bmm", "baddbmm", "matmul", "grouped_mm",
+PRODUCTS = frozenset({"linear", "linears", "gated_linears", "mm", "addmm", "bmm", "baddbmm", "matmul", "grouped_mm",
                       "scaled_dot_product_attention", "convolution"})
 """Ops that make a residual branch a layer (a matrix product); an add of two elementwise results is not one."""
 

@@ -39,6 +39,7 @@ from .fold import fold_constants
 from .fusion import FusionPlan, plan_fusion
 from .fusion_verify import verify_fusion
 from .joins import join_vector_products
+from .ffn_gate import gate_ffns
 from .layer_skip import apply_skip
 from .layout import pad_linear_features
 from .ranges import cover_grouped_rows, drop_decided_masks, offsets_by_search
@@ -172,6 +173,18 @@ class SkipLayers:
         return dataclasses.replace(compilation, graph=graph, skipped=graph)
 
 
+@dataclass(frozen=True, slots=True)
+class GateFFNs:
+    """The ffn gate as a stage, after layer skipping and before the other passes (which would otherwise join the
+    feed-forwards' linears ungated): Options.ffn_gate applied to the graph, and to what autograd-recorded calls run."""
+
+    name = "gate_ffns"
+
+    def __call__(self, compilation: Compilation) -> Compilation:
+        graph = gate_ffns(compilation.graph, compilation.options.ffn_gate)
+        return dataclasses.replace(compilation, graph=graph, skipped=graph)
+
+
 def fuse(compilation: Compilation) -> Compilation:
     """Plan fusion groups (priced on the target's profile), where generated kernels run (see `fuses`)."""
     if not fuses(compilation):
@@ -261,8 +274,10 @@ def fuses(compilation: Compilation) -> bool:
 
 
 def pass_stages(options: Options) -> tuple[Stage, ...]:
-    """The graph passes as stages: layer skipping first when asked for, the memory reorder last when asked for."""
+    """The graph passes as stages: layer skipping first and the ffn gate next when asked for, the memory reorder
+    last when asked for."""
     skip = (SkipLayers(),) if options.layer_skip is not None else ()
+    skip += (GateFFNs(),) if options.ffn_gate is not None else ()
     return skip + tuple(GraphPass(transform) for transform in PASSES + (REORDER if options.reorder else ()))
 
 
@@ -290,7 +305,7 @@ def run(compilation: Compilation, to_run: Sequence[Stage]) -> Compilation:
             compilation.seconds[name] = time.perf_counter() - started
             if decisions:
                 compilation.decisions[name] = decisions
-            if isinstance(stage, (GraphPass, SkipLayers)):
+            if isinstance(stage, (GraphPass, SkipLayers, GateFFNs)):
                 checkpoint(compilation.graph, name, compilation.options, index=index,
                            changed=compilation.graph is not before)
                 changes = graph_changes(before, compilation.graph)
@@ -317,7 +332,7 @@ def graph_changes(before: Graph, after: Graph) -> dict[str, dict[str, int]]:
 
 
 def stage_name(stage: Stage) -> str:
-    return stage.name if isinstance(stage, (GraphPass, SkipLayers)) else stage.__name__
+    return stage.name if isinstance(stage, (GraphPass, SkipLayers, GateFFNs)) else stage.__name__
 
 
 def checkpoint(graph: Graph, stage: str, options: Options, *, index: int, changed: bool = True) -> None:

@@ -49,6 +49,9 @@ class CompileReport:
     layer_skip: Mapping[str, Any] = field(default_factory=dict)
     """The skip plan applied (SkipPlan.to_dict: what was removed, the budget, calibration and held-out numbers);
     empty without layer skipping."""
+    ffn_gate: Mapping[str, Any] = field(default_factory=dict)
+    """The ffn gate asked for (FFNGate.to_dict: threshold, cold, warmup); empty without it. How many feed-forwards
+    it gated is among pass_decisions."""
 
     def __rich__(self) -> Group:
         return render_compile_report(self)
@@ -84,6 +87,8 @@ def render_compile_report(report: CompileReport) -> Group:
     summary.add_row("CUDA graphs", _cuda_graphs_line(report.cuda_graphs))
     if report.layer_skip:
         summary.add_row("layer skipping", _skip_line(report.layer_skip))
+    if report.ffn_gate:
+        summary.add_row("ffn gate", ", ".join(f"{key} {value}" for key, value in report.ffn_gate.items()))
     stages = _table("time per stage")
     stages.add_column("stage")
     stages.add_column("time", justify="right")
@@ -170,7 +175,8 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Ma
                     fusion: Mapping[str, Any] | None = None, cuda_graphs: Mapping[str, Any] | None = None,
                     pass_changes: Mapping[str, Any] | None = None,
                     pass_decisions: Mapping[str, Sequence[str]] | None = None,
-                    layer_skip: Mapping[str, Any] | None = None) -> CompileReport:
+                    layer_skip: Mapping[str, Any] | None = None,
+                    ffn_gate: Mapping[str, Any] | None = None) -> CompileReport:
     """Count native and extern nodes of the final graph."""
     native: dict[str, int] = {}
     extern: dict[str, int] = {}
@@ -181,7 +187,7 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Ma
     coverage = 1.0 if total == 0 else sum(native.values()) / total
     return CompileReport(total, coverage, extern, dict(stage_seconds), native, dict(memory or {}), dict(fusion or {}),
                          dict(cuda_graphs or {}), dict(pass_changes or {}), dict(pass_decisions or {}),
-                         dict(layer_skip or {}))
+                         dict(layer_skip or {}), dict(ffn_gate or {}))
 
 
 class Program:

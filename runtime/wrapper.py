@@ -494,7 +494,8 @@ made without the dispatcher (what Inductor's wrappers call), else the same `as_s
 
 
 ROW_MAJOR_RESULTS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.embedding.default,
-                               torch.ops.ember.grouped_mm.default, torch.ops.ember.linears.default})
+                               torch.ops.ember.grouped_mm.default, torch.ops.ember.linears.default,
+                               torch.ops.ember.gated_linears.default})
 """Ops whose results are always fresh row-major tensors, whatever their inputs' strides (a matrix product's
 output, rows gathered from a table): exactly strided when the IR type says row-major."""
 

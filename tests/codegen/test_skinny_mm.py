@@ -1,14 +1,14 @@
 """ember.linears' kernel (run here in Triton's interpreter) against the op table's reference: fresh random data,
 odd sizes, strided inputs and weights, biases on some weights, more weights than one launch takes, each dtype;
-and calls it cannot take go to the reference."""
+and calls it cannot take go to the reference. ember.gated_linears' run of it likewise, its skip flag set and not."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import ember.codegen.skinny_mm as skinny_mm
-from ember.codegen.skinny_mm import MAX_WEIGHTS, Tiling, linears, takes
-from ember.ir.ops import linears_reference
+from ember.codegen.skinny_mm import MAX_WEIGHTS, Tiling, gated_linears, linears, takes
+from ember.ir.ops import gated_linears_reference, linears_reference
 from ember.tolerance import tolerance_for
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -70,3 +70,40 @@ def test_calls_the_kernel_cannot_take_run_the_reference(change):
     assert not takes(x, weights, biases)
     for result, expected in zip(linears(x, weights, biases), linears_reference(x, weights, biases)):
         assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gated_kernel_matches_the_reference(case, dtype, skip):
+    rows, depth, biased, tiling = CASES[case]
+    torch.manual_seed(len(case) + depth + skip)
+    x, weights, biases = _operands(rows, depth, biased, dtype)
+    flag = torch.tensor([[skip]])
+    got = gated_linears(x, weights, biases, flag, tiling)
+    want = gated_linears_reference(x, weights, biases, flag)
+    assert len(got) == len(want) == len(rows)
+    for result, expected in zip(got, want):
+        assert result.shape == expected.shape == (1, 1, expected.shape[-1]) and result.dtype == dtype
+        if skip:
+            assert not result.any()
+        error = (result.double() - expected.double()).abs().max().item()
+        assert error <= tolerance_for(dtype, scale=expected.abs().max().item()), (case, error)
+
+
+def test_a_skipped_gated_call_reads_no_weight():
+    """NaN weights would poison any sum they entered: a skipped call's zeros show none was read."""
+    x, weights, biases = _operands((9, 6), 21, (True, False), torch.float32)
+    poisoned = [torch.full_like(weight, float("nan")) for weight in weights]
+    for result in gated_linears(x, poisoned, biases, torch.tensor([[True]])):
+        assert torch.equal(result, torch.zeros_like(result))
+    assert all(result.isnan().all() for result in gated_linears(x, poisoned, biases, torch.tensor([[False]])))
+
+
+def test_gated_calls_the_kernel_cannot_take_run_the_reference():
+    x, weights, biases = torch.randn(2, 12), [torch.randn(5, 12)], [None]
+    for skip in (torch.tensor([True, False]), torch.tensor([False, True])):
+        assert not takes(x, weights, biases)
+        for result, expected in zip(gated_linears(x, weights, biases, skip),
+                                    gated_linears_reference(x, weights, biases, skip)):
+            assert torch.equal(result, expected)

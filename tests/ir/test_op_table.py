@@ -301,6 +301,12 @@ SAMPLES.update({
                    {}),
         lambda m: ((m.normal(1, 1, 7), [m.normal(2, 7), m.normal(9, 7)], [None, None]), {}),
     ),
+    "gated_linears": calls(  # linears' rows, skipped and not
+        lambda m: ((m.strided(1, 7), [m.normal(11, 7), m.strided(5, 7)], [m.normal(11), None], torch.tensor([True])),
+                   {}),
+        lambda m: ((m.normal(1, 1, 7), [m.normal(2, 7), m.normal(9, 7)], [None, m.normal(9)],
+                    torch.tensor([[False]])), {}),
+    ),
     "grouped_mm": calls(  # an empty group, and rows past the last offset
         lambda m: ((m.strided(13, 5), m.normal(3, 5, 7), torch.tensor([4, 4, 11])), {}),
         lambda m: ((m.normal(13, 5), m.normal(3, 5, 7), torch.tensor([5, 9, 13], dtype=torch.int32)), {}),
@@ -886,6 +892,9 @@ ORACLES: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
     "grouped_mm": _grouped_mm,
     "linears": lambda x, weights, biases: tuple(_product(x, w.t()) + (b if b is not None else 0)
                                                for w, b in zip(weights, biases)),
+    "gated_linears": lambda x, weights, biases, skip: tuple(
+        torch.where(skip[..., None], 0.0, _product(x, w.t()) + (b if b is not None else 0)).to(x.dtype)
+        for w, b in zip(weights, biases)),
     "convolution": _convolution,
     "scaled_dot_product_attention": _attention,
     "_softmax": _softmax,
@@ -967,6 +976,8 @@ FLOP_CASES = {
     ),
     "grouped_mm": (lambda: _flops("grouped_mm", r(13, 5), r(3, 5, 7), torch.tensor([4, 4, 13])), 2 * 13 * 5 * 7),
     "linears": (lambda: _flops("linears", r(1, 7), [r(11, 7), r(3, 7)], [r(11), None]), 2 * 7 * (11 + 3) + 11),
+    "gated_linears": (lambda: _flops("gated_linears", r(1, 7), [r(11, 7), r(3, 7)], [r(11), None], torch.tensor([False])),
+                      2 * 7 * (11 + 3) + 11),
 }
 
 
@@ -1013,3 +1024,10 @@ def test_shape_rule_rejects_mismatched_operands(name, types):
 def test_linears_shape_rule_rejects_mismatched_operands(types, attrs):
     with pytest.raises(ValueError):
         _infer("linears", *types, **attrs)
+
+
+@pytest.mark.parametrize("skip", [TensorType((1,), torch.float32), TensorType((2,), torch.bool),
+                                  TensorType((1, 1), torch.bool)])
+def test_gated_linears_shape_rule_wants_one_bool_per_input_row(skip):
+    with pytest.raises(ValueError):
+        _infer("gated_linears", f32(1, 7), f32(11, 7), skip, weights=(1,), biases=(None,))

@@ -549,3 +549,26 @@ def test_a_kernel_reads_a_one_element_input_into_every_lane():
         for got, want in zip(program(x, s), ScaledSoftmax()(x, s)):
             torch.testing.assert_close(got, want)
     assert program.report.fusion["groups"] == 2
+
+
+class RowSumOfOneRow(nn.Module):
+    """A decode step's row statistic kept as a result (the ffn gate's cosine sums): one row, so no coordinate
+    reaches the address its kernel stores it at."""
+
+    def forward(self, x):
+        y = x * 2.0
+        return y, (y * y).sum(-1)
+
+
+def test_a_one_element_result_is_stored_through_a_block_of_addresses(tmp_path):
+    """Triton on a GPU refuses a masked store of a block through one pointer (the interpreter does not): the address
+    is spread to the mask's shape, as a one-element load's is."""
+    x = torch.randn(1, 1, 37)
+    program = ember.compile(RowSumOfOneRow(), (x,), ember.Options(fusion=True, debug_dir=str(tmp_path)))
+    stores = [line for path in tmp_path.glob("fused_*.py") for line in path.read_text().splitlines()
+              if "tl.store" in line]
+    assert stores and all("_ptr + 0," not in line for line in stores), stores
+    assert any("mask.to(tl.int64) * 0 + 0" in line for line in stores), stores
+    y, sums = program(x)
+    torch.testing.assert_close(sums, (4 * x * x).sum(-1))
+    torch.testing.assert_close(y, 2 * x)
