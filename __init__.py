@@ -20,12 +20,13 @@ except PackageNotFoundError:
     __version__ = "0.0.0+unknown"
 
 _LAZY = {"compile": ".api", "inspect": ".api", "load": ".api", "plan_skip": ".api", "CompileReport": ".runtime",
-         "Program": ".runtime", "LayerSkip": ".optimizer.skip_search", "SkipPlan": ".optimizer.skip_search"}
+         "Program": ".runtime", "LayerSkip": ".optimizer.skip_search", "SkipPlan": ".optimizer.skip_search",
+         "FFNGate": ".optimizer.ffn_gate"}
 """Public names defined in modules that import torch: name -> module, imported when first asked for."""
 
 __all__ = [
-    "ArtifactError", "CompileError", "CompileReport", "EmberError", "ExportError", "InputError", "LayerSkip", "Options",
-    "PlanError", "Program", "SkipPlan", "compile", "inspect", "load", "plan_skip", "__version__",
+    "ArtifactError", "CompileError", "CompileReport", "EmberError", "ExportError", "FFNGate", "InputError", "LayerSkip",
+    "Options", "PlanError", "Program", "SkipPlan", "compile", "inspect", "load", "plan_skip", "__version__",
 ]
 
 

@@ -35,7 +35,7 @@ GATE_SHARES = (0.1, 0.15, 0.2, 0.25, 0.3)
 GATE_PROMPT = 64
 """Tokens of each greedy-decoding prompt (held-out text); the speed part's prompt is as long, so that replayed
 decisions fall on the positions they were taken at."""
-SPEED_FLOPS = (0.1, 0.2, 0.3)
+SPEED_FLOPS = (0.1, 0.2)
 """Shares of FLOPs whose ember removals are timed on the GPU (the first point of ember's curve removing at least
 each)."""
 
@@ -72,6 +72,7 @@ def run_speed(args: argparse.Namespace) -> None:
     from ember.optimizer.skip_search import SkipPlan
 
     device = torch.device(args.device)
+    torch._dynamo.config.recompile_limit = 64  # each variant's prefill and decode graphs count against forward's
     saved = json.loads(Path(args.plans).read_text())
     config = smollm2_config() if not args.tiny else _tiny_config()
     layers = config.num_hidden_layers
@@ -127,7 +128,10 @@ def run_speed(args: argparse.Namespace) -> None:
                 _generate(state["model"], prompt, args)
                 _sync(device)
                 state["seconds"].append(time.perf_counter() - started)
+        for state in states.values():
+            state["forward_ms"] = _decode_forward_ms(state["model"], prompt, args, device)
     full_s = statistics.median(states["full"]["seconds"])
+    full_forward = statistics.median(states["full"]["forward_ms"])
     rows = []
     for name, state in states.items():
         plan, gate = state["options"].get("layer_skip"), state["options"].get("ffn_gate")
@@ -144,6 +148,8 @@ def run_speed(args: argparse.Namespace) -> None:
                      "decode_flops_removed": removed / flops, "predicted_speedup": predicted,
                      "measured_speedup": measured,
                      "gain_share": (measured - 1) / (predicted - 1) if predicted > 1 else None,
+                     "forward_ms": statistics.median(state["forward_ms"]),
+                     "forward_speedup": full_forward / statistics.median(state["forward_ms"]),
                      "tokens_per_s": args.new_tokens / median_s, "first_s": state["first_s"],
                      "round_seconds": state["seconds"],
                      "same_tokens_as_full": bool(torch.equal(state["tokens"], states["full"]["tokens"])),
@@ -152,18 +158,21 @@ def run_speed(args: argparse.Namespace) -> None:
              f"{args.new_tokens} greedy tokens after a {prompt_length}-token prompt, static cache {args.cache}, "
              f"torch.compile(backend='ember', cuda_graphs=True); median of {args.rounds} interleaved rounds",
              f"{'variant':<22} {'removed':>7} {'decode FLOPs':>12} {'predicted':>9} {'measured':>9} {'gain':>6} "
-             f"{'tokens/s':>9} {'first s':>8} {'= full':>6} {'= eager':>7}"]
+             f"{'tokens/s':>9} {'step ms':>8} {'step x':>7} {'first s':>8} {'= full':>6} {'= eager':>7}"]
     for row in rows:
         gain = "-" if row["gain_share"] is None else f"{row['gain_share']:.2f}"
         lines.append(f"{row['variant']:<22} {row['removed']:>7} {row['decode_flops_removed']:>11.1%} "
                      f"{row['predicted_speedup']:>8.2f}x {row['measured_speedup']:>8.2f}x {gain:>6} "
-                     f"{row['tokens_per_s']:>9.1f} {row['first_s']:>8.1f} {str(row['same_tokens_as_full']):>6} "
+                     f"{row['tokens_per_s']:>9.1f} {row['forward_ms']:>8.3f} {row['forward_speedup']:>6.2f}x "
+                     f"{row['first_s']:>8.1f} {str(row['same_tokens_as_full']):>6} "
                      f"{str(row['same_tokens_as_eager']):>7}")
     lines.append("gain: (measured speedup - 1) / (speedup the decode FLOPs removed predict - 1); target >= 0.8. "
                  "budget 0 and a gate that never opens must give the full model's tokens. 'gate replay': the "
                  "decisions FFN-SkipLLM's gate took on the real weights (layer_skip.json, first prompt) replayed "
                  "by position, with the gate's own cosines still computed. '= eager': the same tokens as the eager "
-                 "model with the same plan or gate as hooks.")
+                 "model with the same plan or gate as hooks. 'step ms': median span of one decode step's forward "
+                 "(CUDA events at the compiled forward's entry and exit: ember's host work and the GPU's, without "
+                 "generate's own loop), 'step x': full's over it.")
     lines.extend(f"{name}: FAILED {error}" for name, error in failed.items())
     write_results(args.out, args.stem or "layer_skip_speed", {**environment(device), "rows": rows, "failed": failed},
                   "\n".join(lines))
@@ -174,8 +183,9 @@ def _smollm2_label(index: int) -> str:
     return f"model_layers_{index // 2}_" + ("self_attn (attention)" if index % 2 == 0 else "mlp (ffn)")
 
 
-REPLAYED = (0.25, 0.3)
-"""The dynamic gate's calibration targets whose recorded decode decisions the speed part replays."""
+REPLAYED = (0.3,)
+"""The dynamic gate's calibration targets whose recorded decode decisions the speed part replays (the one that skipped
+the most in decoding: each variant costs about a minute of compiling on the GPU)."""
 
 
 def _tiny_config() -> Any:
@@ -203,6 +213,34 @@ def _eager_tokens(model, prompt: torch.Tensor, args: argparse.Namespace, options
     for handle in handles:
         handle.remove()
     return tokens
+
+
+def _decode_forward_ms(model, prompt: torch.Tensor, args: argparse.Namespace, device: torch.device) -> list[float]:
+    """Per one-token forward of a greedy generate, the milliseconds between events recorded at its entry and exit."""
+    if device.type != "cuda":
+        return [float("nan")]
+    spans: list[tuple[Any, Any]] = []
+
+    def one_token(args_, kwargs) -> bool:
+        return kwargs.get("input_ids", args_[0] if args_ else None).shape[-1] == 1
+
+    def enter(module, args_, kwargs):
+        if one_token(args_, kwargs):
+            spans.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            spans[-1][0].record()
+
+    def leave(module, args_, kwargs, output):
+        if one_token(args_, kwargs):
+            spans[-1][1].record()
+
+    handles = [model.register_forward_pre_hook(enter, with_kwargs=True),
+               model.register_forward_hook(leave, with_kwargs=True)]
+    with torch.no_grad():
+        _generate(model, prompt, args)
+    torch.cuda.synchronize()
+    for handle in handles:
+        handle.remove()
+    return [start.elapsed_time(end) for start, end in spans]
 
 
 def _sync(device: torch.device) -> None:

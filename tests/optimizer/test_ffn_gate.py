@@ -173,6 +173,7 @@ def test_a_bad_config_is_a_compile_error(config, words):
 
 
 def test_options_take_the_gate_as_a_dict_and_nothing_else():
+    assert ember.FFNGate is FFNGate
     assert Options(ffn_gate={"threshold": 0.95}).ffn_gate == FFNGate(0.95)
     assert Options().ffn_gate is None
     with pytest.raises(CompileError, match="FFNGate or a dict"):
