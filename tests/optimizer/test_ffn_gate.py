@@ -187,3 +187,24 @@ def test_warmup_without_the_tokens_position_is_a_compile_error():
             ember.compile(model, (step,), {"ffn_gate": FFNGate(0.9, cold=1, warmup=4)})
         program = ember.compile(model, (step,), {"ffn_gate": FFNGate(0.9, cold=1, warmup=0)})
     assert "gated_linears" in ops(program)
+
+
+@pytest.mark.parametrize("threshold", [-2.0, 2.0])
+def test_a_gated_decode_step_exports_to_onnx_and_runs_as_ember_runs_it(threshold, tmp_path):
+    """gated_linears maps back to a linear per weight and a where on the flag: onnxruntime gives ember's logits with
+    the gate open everywhere past the first feed-forward (-2: every cosine passes) and shut (2: none does)."""
+    pytest.importorskip("onnxscript", reason="torch's ONNX exporter translates with onnxscript")
+    from ember.codegen.onnx import export_onnx
+    from ember.codegen.onnx_verify import verify_onnx
+
+    model, step = tiny_llama(), torch.randint(0, VOCAB, (1, 1))
+    with torch.no_grad():
+        program = ember.compile(model, (step,), {"ffn_gate": FFNGate(threshold, cold=1, warmup=0)})
+        full = model(step).logits
+    inputs = program.tensor_inputs(step)
+    expected = program.run(inputs)
+    written = export_onnx(program.graph, tmp_path / "gated.onnx")
+    result = verify_onnx(written.path, inputs, expected, language_model=True)
+    assert written.decomposed["gated_linears"] == 2 * (LAYERS - 2) and result.ok and result.argmax_agreement == 1.0
+    skipped = (expected[0] - full).abs().max() > 1e-3
+    assert skipped == (threshold < 0)
