@@ -6,11 +6,13 @@ removed, 0-40%, for BI, SLEB, FinerCut and ember; ember's plans at several budge
 the full model over 128 generated tokens; input-adaptive FFN skipping in decoding (FFN-SkipLLM's gate: the cosine
 of an FFN's input and output, warm-up tokens and cold layers; its threshold calibrated on the plays for a share of
 FFNs skipped), simulated on the real weights; all-MiniLM-L6-v2's sentence-embedding cosine with the full model.
-`--part speed`: the same plans on a model of SmolLM2's architecture with random weights (weights do not change
-speed): greedy decode tokens/s through torch.compile(backend="ember") with CUDA graphs, full against skipped, and
-the speedup the FLOPs removed predict.
-Usage: python bench/layer_skip.py --part accuracy [--out bench/results]      (CPU; minutes)
-       python bench/layer_skip.py --part speed [--plans bench/results/layer_skip.json]   (GPU)
+`--part speed`: ember's removals at 10% and 20% of FLOPs on a model of SmolLM2's architecture with random weights
+(weights do not change speed), a budget-0 plan, a gate that never opens and the gate's decisions recorded on the real
+weights replayed by position (FFNGate.replay): greedy decode through torch.compile(backend="ember") with CUDA graphs,
+generate's tokens/s and each decode step's forward span (CUDA events), against full and against the speedup the
+decode FLOPs removed predict; tokens compared with full and with the eager model under the same plan or gate.
+Usage: python bench/layer_skip.py --part accuracy [--out bench/results]      (CPU; about 3 hours on 2 cores)
+       python bench/layer_skip.py --part speed [--variants all|static|gate] [--dtype float32]   (GPU, ~6 min)
 """
 from __future__ import annotations
 
