@@ -70,7 +70,7 @@ def decode_flops(config, removed_kinds: list[tuple[int, str]], cache: int) -> tu
 def run_speed(args: argparse.Namespace) -> None:
     import transformers
 
-    from ember.optimizer.ffn_gate import FFNGate as DeviceGate, reference_gate
+    from ember.optimizer.ffn_gate import FFNGate, reference_gate
     from ember.optimizer.skip_search import SkipPlan
 
     device = torch.device(args.device)
@@ -90,7 +90,7 @@ def run_speed(args: argparse.Namespace) -> None:
     prompt_length = GATE_PROMPT
     gated = args.variants != "static"
     if gated:
-        variants["gate never opens"] = {"ffn_gate": DeviceGate(threshold=2.0)}
+        variants["gate never opens"] = {"ffn_gate": FFNGate(threshold=2.0)}
     for point in saved["smollm2"]["dynamic"] if gated else ():
         if point["target_share"] not in REPLAYED:
             continue
@@ -98,7 +98,7 @@ def run_speed(args: argparse.Namespace) -> None:
         if args.tiny:
             steps = [step[:layers] for step in steps]
         replay = ("0" * layers,) * prompt_length + tuple(steps)
-        variants[f"gate replay {100 * point['decode_share']:.0f}%"] = {"ffn_gate": DeviceGate(0.0, replay=replay)}
+        variants[f"gate replay {100 * point['decode_share']:.0f}%"] = {"ffn_gate": FFNGate(0.0, replay=replay)}
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config).to(device=device, dtype=args.dtype).eval()
     prompt = torch.randint(3, config.vocab_size, (1, prompt_length), device=device)
@@ -290,11 +290,13 @@ def at_flops(points: list[dict], share: float) -> dict | None:
     return next((p for p in points if p["flops_removed"] >= share - 1e-9), None)
 
 
-class FFNGate:
+class GateHooks:
     """FFN-SkipLLM's gate on a transformers Llama, as hooks: per token, once the last FFN run left the stream nearly
     unturned (cosine of its input and output >= threshold), the FFNs after it are skipped (their output zero, which
     is the residual passing through) until one of the cold last layers; the cold first layers and the first
-    `warmup` positions always run. Attention always runs, so the KV cache is the full model's."""
+    `warmup` positions always run. Attention always runs, so the KV cache is the full model's. Unlike
+    ember.optimizer.ffn_gate.reference_gate (one-row calls, to check compiled decoding) it gates every position of a
+    teacher-forced call too, and counts and records what it skipped."""
 
     def __init__(self, model, threshold: float, cold: int = 3, warmup: int = 8, decode_only: bool = False):
         self.threshold, self.cold, self.warmup, self.decode_only = threshold, cold, warmup, decode_only
@@ -369,11 +371,11 @@ def dynamic_point(model, calls, evaluation, prompts, reference, share: float, ne
     gated (decoding the text token by token), and greedy decoding with only the one-token steps gated (as ember's
     pass gates them: the prompt's prefill runs whole), its agreement with the full model and its recorded choices."""
     threshold, skipped = gate_threshold(model, calls, share)
-    gate = FFNGate(model, threshold)
+    gate = GateHooks(model, threshold)
     point = {"target_share": share, "threshold": threshold, "calibration_share": skipped,
              "heldout_ppl": perplexity(model, evaluation), "heldout_share": gate.share()}
     gate.remove()
-    gate = FFNGate(model, threshold, decode_only=True)
+    gate = GateHooks(model, threshold, decode_only=True)
     point["greedy_agreement"] = greedy_agreement(model, prompts, reference, new_tokens)
     point["decode_share"] = gate.share()
     point["decisions"] = gate.decisions
@@ -388,11 +390,11 @@ def gate_threshold(model, calls, share: float) -> tuple[float, float]:
     low, high = 0.5, 1.0
     for _ in range(14):
         middle = (low + high) / 2
-        gate = FFNGate(model, middle)
+        gate = GateHooks(model, middle)
         perplexity(model, calls)
         gate.remove()
         low, high = (middle, high) if gate.share() > share else (low, middle)
-    gate = FFNGate(model, high)
+    gate = GateHooks(model, high)
     perplexity(model, calls)
     gate.remove()
     return high, gate.share()

@@ -31,7 +31,7 @@ from ..ir.types import TensorType, type_of
 from .canonicalize import eliminate_dead_code
 from .decisions import record
 from .joins import MAX_JOINED
-from .layer_skip import Sublayer, find_sublayers
+from .layer_skip import Sublayer, find_sublayers, is_product
 
 log = logging.getLogger(__name__)
 
@@ -284,9 +284,9 @@ def _gated_products(graph: Graph, sublayer: Sublayer, skip: str, write: _Writer)
     projections), keyed by the node each replaces first; CompileError when its branch has a product of another
     kind, which the gate cannot skip."""
     branch = [node for node in graph.nodes if node.name in set(sublayer.branch)]
-    products = [node for node in branch if node.op == "linear" and node.inputs[1] in graph.weights
+    products = [node for node in branch if node.definition.linear and node.inputs[1] in graph.weights
                 and all(value is None for value in node.attrs.values())]
-    others = [node.name for node in branch if node.definition.kind == "matmul" and node not in products]
+    others = [node.name for node in branch if is_product(node) and node not in products]
     if not products or others:
         raise CompileError(f"the ffn gate needs feed-forwards made of linear layers; {sublayer.label} has "
                            f"{', '.join(others) or 'none'}: leave Options.ffn_gate off for this model")
@@ -311,7 +311,7 @@ def _zeroed_branch(graph: Graph, sublayer: Sublayer, skip: str, write: _Writer,
     add = next(node for node in graph.nodes if node.name == sublayer.add)
     branch_out = next(name for name in add.inputs if name != sublayer.stream_in)
     made = {value.name for nodes in instead.values() for node in nodes for value in node.outputs
-            if node.op == "gated_linears"}
+            if node.definition.target is torch.ops.ember.gated_linears.default}
     if branch_out in made:
         return [add]
     keep = write(aten.logical_not.default, (skip,), {}, f"{add.name}_keep")

@@ -20,9 +20,9 @@ from ..ir import Graph, Node
 from .canonicalize import eliminate_dead_code
 from .decisions import record
 
-PRODUCTS = frozenset({"linear", "linears", "gated_linears", "mm", "addmm", "bmm", "baddbmm", "matmul", "grouped_mm",
-                      "scaled_dot_product_attention", "convolution"})
-"""Ops that make a residual branch a layer (a matrix product); an add of two elementwise results is not one."""
+PRODUCT_KINDS = frozenset({"matmul", "convolution", "attention"})
+"""Op-table kinds that make a residual branch a layer (a matrix product; aten.matmul, an extern, too); an add of two
+elementwise results is not one."""
 
 ATTENTION = frozenset({"scaled_dot_product_attention", "_scaled_dot_product_efficient_attention",
                        "_scaled_dot_product_flash_attention"})
@@ -143,6 +143,11 @@ def _value_flow(graph: Graph) -> nx.DiGraph:
     return flow
 
 
+def is_product(node: Node) -> bool:
+    """Whether the node is a matrix product (a linear, a convolution, attention, aten.matmul)."""
+    return node.definition.kind in PRODUCT_KINDS or _op(node) == "matmul"
+
+
 def _op(node: Node) -> str:
     """The op's name without its overload (`add.Tensor` -> `add`; an extern op's target likewise)."""
     name = node.target if node.is_extern and node.target else node.op
@@ -159,7 +164,7 @@ def _residual_stream(node: Node, flow: nx.DiGraph, producer: Mapping[str, Node])
     for stream, other in ((left, right), (right, left)):
         if other in producer and stream in flow and nx.has_path(flow, stream, other):
             between = nx.descendants(flow, stream) & (nx.ancestors(flow, other) | {other})
-            if any(_op(producer[name]) in PRODUCTS for name in between if name in producer):
+            if any(is_product(producer[name]) for name in between if name in producer):
                 return stream
     return None
 
@@ -172,7 +177,7 @@ def _gap(result: str, following: str, producer: Mapping[str, Node], flow: nx.DiG
     current = following
     while current != result:
         node = producer.get(current)
-        if node is None or _op(node) in PRODUCTS:
+        if node is None or is_product(node):
             return None
         on_path = [name for name in node.inputs if name == result or nx.has_path(flow, result, name)]
         if not on_path:
@@ -213,7 +218,7 @@ def _branch(add: Node, stream: str, flow: nx.DiGraph, producer: Mapping[str, Nod
 def _label(branch: Sequence[Node], graph: Graph) -> str:
     """The common prefix of the names of the weights the branch's matrix products read."""
     params = {value.name for value in graph.params}
-    names = sorted({name.removeprefix("p_") for node in branch if _op(node) in PRODUCTS
+    names = sorted({name.removeprefix("p_") for node in branch if is_product(node)
                     for name in node.inputs if name in params})
     if not names:
         return branch[-1].name if branch else "?"
@@ -233,5 +238,5 @@ def _numbered_blocks(sublayers: list[Sublayer]) -> tuple[Sublayer, ...]:
     return tuple(numbered)
 
 
-__all__ = ["ACTIVATION_PRODUCTS", "ATTENTION", "KINDS", "PRODUCTS", "Sublayer", "apply_skip", "blocks", "find_sublayers", "passed_through", "removed_nodes",
+__all__ = ["ACTIVATION_PRODUCTS", "ATTENTION", "KINDS", "PRODUCT_KINDS", "Sublayer", "apply_skip", "blocks", "find_sublayers", "is_product", "passed_through", "removed_nodes",
            "skip_sublayers"]
