@@ -7,11 +7,8 @@ gap. Time windows that no buffer crosses are planned apart.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from ..units import format_bytes
 from .intervals import lower_bound
 from .memory_search import pack
 from .memory_verify import overlapping_pair
+from .mip import warm_solver
 
 log = logging.getLogger(__name__)
 
@@ -244,41 +242,6 @@ def _search_capacities(problem: _Problem, offsets: list[int], bound: int, alignm
     return best, low * alignment
 
 
-class _WarmHiGHS(pulp.HiGHS):
-    """pulp's HiGHS, started from a known solution (pulp 3 passes no warm start to HiGHS)."""
-
-    def __init__(self, start: Sequence[float], **options):
-        super().__init__(**options)
-        self.start = list(start)
-
-    def createAndConfigureSolver(self, lp):
-        with _quiet_stdout():  # HiGHS prints its banner from C++ when constructed, before any option applies
-            super().createAndConfigureSolver(lp)
-
-    def callSolver(self, lp):
-        import highspy
-
-        solution = highspy.HighsSolution()
-        solution.col_value = self.start
-        solution.value_valid = True
-        lp.solverModel.setSolution(solution)
-        lp.solverModel.run()
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    """Silence file descriptor 1 (C and C++ writes included) for the duration."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def _solve_mip(problem: _Problem, pairs: list[tuple[int, int]], start: list[int], alignment: int,
                time_limit: float) -> tuple[list[int], int, str]:
     """OLLA-style MIP: an offset per buffer (in alignment units), an ordering binary per overlapping pair."""
@@ -302,7 +265,7 @@ def _solve_mip(problem: _Problem, pairs: list[tuple[int, int]], start: list[int]
     values.update({below[(i, j)].name: 1 if start[i] + sizes[i] <= start[j] else 0 for i, j in pairs})
     # HiGHS runs past its limit (39.7 s for a 29.9 s limit on MiniMalloc's D, building included), so it
     # gets three quarters of what is left.
-    solver = _solver(values, model, max(0.05, MIP_SHARE_OF_REMAINING * (time_limit - (time.perf_counter() - started))))
+    solver = warm_solver(values, model, max(0.05, MIP_SHARE_OF_REMAINING * (time_limit - (time.perf_counter() - started))))
     try:
         model.solve(solver)
     except pulp.PulpSolverError as error:
@@ -314,16 +277,6 @@ def _solve_mip(problem: _Problem, pairs: list[tuple[int, int]], start: list[int]
     bound = max(lower_bound(sizes, problem.starts, problem.ends), _proven_bound(solver, model, alignment))
     optimal = model.sol_status == pulp.LpSolutionOptimal or _arena(solved, sizes) <= bound
     return solved, bound, "optimal" if optimal else "feasible"
-
-
-def _solver(values: dict[str, float], model: pulp.LpProblem, time_limit: float) -> pulp.LpSolver:
-    """HiGHS through highspy when present, else CBC; both warm-started from the heuristic plan."""
-    if pulp.HiGHS().available():
-        ordered = [values.get(variable.name, 0) for variable in model.variables()]
-        return _WarmHiGHS(ordered, msg=False, timeLimit=time_limit, threads=1)
-    for variable in model.variables():
-        variable.setInitialValue(values.get(variable.name, 0))
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True)
 
 
 def _proven_bound(solver: pulp.LpSolver, model: pulp.LpProblem, alignment: int) -> int:

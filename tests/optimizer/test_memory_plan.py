@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ember.errors import PlanError
-from ember.optimizer import memory_plan
+from ember.optimizer import memory_plan, mip
 from ember.optimizer.intervals import live_per_step, lower_bound
 from ember.optimizer.memory_plan import MemoryPlan, greedy_by_size, plan_intervals, time_windows
 from ember.optimizer.memory_search import Packing, fits
@@ -101,7 +101,7 @@ def test_a_failing_solver_leaves_the_heuristic_plan_and_one_warning(monkeypatch,
     def broken(self, lp):
         raise pulp.PulpSolverError("solver exploded")
 
-    monkeypatch.setattr(memory_plan._WarmHiGHS, "actualSolve", broken)
+    monkeypatch.setattr(mip._WarmHiGHS, "actualSolve", broken)
     monkeypatch.setattr(memory_plan, "pack", lambda *args: Packing(None, False))
     sizes, starts, ends = [2 * 256, 3 * 256, 2 * 256, 3 * 256], [4, 2, 4, 3], [6, 3, 5, 4]
     with caplog.at_level(logging.WARNING, logger="ember"):  # the search, finding nothing, takes all its share
