@@ -214,6 +214,42 @@ def mixtral(size: str = "tiny") -> ModelAndInputs:
     return _tokens(t.MixtralForCausalLM(config), config.vocab_size, batch, length, size)
 
 
+def qwen2_moe(size: str = "tiny") -> ModelAndInputs:
+    """transformers' Qwen2-MoE LM: routed experts (top-k softmax, not renormalised) beside a gated shared expert;
+    3 layers, 6 experts, top-2 (tiny); hidden 1024, 4 layers, 16 experts, top-4, b4 s512 (suite)."""
+    t = _transformers()
+    if size == "tiny":
+        config = t.Qwen2MoeConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                  intermediate_size=96, moe_intermediate_size=40, shared_expert_intermediate_size=80,
+                                  vocab_size=211, num_experts=6, num_experts_per_tok=2, max_position_embeddings=64,
+                                  bos_token_id=0, eos_token_id=0)
+        batch, length = 2, 13
+    else:
+        config = t.Qwen2MoeConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                                  intermediate_size=2816, moe_intermediate_size=704,
+                                  shared_expert_intermediate_size=2816, vocab_size=32000, num_experts=16, num_experts_per_tok=4, max_position_embeddings=2048,
+                                  bos_token_id=0, eos_token_id=0)
+        batch, length = 4, 512
+    return _tokens(t.Qwen2MoeForCausalLM(config), config.vocab_size, batch, length, size)
+
+
+def olmoe(size: str = "tiny") -> ModelAndInputs:
+    """transformers' OLMoE LM, top-k softmax routing (not renormalised): 2 layers, 8 experts, top-2 (tiny); hidden
+    1024, 4 layers, 64 experts, top-8, b4 s512 (suite)."""
+    t = _transformers()
+    if size == "tiny":
+        config = t.OlmoeConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=48, vocab_size=211, num_experts=8, num_experts_per_tok=2,
+                               max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+        batch, length = 2, 13
+    else:
+        config = t.OlmoeConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
+                               intermediate_size=512, vocab_size=32000, num_experts=64, num_experts_per_tok=8,
+                               max_position_embeddings=2048, bos_token_id=0, eos_token_id=0)
+        batch, length = 4, 512
+    return _tokens(t.OlmoeForCausalLM(config), config.vocab_size, batch, length, size)
+
+
 def _bert_config(t: Any, size: str) -> tuple[Any, int, int]:
     if size == "tiny":
         return t.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
@@ -240,7 +276,7 @@ def bert_masked(size: str = "tiny") -> ModelAndInputs:
 
 BUILTIN: dict[str, Callable[[str], ModelAndInputs]] = {
     "demo": demo, "mlp": mlp, "cnn": cnn, "unet": unet, "gpt2": gpt2, "llama": llama, "llama_b1": llama_b1, "mixtral": mixtral,
-    "bert": bert, "bert_masked": bert_masked,
+    "bert": bert, "bert_masked": bert_masked, "qwen2_moe": qwen2_moe, "olmoe": olmoe,
 }
 
 
