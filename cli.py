@@ -19,7 +19,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("demo", "mlp", "cnn", "unet", "gpt2", "llama", "llama_b1", "mixtral", "bert", "bert_masked")
+BUILTIN_MODELS = ("demo", "mlp", "cnn", "unet", "gpt2", "llama", "llama_b1", "mixtral", "bert", "bert_masked",
+                  "qwen2_moe", "olmoe")
 """The names `ember.models.BUILTIN` resolves (kept here so `--help` needs no torch; a test keeps them equal)."""
 SIZES = ("tiny", "suite")
 MODEL_HELP = (f"a built-in ({', '.join(BUILTIN_MODELS)}; all but demo, mlp, cnn and unet need transformers) "
@@ -122,6 +123,25 @@ def _parser() -> argparse.ArgumentParser:
     skip.add_argument("--json", action="store_true", help="print one JSON object: flops_removed, removed, eval, curves")
     skip.add_argument("--out", metavar="FILE", help="write the plan as JSON (Options(layer_skip=FILE) takes it)")
     skip.add_argument("--plot", metavar="PNG", help="write the curves as a plot (needs matplotlib)")
+    place = commands.add_parser("place", help="fit expert placements for an MoE model on routing traces; compare methods")
+    place.add_argument("sources", nargs="+", metavar="MODEL|TRACE",
+                       help="routing traces to fit on (.json as in the shared traces, or ember's .safetensors), or an "
+                            "MoE model (mixtral, qwen2_moe, olmoe, package.module:function) whose routing ember records")
+    place.add_argument("--gpus", type=int, required=True, help="GPUs to spread the experts over")
+    place.add_argument("--nodes", type=int, default=0, help="nodes the GPUs sit in (default: nodes of 8)")
+    place.add_argument("--replicas", type=int, default=0,
+                       help="extra expert replicas per layer, for the hottest experts (EPLB and the affinity methods)")
+    place.add_argument("--method", choices=("eplb", "descent", "exact", "mip"), default="mip",
+                       help="the method whose plan is printed by --json and written by --out (default: mip)")
+    place.add_argument("--score", nargs="+", metavar="TRACE", help="held-out traces to score every method on")
+    place.add_argument("--k", type=int, default=1, help="fit on each token's top-k experts (default: 1)")
+    place.add_argument("--time-limit", type=float, default=60.0, help="seconds for the MIP (default: 60)")
+    place.add_argument("--hidden", type=int, default=4096, help="hidden size, for bytes moved (default: 4096)")
+    place.add_argument("--device", default="h200", help="profile whose link bandwidths price the all-to-all")
+    place.add_argument("--size", choices=SIZES, default="tiny", help="built-in model size (default: tiny)")
+    place.add_argument("--json", action="store_true", help="print one JSON object; its \"placement\" lists, per layer, "
+                                                           "each expert's GPU (a list of GPUs when replicated)")
+    place.add_argument("--out", metavar="FILE", help="write the chosen plan as JSON")
     calibrate = commands.add_parser("calibrate", help="measure this device's ceilings and save them as a profile")
     calibrate.add_argument("--out", help="where to write the profile JSON (default: the user cache directory)")
     calibrate.add_argument("--name", help="profile name (default: from the device name)")
@@ -509,9 +529,17 @@ def run_skip(args: argparse.Namespace) -> int:
     return run_command(args)
 
 
+def run_place(args: argparse.Namespace) -> int:
+    """Fit and compare expert placements on routing traces (placing.py)."""
+    from .placing import run_command
+
+    return run_command(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": run_demo, "inspect": run_inspect, "optimize": run_optimize, "calibrate": run_calibrate,
     "export": run_export, "load": run_load, "verify": run_verify, "run": run_saved, "skip": run_skip,
+    "place": run_place,
 }
 
 

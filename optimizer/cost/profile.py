@@ -47,6 +47,9 @@ class DeviceProfile:
     attention_efficiency: fraction of tensor peak a fused attention kernel reaches, where no point is measured.
     attention_points: measured (variant, sequence length, head dim, fraction of peak); variants are
         "plain", "causal" (is_causal) and "mask" (an explicit mask: a different kernel in PyTorch).
+    link_gbps: what one GPU sends per second to the other GPUs of its node in an all-to-all (NVLink), GB/s.
+    network_gbps: the same to GPUs on other nodes (the node's network, per GPU), GB/s.
+    collective_latency_us: the fixed cost of one all-to-all (its launch and the exchange of split sizes).
     """
 
     name: str
@@ -64,6 +67,9 @@ class DeviceProfile:
     attention_efficiency: float = 0.45
     attention_points: tuple[tuple[str, int, int, float], ...] = ()
     matmul_efficiency: Mapping[str, tuple[tuple[int, int, int, float], ...]] = field(default_factory=dict)
+    link_gbps: float = 150.0
+    network_gbps: float = 25.0
+    collective_latency_us: float = 30.0
     description: str = ""
     source: str = "datasheet"
 
@@ -103,6 +109,7 @@ def profile_from_dict(data: Mapping[str, Any], where: str) -> DeviceProfile:
         "sm_count": profile.sm_count, "launch_overhead_us": profile.launch_overhead_us,
         "misaligned_matmul_factor": profile.misaligned_matmul_factor,
         "matmul_base_efficiency": profile.matmul_base_efficiency, "attention_efficiency": profile.attention_efficiency,
+        "link_gbps": profile.link_gbps, "network_gbps": profile.network_gbps,
     }
     for key, value in positive.items():
         if not isinstance(value, (int, float)) or value < 0 or (value == 0 and key != "launch_overhead_us"):
