@@ -4,6 +4,7 @@
     program = ember.compile(model, example_inputs)    # offline
     program.save("out/model"); ember.load("out/model") # saved, and loaded without optimizing again
     plan = ember.plan_skip(model, calibration, budget=0.05)  # sublayers to remove; Options(layer_skip=plan)
+    placement = ember.plan_placement([ember.record_routing(moe, calls)], gpus=4)  # Options(expert_placement=...)
 
 The names that need torch load on first use, so `import ember` (and `ember --help`) stays light.
 """
@@ -21,12 +22,15 @@ except PackageNotFoundError:
 
 _LAZY = {"compile": ".api", "inspect": ".api", "load": ".api", "plan_skip": ".api", "CompileReport": ".runtime",
          "Program": ".runtime", "LayerSkip": ".optimizer.skip_search", "SkipPlan": ".optimizer.skip_search",
-         "FFNGate": ".optimizer.ffn_gate"}
+         "FFNGate": ".optimizer.ffn_gate", "Placement": ".optimizer.expert_placement",
+         "plan_placement": ".optimizer.expert_placement", "load_trace": ".optimizer.moe_traces",
+         "record_routing": ".optimizer.routing_record"}
 """Public names defined in modules that import torch: name -> module, imported when first asked for."""
 
 __all__ = [
     "ArtifactError", "CompileError", "CompileReport", "EmberError", "ExportError", "FFNGate", "InputError", "LayerSkip",
-    "Options", "PlanError", "Program", "SkipPlan", "compile", "inspect", "load", "plan_skip", "__version__",
+    "Options", "PlanError", "Placement", "Program", "SkipPlan", "compile", "inspect", "load", "load_trace", "plan_placement",
+    "plan_skip", "record_routing", "__version__",
 ]
 
 

@@ -68,7 +68,8 @@ def compile_graph(graph: Graph, options: Options, *, stage_seconds: Mapping[str,
     report = coverage_report(compilation.graph, compilation.seconds, arena.summary() if arena else None,
                              fusion_summary(fusion), compilation.capture, compilation.changes, compilation.decisions,
                              options.layer_skip.to_dict() if options.layer_skip is not None else None,
-                             options.ffn_gate.to_dict() if options.ffn_gate is not None else None)
+                             options.ffn_gate.to_dict() if options.ffn_gate is not None else None,
+                             options.expert_placement.to_dict() if options.expert_placement is not None else None)
     program = Program(compilation.graph, report, schedule=compilation.schedule, fusion=compilation.fusion,
                       layout=arena.layout if arena else None, work=compilation.work, cuda_graphs=compilation.capture["capture"], check_inputs=options.check_inputs,
                       debug_dir=options.debug_dir, captured=compilation.skipped or graph, **program_args)

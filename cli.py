@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--size", choices=SIZES, default="suite", help="built-in model size (default: suite)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--all", action="store_true", help="list every node, not only the ten costliest")
+    inspect.add_argument("--placement", metavar="JSON", help="an expert placement (from ember place --out) to check "
+                                                           "against the model's routers and show")
     inspect.add_argument("--plot", metavar="PNG", help="write a roofline plot (needs matplotlib)")
     inspect.add_argument("--graph", metavar="HTML|SVG", help="write the graph coloured by predicted time (interactive HTML, or SVG)")
     inspect.add_argument("--plot-memory", metavar="PNG", help="write live memory over time and the arena plan (needs matplotlib)")
@@ -234,7 +236,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.device)
     model, inputs = _load(args.model, args.size, "meta" if args.model in BUILTIN_MODELS else None)
-    report = ember_inspect(model, inputs, device=profile)
+    report = ember_inspect(model, inputs, device=profile,
+                           options={"expert_placement": args.placement} if args.placement else None)
     if args.json:
         print(report.to_json())
     else:

@@ -43,6 +43,10 @@ class Options:
         (threshold, cold, warmup; also as its dict): once a feed-forward leaves the residual stream turned by
         less than `threshold` (cosine), the feed-forwards after it skip, decided on the device. See
         optimizer/ffn_gate.py.
+    expert_placement: where a mixture-of-experts model's experts live across GPUs (a Placement from
+        `ember.plan_placement` or `ember place --out`, its dict, or the JSON's path): checked against the
+        model's routers, kept in the report and the saved program, shown by inspect. See
+        optimizer/expert_placement.py; runtime/expert_parallel.py runs MoE layers so placed.
     """
 
     verify: bool = True
@@ -57,6 +61,7 @@ class Options:
     mode: str = "default"
     layer_skip: Any = None
     ffn_gate: Any = None
+    expert_placement: Any = None
 
     def __post_init__(self) -> None:
         if self.mode not in COMPILE_MODES:
@@ -69,6 +74,10 @@ class Options:
             from .optimizer.ffn_gate import as_ffn_gate
 
             object.__setattr__(self, "ffn_gate", as_ffn_gate(self.ffn_gate))
+        if self.expert_placement is not None:
+            from .optimizer.expert_placement import as_placement
+
+            object.__setattr__(self, "expert_placement", as_placement(self.expert_placement))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None, **extra: Any) -> Options:

@@ -8,11 +8,13 @@ an exact dynamic program where that is small enough, and split by recursive bipa
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,19 +78,43 @@ class Placement:
         data = asdict(self)
         data["gpus_of"] = [[list(gpus) for gpus in layer] for layer in self.gpus_of]
         data["fitted_on"] = list(self.fitted_on)
+        data["replicas"] = self.replicas   # derived: for readers of the JSON; from_dict ignores it
         return data
 
 
 def placement_from_dict(data: Mapping[str, Any]) -> Placement:
     """The Placement `Placement.to_dict` wrote, checked by `verify_placement`."""
+    known = {field.name for field in fields(Placement)}
     try:
-        plan = Placement(**{**data, "gpus_of": tuple(tuple(tuple(int(g) for g in gpus) for gpus in layer)
+        plan = Placement(**{**{key: value for key, value in data.items() if key in known}, "gpus_of": tuple(tuple(tuple(int(g) for g in gpus) for gpus in layer)
                                                      for layer in data["gpus_of"]),
                             "fitted_on": tuple(data.get("fitted_on", ()))})
     except (TypeError, KeyError, ValueError) as error:
         raise PlanError(f"not an expert placement: {error}") from error
     verify_placement(plan)
     return plan
+
+
+def as_placement(value: Placement | Mapping[str, Any] | str | Path) -> Placement:
+    """A Placement from itself, its dict (Placement.to_dict), or the path of the JSON `ember place --out` wrote."""
+    if isinstance(value, Placement):
+        verify_placement(value)
+        return value
+    if isinstance(value, (str, Path)):
+        try:
+            value = json.loads(Path(value).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise PlanError(f"cannot read an expert placement from {value}: {error}") from error
+    if not isinstance(value, Mapping):
+        raise PlanError(f"Options.expert_placement takes a Placement, its dict or a JSON path, not {type(value).__name__}")
+    return placement_from_dict(value)
+
+
+def match_routers(plan: Placement, layers: int, num_experts: int) -> None:
+    """PlanError unless the plan is for a model of `layers` MoE layers of `num_experts` experts each."""
+    if (plan.layers, plan.num_experts) != (layers, num_experts):
+        raise PlanError(f"the expert placement is for {plan.layers} MoE layers of {plan.num_experts} experts; this "
+                        f"model routes {layers} layers of {num_experts}: fit one on its own traces (ember place MODEL)")
 
 
 def placement_from_lists(lists: Sequence[Sequence[int | Sequence[int]]], gpus: int, *, method: str = "given",

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from typing import TYPE_CHECKING
 
+from ..errors import PlanError
 from ..ir import Graph
 from ..ir.schedule import Schedule, schedule_of
 from ..units import format_bytes, format_us
@@ -24,6 +25,7 @@ from .cost import CostModel
 from .fusion import fusion_summary
 from .liveness import peak_live_bytes
 from .memory_plan import MemoryPlan, plan_intervals
+from .routing_record import find_routers
 
 if TYPE_CHECKING:
     from .pipeline import Compilation
@@ -78,6 +80,9 @@ class Report:
     """The arenas compile plans on this device (in its step order, fusion included): see ArenaPlan.summary."""
     capture: Mapping[str, Any] = field(default_factory=dict)
     """Whether compile would capture calls in a CUDA graph on this device, what decided it, and its numbers."""
+    experts: Mapping[str, Any] = field(default_factory=dict)
+    """A mixture-of-experts model's routing (MoE layers, experts, top-k) and the expert placement given, if any
+    (Placement.to_dict); empty for a model without routers."""
 
     def costliest(self, count: int = COSTLIEST) -> list[Row]:
         """The `count` rows with the largest predicted time."""
@@ -132,7 +137,18 @@ def build_report(compilation: Compilation, model: str = "model") -> Report:
     groups = {name: group.name for group in fusion.groups for name in group.nodes} if fusion else {}
     arena = compilation.arena.summary() if compilation.arena else {}
     return Report(model, profile.name, tuple(rows), totals, memory, by_kind, fusion_summary(fusion), graph, plan, order,
-                  groups, arena, dict(compilation.capture))
+                  groups, arena, dict(compilation.capture), experts_summary(compilation))
+
+
+def experts_summary(compilation: Compilation) -> dict[str, Any]:
+    """The routers of a mixture-of-experts graph and the placement given for its experts; empty without routers."""
+    try:
+        routers = find_routers(compilation.graph)
+    except PlanError:
+        return {}
+    placement = compilation.options.expert_placement
+    return {"moe_layers": len(routers), "experts": routers[0].num_experts, "k": routers[0].k,
+            "placement": placement.to_dict() if placement is not None else None}
 
 
 def memory_summary(graph: Graph, order: Schedule, time_limit: float = PLAN_SECONDS) -> tuple[dict[str, Any], MemoryPlan]:
@@ -210,6 +226,14 @@ def render(report: Report, console: Console, *, all_rows: bool = False) -> None:
                    if "host_us" in decision else "")
         console.print(f"CUDA graphs: {'captured' if decision['capture'] else 'not captured'}, decided by "
                       f"{decision['decided_by']}{numbers}")
+    if report.experts:
+        experts = report.experts
+        plan = experts["placement"]
+        where = (f"placed on {plan['gpus']} GPUs by {plan['method']} ({plan['replicas']} replicas per layer), "
+                 f"{plan['fitted_cost']:.3f} of fitted top-{plan['k']} transitions cross GPUs ({plan['status']})"
+                 if plan else "no placement given (ember place MODEL --gpus N fits one)")
+        console.print(f"mixture of experts: {experts['moe_layers']} MoE layers x {experts['experts']} experts, "
+                      f"top-{experts['k']}; {where}")
     rows = report.rows if all_rows else report.costliest()
     table = Table(title="every node" if all_rows else f"the {len(rows)} costliest nodes")
     numeric = ("#", "GFLOP", "moved", "FLOP/B", "µs", "share")

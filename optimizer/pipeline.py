@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import math
 import os
 import re
 import time
@@ -34,7 +35,8 @@ from .attention import (convert_attention_masks, decompose_attention, fold_const
 from .canonicalize import drop_empty_cat_inputs, eliminate_dead_code
 from .cost import CostModel, DeviceProfile, known_profiles, load_profile
 from .cost.calibrate import calibrated_name
-from .decisions import recording
+from .decisions import record, recording
+from .expert_placement import match_routers
 from .fold import fold_constants
 from .fusion import FusionPlan, plan_fusion
 from .fusion_verify import verify_fusion
@@ -44,6 +46,7 @@ from .layer_skip import apply_skip
 from .layout import pad_linear_features
 from .ranges import cover_grouped_rows, drop_decided_masks, offsets_by_search
 from .reorder import reorder_for_memory
+from .routing_record import find_routers
 from .skip_search import SkipPlan
 
 log = logging.getLogger(__name__)
@@ -185,6 +188,20 @@ class GateFFNs:
         return dataclasses.replace(compilation, graph=graph, skipped=graph)
 
 
+def place_experts(compilation: Compilation) -> Compilation:
+    """Expert placement as a stage: the plan in Options.expert_placement checked against the graph's routers
+    (as many MoE layers, as many experts), its numbers recorded. The plan is data for the expert-parallel
+    runtime; the graph is unchanged."""
+    plan = compilation.options.expert_placement
+    routers = find_routers(compilation.graph)
+    match_routers(plan, len(routers), routers[0].num_experts)
+    gap = "" if math.isnan(plan.gap) else f", gap {plan.gap:.1%}"
+    record(f"experts of {plan.layers} MoE layers x {plan.num_experts} placed on {plan.gpus} GPUs by {plan.method}"
+           f" ({plan.replicas} replicas per layer): {plan.fitted_cost:.3f} of fitted top-{plan.k} transitions "
+           f"cross GPUs ({plan.status}{gap})")
+    return compilation
+
+
 def fuse(compilation: Compilation) -> Compilation:
     """Plan fusion groups (priced on the target's profile), where generated kernels run (see `fuses`)."""
     if not fuses(compilation):
@@ -283,7 +300,8 @@ def pass_stages(options: Options) -> tuple[Stage, ...]:
 
 def stages(options: Options) -> tuple[Stage, ...]:
     """Every stage of a compile, in order."""
-    return (*pass_stages(options), fuse, schedule_steps, lower_kernels, compile_kernels, plan_memory, decide_capture)
+    placement = (place_experts,) if options.expert_placement is not None else ()
+    return (*placement, *pass_stages(options), fuse, schedule_steps, lower_kernels, compile_kernels, plan_memory, decide_capture)
 
 
 def planning_stages(options: Options) -> tuple[Stage, ...]:

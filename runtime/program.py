@@ -52,6 +52,9 @@ class CompileReport:
     ffn_gate: Mapping[str, Any] = field(default_factory=dict)
     """The ffn gate asked for (FFNGate.to_dict: threshold, cold, warmup); empty without it. How many feed-forwards
     it gated is among pass_decisions."""
+    expert_placement: Mapping[str, Any] = field(default_factory=dict)
+    """The expert placement given (Placement.to_dict: each expert's GPUs per layer, the method, its fitted
+    crossing share and gap); empty without one."""
 
     def __rich__(self) -> Group:
         return render_compile_report(self)
@@ -89,6 +92,11 @@ def render_compile_report(report: CompileReport) -> Group:
         summary.add_row("layer skipping", _skip_line(report.layer_skip))
     if report.ffn_gate:
         summary.add_row("ffn gate", ", ".join(f"{key} {value}" for key, value in report.ffn_gate.items()))
+    if report.expert_placement:
+        plan = report.expert_placement
+        summary.add_row("expert placement", f"{plan['method']} on {plan['gpus']} GPUs, {len(plan['gpus_of'])} MoE layers "
+                        f"x {plan['num_experts']} experts; {plan['fitted_cost']:.3f} of fitted transitions cross GPUs "
+                        f"({plan['status']})")
     stages = _table("time per stage")
     stages.add_column("stage")
     stages.add_column("time", justify="right")
@@ -176,7 +184,8 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Ma
                     pass_changes: Mapping[str, Any] | None = None,
                     pass_decisions: Mapping[str, Sequence[str]] | None = None,
                     layer_skip: Mapping[str, Any] | None = None,
-                    ffn_gate: Mapping[str, Any] | None = None) -> CompileReport:
+                    ffn_gate: Mapping[str, Any] | None = None,
+                    expert_placement: Mapping[str, Any] | None = None) -> CompileReport:
     """Count native and extern nodes of the final graph."""
     native: dict[str, int] = {}
     extern: dict[str, int] = {}
@@ -187,7 +196,7 @@ def coverage_report(graph: Graph, stage_seconds: Mapping[str, float], memory: Ma
     coverage = 1.0 if total == 0 else sum(native.values()) / total
     return CompileReport(total, coverage, extern, dict(stage_seconds), native, dict(memory or {}), dict(fusion or {}),
                          dict(cuda_graphs or {}), dict(pass_changes or {}), dict(pass_decisions or {}),
-                         dict(layer_skip or {}), dict(ffn_gate or {}))
+                         dict(layer_skip or {}), dict(ffn_gate or {}), dict(expert_placement or {}))
 
 
 class Program:
