@@ -1,14 +1,16 @@
 """Expert placement: the simulator's table on real Mixtral-8x7B routing, solve times, scaling, and a 2-GPU run.
 
-`--part sim` (CPU): for each MT-Bench category held out in turn (fit on the other four, score on it), at 2, 4 and
+`--part traces` (CPU): for each MT-Bench category held out in turn (fit on the other four, score on it), at 2, 4 and
 8 GPUs: contiguous, round-robin, EPLB, the descent, the MIP and the exact program (where it runs) on the top-1
 objective; the MIP fitted on top-2 transitions, scored on both experts' trips; EPLB and the MIP with replicas
-(load max/mean); solve times on this machine. Then synthetic DeepSeek-like models (256 experts, top-8, controlled
-affinity) on 8-64 GPUs in nodes of 8: contiguous, EPLB and the MIP's decomposition, fitted on one token sample and
-scored on another.
+(load max/mean); solve times on this machine.
+`--part synthetic` (CPU): synthetic DeepSeek-like models (256 experts, top-8, 16 layers, controlled affinity) on
+8-64 GPUs in nodes of 8: contiguous, EPLB and the MIP's decomposition, fitted on one token sample and scored on
+another.
 `--part gpu` (two GPUs): the planned and contiguous placements through runtime.expert_parallel (torchrun, NCCL):
 measured all-to-all bytes and time and MoE-layer time, against the simulator's prediction for the same tokens.
-Usage: python bench/placement.py --part sim [--time-limit 60]        (CPU; about 40 min on 2 cores)
+Usage: python bench/placement.py --part traces [--time-limit 60]     (CPU; about 40 min on 2 cores)
+       python bench/placement.py --part synthetic                      (CPU; about 5 min)
        python bench/placement.py --part gpu --traces DIR               (2 GPUs; a few minutes)
 """
 from __future__ import annotations
@@ -75,9 +77,10 @@ def _objective(plan: Placement, counts: torch.Tensor) -> float:
 
 
 def synthetic_rows(time_limit: float, profile) -> list[dict]:
-    """256 experts, top-8, 16 MoE layers, affinity 0.5: fitted on one token sample, scored on another."""
-    fit = synthetic_trace(256, 16, 8, 4096, 0.5, seed=7, sample_seed=1, name="synthetic-fit")
-    score = synthetic_trace(256, 16, 8, 4096, 0.5, seed=7, sample_seed=2, name="synthetic-score")
+    """256 experts, top-8, 16 MoE layers, affinity 0.5, popularity skew 0.5: fitted on one token sample, scored on
+    another."""
+    fit = synthetic_trace(256, 16, 8, 4096, 0.5, skew=0.5, seed=7, sample_seed=1, name="synthetic-fit")
+    score = synthetic_trace(256, 16, 8, 4096, 0.5, skew=0.5, seed=7, sample_seed=2, name="synthetic-score")
     rows = []
     for gpus in SYNTHETIC_GPUS:
         for method in ("contiguous", "eplb", "mip"):
@@ -92,7 +95,7 @@ def synthetic_rows(time_limit: float, profile) -> list[dict]:
     return rows
 
 
-def sim_table(rows: list[dict], synthetic: list[dict]) -> str:
+def traces_table(rows: list[dict]) -> str:
     lines = ["held-out top-1 remote share (fit on four categories, score on the fifth); mean over categories "
              "[worst ratio to exact]",
              f"{'GPUs':>4} {'method':<12} {'k':>1} {'repl':>4} {'top-1':>7} {'/exact':>7} {'trips':>6} {'load':>6} "
@@ -109,26 +112,36 @@ def sim_table(rows: list[dict], synthetic: list[dict]) -> str:
             lines.append(f"{gpus:>4} {method:<12} {k:>1} {replicas:>4} {mean('held_out_top1_remote'):7.4f} {ratio} "
                          f"{mean('trips_per_token_layer'):6.3f} {max(r['load_imbalance'] for r in group):6.3f} "
                          f"{max(r['solve_s'] for r in group):8.1f}  {'/'.join(statuses)}")
-    lines += ["", "synthetic: 256 experts, top-8, 16 layers, affinity 0.5 (held-out token sample)",
-              f"{'GPUs':>4} {'method':<12} {'top-1':>7} {'trips':>7} {'x-node':>7} {'load':>6} {'solve s':>8}"]
-    for r in synthetic:
-        lines.append(f"{r['gpus']:>4} {r['method']:<12} {r['held_out_top1_remote']:7.4f} {r['trips_per_token_layer']:7.3f} "
-                     f"{r['cross_node_share']:7.3f} {r['load_imbalance']:6.3f} {r['solve_s']:8.1f}")
     lines.append("top-1: held-out share of token-layer steps whose top-1 expert is on another GPU than one layer before; "
                  "trips: rows sent across GPUs per token and layer (both experts); load: max/mean GPU load, worst "
                  "category, mean over layers")
     return "\n".join(lines)
 
 
-def run_sim(args: argparse.Namespace) -> None:
+def synthetic_table(rows: list[dict]) -> str:
+    lines = ["synthetic: 256 experts, top-8, 16 layers, affinity 0.5, skew 0.5 (held-out token sample)",
+             f"{'GPUs':>4} {'method':<12} {'top-1':>7} {'trips':>7} {'x-node':>7} {'load':>6} {'solve s':>8}"]
+    for r in rows:
+        lines.append(f"{r['gpus']:>4} {r['method']:<12} {r['held_out_top1_remote']:7.4f} {r['trips_per_token_layer']:7.3f} "
+                     f"{r['cross_node_share']:7.3f} {r['load_imbalance']:6.3f} {r['solve_s']:8.1f}")
+    lines.append("x-node: share of trips that cross nodes (nodes of 8 GPUs)")
+    return "\n".join(lines)
+
+
+def run_traces(args: argparse.Namespace) -> None:
     directory = Path(args.traces) if args.traces else default_traces()
     traces = {name: load_trace(directory / f"{name}.json") for name in CATEGORIES}
-    profile = load_profile("h200")
-    rows = held_out_rows(traces, args.time_limit, profile)
-    synthetic = synthetic_rows(args.time_limit, profile)
+    rows = held_out_rows(traces, args.time_limit, load_profile("h200"))
     result = {**environment(torch.device("cpu")), "cores": os.cpu_count(), "time_limit_s": args.time_limit,
-              "profile": "h200", "held_out": rows, "synthetic": synthetic}
-    write_results(args.out, "placement_sim", result, sim_table(rows, synthetic))
+              "profile": "h200", "rows": rows}
+    write_results(args.out, "placement_traces", result, traces_table(rows))
+
+
+def run_synthetic(args: argparse.Namespace) -> None:
+    rows = synthetic_rows(args.time_limit, load_profile("h200"))
+    result = {**environment(torch.device("cpu")), "cores": os.cpu_count(), "time_limit_s": args.time_limit,
+              "profile": "h200", "rows": rows}
+    write_results(args.out, "placement_synthetic", result, synthetic_table(rows))
 
 
 def run_gpu(args: argparse.Namespace) -> None:
@@ -189,7 +202,7 @@ def gpu_table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("sim", "gpu"), required=True)
+    parser.add_argument("--part", choices=("traces", "synthetic", "gpu"), required=True)
     parser.add_argument("--traces", help="folder of the Mixtral traces (default: ../shared/data/moe_traces/mixtral)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per MIP (default: 60)")
     parser.add_argument("--held-out", default="writing", help="the category the GPU run replays (default: writing)")
@@ -200,7 +213,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    run_sim(args) if args.part == "sim" else run_gpu(args)
+    {"traces": run_traces, "synthetic": run_synthetic, "gpu": run_gpu}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ POOL_EXPERTS = 32
 """The pool search (the exact program over swaps of the current layers' placements) runs up to this many experts."""
 FLOW_SCALE = 3600
 """Affinities are scaled to integers for the min-cost flow (3600 is divisible by every replica count to 6)."""
+BISECTIONS = 20
+SPLIT_BALANCE = 1.10
+"""Recursive bipartition keeps each GPU's load within this multiple of the mean (compounded over the levels)."""
 MIP_SHARE = 0.75
 """HiGHS runs past its limit while it builds; it gets this share of what time is left."""
 
@@ -98,7 +101,7 @@ def affinity_search(counts: torch.Tensor, expert_load: torch.Tensor, gpus: int, 
         raise PlanError("a replicated placement needs a start with its replica counts")
     terms = int((counts > 0).sum()) * gpus
     if method == "mip" and terms > MIP_TERMS and not replicas:
-        return _bipartition(counts, num_experts, gpus, slots, gpus_per_node, time_limit_s, seed)
+        return _bipartition(counts, expert_load, gpus, slots, gpus_per_node, time_limit_s, seed, balance)
     descent_budget = time_limit_s * (0.3 if method == "mip" else 1.0)
     held = _descent_from_starts(counts, expert_load, gpus, slots, balance, start, seed, descent_budget)
     cost = crossing(held, counts)
@@ -373,14 +376,16 @@ def _canonical(held: torch.Tensor) -> torch.Tensor:
     return held[:, :, order]
 
 
-def _bipartition(counts: torch.Tensor, num_experts: int, gpus: int, slots: int, gpus_per_node: int,
-                 time_limit_s: float, seed: int) -> SearchResult:
+def _bipartition(counts: torch.Tensor, expert_load: torch.Tensor, gpus: int, slots: int, gpus_per_node: int,
+                 time_limit_s: float, seed: int, balance: float | None) -> SearchResult:
     """Recursive bipartition (ExFlow's answer to many GPUs): split the GPUs in halves, node boundaries first,
     and each layer's experts between them by a two-way descent (each layer's split exact given its neighbours:
-    the experts most drawn to one side go there), then recurse into each half."""
-    layers = counts.shape[0] + 1
+    the experts most drawn to one side go there, as many as it has slots, its load kept near its share), then
+    recurse into each half."""
+    layers, num_experts = expert_load.shape
+    levels = max(1, math.ceil(math.log2(gpus)))
+    tolerance = (balance or SPLIT_BALANCE) ** (1 / levels) - 1   # per split, so that the levels compound to `balance`
     gpu_of = torch.zeros(layers, num_experts, dtype=torch.int64)
-    deadline = time.perf_counter() + time_limit_s
     generator = torch.Generator().manual_seed(seed)
     pending = [(0, gpus, [torch.arange(num_experts) for _ in range(layers)])]
     while pending:
@@ -390,8 +395,9 @@ def _bipartition(counts: torch.Tensor, num_experts: int, gpus: int, slots: int, 
                 gpu_of[layer, members[layer]] = low
             continue
         middle = low + _split_point(high - low, gpus_per_node)
-        sides = _two_way(counts, members, (middle - low) / (high - low), slots * (middle - low),
-                         slots * (high - middle), generator, deadline)
+        deadline = time.perf_counter() + time_limit_s * (high - low) / gpus / levels   # a level's splits share 1/levels
+        sides = _two_way(counts, expert_load, members, (middle - low) / (high - low), slots * (middle - low),
+                         slots * (high - middle), tolerance, generator, deadline)
         pending.append((low, middle, [m[~s] for m, s in zip(members, sides)]))
         pending.append((middle, high, [m[s] for m, s in zip(members, sides)]))
     held = torch.nn.functional.one_hot(gpu_of, gpus).to(torch.float64)
@@ -407,13 +413,15 @@ def _split_point(width: int, gpus_per_node: int) -> int:
     return width // 2
 
 
-def _two_way(counts: torch.Tensor, members: list[torch.Tensor], share: float, capacity_a: int, capacity_b: int,
-             generator: torch.Generator, deadline: float) -> list[torch.Tensor]:
+def _two_way(counts: torch.Tensor, expert_load: torch.Tensor, members: list[torch.Tensor], share: float,
+             capacity_a: int, capacity_b: int, tolerance: float, generator: torch.Generator,
+             deadline: float) -> list[torch.Tensor]:
     """Per layer, a bool mask over `members[layer]`: True for side b. Best of a few descents."""
     layers = len(members)
     sizes = [len(m) for m in members]
     on_a = [min(capacity_a, max(size - capacity_b, round(size * share))) for size in sizes]
     sub = [counts[l][members[l]][:, members[l + 1]] for l in range(layers - 1)]
+    weights = [expert_load[l, members[l]] for l in range(layers)]
     best, best_cost = None, math.inf
     for attempt in range(4):
         if attempt and time.perf_counter() > deadline:
@@ -422,17 +430,15 @@ def _two_way(counts: torch.Tensor, members: list[torch.Tensor], share: float, ca
                  torch.randperm(size, generator=generator) >= on_a[l] for l, size in enumerate(sizes)]
         for _ in range(MAX_SWEEPS):
             changed = False
+            if time.perf_counter() > deadline:
+                break
             for layer in itertools.chain(range(layers), reversed(range(layers))):
                 pull = torch.zeros(sizes[layer], dtype=torch.float64)   # drawn to side b minus drawn to side a
                 if layer > 0:
-                    sign = sides[layer - 1].double() * 2 - 1
-                    pull += sub[layer - 1].T @ sign
+                    pull += sub[layer - 1].T @ (sides[layer - 1].double() * 2 - 1)
                 if layer < layers - 1:
-                    sign = sides[layer + 1].double() * 2 - 1
-                    pull += sub[layer] @ sign
-                order = torch.argsort(pull, stable=True)
-                new = torch.zeros(sizes[layer], dtype=torch.bool)
-                new[order[on_a[layer]:]] = True
+                    pull += sub[layer] @ (sides[layer + 1].double() * 2 - 1)
+                new = _balanced_split(pull, weights[layer], on_a[layer], share, tolerance)
                 if not torch.equal(new, sides[layer]):
                     changed = True
                     sides[layer] = new
@@ -442,3 +448,38 @@ def _two_way(counts: torch.Tensor, members: list[torch.Tensor], share: float, ca
         if cost < best_cost:
             best, best_cost = [s.clone() for s in sides], cost
     return best
+
+
+def _balanced_split(pull: torch.Tensor, load: torch.Tensor, on_a: int, share: float, tolerance: float) -> torch.Tensor:
+    """Side b (True) for all but the `on_a` experts least drawn to it, with side a's load within `tolerance` of its
+    share where a price on load can get it there: experts sorted by pull + price x load, the price found by
+    bisection (the smallest that balances, so affinity gives way to balance only as far as it must)."""
+    def split(price: float) -> torch.Tensor:
+        order = torch.argsort(pull + price * load, stable=True)
+        side = torch.ones(len(pull), dtype=torch.bool)
+        side[order[:on_a]] = False
+        return side
+
+    def excess(side: torch.Tensor) -> float:
+        """Side a's load over its share (positive: too heavy), relative to the share."""
+        target = share * float(load.sum())
+        return (float(load[~side].sum()) - target) / target if target else 0.0
+
+    side = split(0.0)
+    over = excess(side)
+    if abs(over) <= tolerance:
+        return side
+    direction = 1.0 if over > 0 else -1.0    # side a too heavy: price load up, so heavy experts sort late (side b)
+    low, high = 0.0, direction * 4 * (float(pull.abs().max()) + 1) / max(float(load[load > 0].min()) if (load > 0).any() else 1.0, 1e-9)
+    best = split(high)
+    for _ in range(BISECTIONS):
+        middle = (low + high) / 2
+        candidate = split(middle)
+        still = excess(candidate) * direction   # > tolerance: not priced enough yet
+        if abs(still) <= tolerance or abs(still) < abs(excess(best)):
+            best = candidate
+        if still > tolerance:
+            low = middle
+        else:
+            high = middle
+    return best if abs(excess(best)) < abs(over) else side
