@@ -228,8 +228,7 @@ def eplb(load: torch.Tensor, gpus: int, replicas: int = 0, gpus_per_node: int = 
     slots = slots_for(num_experts, gpus, replicas)
     nodes = max(1, gpus // gpus_per_node) if gpus % gpus_per_node == 0 else 1
     groups = groups or nodes
-    if nodes > 1 and num_experts % groups == 0 and groups % nodes == 0 and physical % nodes == 0 and not (
-            (physical // nodes) % (num_experts // nodes)):
+    if nodes > 1 and num_experts % groups == 0 and groups % nodes == 0 and physical % gpus == 0:
         return _eplb_hierarchical(load, gpus, physical, nodes, groups)
     counts = replica_counts(load, physical, gpus)
     placed = []

@@ -81,8 +81,11 @@ def load_trace(path: str | Path, num_experts: int | None = None) -> RoutingTrace
         raise PlanError(f"{path} is not a routing trace (JSON or ember's safetensors): {error}") from error
     if metadata.get("format") != FORMAT or "experts" not in tensors:
         raise PlanError(f"{path} is a safetensors file but not an ember routing trace (format {metadata.get('format')!r})")
-    return RoutingTrace(metadata.get("name", path.stem), tensors["experts"].long(),
-                        num_experts or int(metadata["num_experts"]), tensors.get("weights"))
+    try:
+        count = num_experts or int(metadata["num_experts"])
+    except (KeyError, ValueError) as error:
+        raise PlanError(f"{path}: the trace's metadata gives no expert count ({error})") from error
+    return RoutingTrace(metadata.get("name", path.stem), tensors["experts"].long(), count, tensors.get("weights"))
 
 
 def _load_json(path: Path, num_experts: int | None) -> RoutingTrace:
@@ -94,7 +97,7 @@ def _load_json(path: Path, num_experts: int | None) -> RoutingTrace:
         raise PlanError(f"{path}: a routing trace is an object from layer index to per-token expert lists")
     try:
         layers = sorted(data, key=int)
-        experts = torch.tensor([data[layer] for layer in layers], dtype=torch.int64)
+        experts = torch.tensor([data[layer] for layer in layers])
     except (ValueError, TypeError) as error:
         raise PlanError(f"{path}: every layer must list the same number of tokens, each with the same number of "
                         f"experts ({error})") from error
@@ -103,6 +106,13 @@ def _load_json(path: Path, num_experts: int | None) -> RoutingTrace:
     if experts.dim() != 3:
         raise PlanError(f"{path}: expected [layers][tokens][k] expert ids, got shape {tuple(experts.shape)}")
     experts = experts.permute(1, 0, 2).contiguous()
+    if not experts.numel():
+        raise PlanError(f"{path}: the trace lists no expert ids")
+    if experts.is_floating_point() or experts.dtype == torch.bool:
+        raise PlanError(f"{path}: expert ids must be integers, found {experts.dtype}")
+    if [int(layer) for layer in layers] != list(range(len(layers))):
+        raise PlanError(f"{path}: layers must be numbered 0..{len(layers) - 1} with none missing, found {layers}")
+    experts = experts.long()
     return RoutingTrace(path.stem, experts, num_experts or int(experts.max()) + 1)
 
 
@@ -136,7 +146,7 @@ def transitions(traces: Sequence[RoutingTrace], k: int = 1) -> torch.Tensor:
     for trace in traces:
         chosen = trace.experts[:, :, :k].long()
         pairs = chosen[:, :-1, :, None] * num_experts + chosen[:, 1:, None, :]   # [tokens, layers-1, k, k]
-        pairs = pairs.permute(1, 0, 2, 3).reshape(layers - 1, -1)
+        pairs = pairs.permute(1, 0, 2, 3).reshape(max(layers - 1, 0), trace.tokens * k * k)
         counts.scatter_add_(1, pairs, torch.ones_like(pairs, dtype=torch.float64))
     return counts.view(-1, num_experts, num_experts)
 
