@@ -83,7 +83,7 @@ def test_rich_renders_the_same_tables_in_colour(report):
 def test_report_stays_a_frozen_dataclass_with_its_fields(report):
     assert [f.name for f in dataclasses.fields(report)] == [
         "node_count", "op_coverage", "extern_ops", "stage_seconds", "native_ops", "memory", "fusion", "cuda_graphs",
-        "pass_changes", "pass_decisions", "layer_skip", "ffn_gate"]
+        "pass_changes", "pass_decisions", "layer_skip", "ffn_gate", "expert_placement"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         report.node_count = 4
     assert repr(report).startswith("CompileReport(node_count=3,")
