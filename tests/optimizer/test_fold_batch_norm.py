@@ -9,7 +9,6 @@ from torch import nn
 import ember
 from ember import models
 from ember.frontend import from_module
-from ember.optimizer.decisions import recording
 from ember.optimizer.fold_batch_norm import fold_batch_norm
 from ember.tolerance import result_tolerance
 
