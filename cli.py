@@ -20,7 +20,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = ("demo", "mlp", "cnn", "unet", "gpt2", "llama", "llama_b1", "mixtral", "bert", "bert_masked",
-                  "qwen2_moe", "olmoe")
+                  "qwen2_moe", "olmoe", "resnet50", "convnext_t", "mobilenet_v2", "vit_b16", "t5_encoder", "gemma2",
+                  "qwen2", "moe64")
 """The names `ember.models.BUILTIN` resolves (kept here so `--help` needs no torch; a test keeps them equal)."""
 SIZES = ("tiny", "suite")
 MODEL_HELP = (f"a built-in ({', '.join(BUILTIN_MODELS)}; all but demo, mlp, cnn and unet need transformers) "

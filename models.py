@@ -78,6 +78,9 @@ class Decoder(nn.Module):
 SIZES = ("tiny", "suite")
 """tiny: odd-sized fp32 configs for tests; suite: the bf16 benchmark configs every benchmark uses."""
 SUITE = ("mlp", "gpt2", "llama", "llama_b1", "mixtral", "bert")
+BROADER = ("resnet50", "convnext_t", "mobilenet_v2", "vit_b16", "t5_encoder", "gemma2", "qwen2", "moe64")
+"""Architectures ember was not tuned on: convolution networks, a ViT, an encoder with relative position buckets,
+soft-capped sliding-window attention, a biased-QKV decoder and a 64-expert MoE, each at its library default."""
 
 
 def demo(size: str = "tiny") -> ModelAndInputs:
@@ -274,9 +277,126 @@ def bert_masked(size: str = "tiny") -> ModelAndInputs:
     return model, (tokens, mask)
 
 
+def _images(model: nn.Module, batch: int, side: int, size: str) -> ModelAndInputs:
+    """The model as shipped on random images [batch, 3, side, side]."""
+    return _sized(model, (torch.randn(batch, 3, side, side),), size)
+
+
+def resnet50(size: str = "tiny") -> ModelAndInputs:
+    """transformers' ResNet classifier: bottleneck stages of depth 1 and 2, widths 16 and 24, 2 images of 37x37
+    (tiny); ResNetConfig() as shipped (ResNet-50), 32 images of 224x224 (suite)."""
+    t = _transformers()
+    if size == "tiny":
+        config = t.ResNetConfig(embedding_size=8, hidden_sizes=[16, 24], depths=[1, 2], num_labels=5)
+        return _images(t.ResNetForImageClassification(config), 2, 37, size)
+    return _images(t.ResNetForImageClassification(t.ResNetConfig()), 32, 224, size)
+
+
+def convnext_t(size: str = "tiny") -> ModelAndInputs:
+    """transformers' ConvNeXt classifier: 2 stages of widths 8 and 16, layer scale 0.5 so that blocks count, 2
+    images of 35x35 (tiny); ConvNextConfig() as shipped (ConvNeXt-T), 32 images of 224x224 (suite)."""
+    t = _transformers()
+    if size == "tiny":
+        config = t.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 2], layer_scale_init_value=0.5,
+                                  image_size=35, num_labels=5)
+        return _images(t.ConvNextForImageClassification(config), 2, 35, size)
+    return _images(t.ConvNextForImageClassification(t.ConvNextConfig()), 32, 224, size)
+
+
+def mobilenet_v2(size: str = "tiny") -> ModelAndInputs:
+    """transformers' MobileNetV2 classifier (TF "same" padding, ReLU6, depthwise convolutions): depth multiplier
+    0.25 on 2 images of 33x33 (tiny); MobileNetV2Config() as shipped (1.0, 224), 32 images of 224x224 (suite).
+
+    transformers initialises its 52 convolutions with std 0.02, which shrinks the logits to about 1e-22 (so any
+    result would pass a comparison); they get Kaiming's fan-in init instead, as trained weights would keep
+    activations at scale."""
+    t = _transformers()
+    tiny = size == "tiny"
+    config = t.MobileNetV2Config(depth_multiplier=0.25, image_size=33, num_labels=5) if tiny else t.MobileNetV2Config()
+    model = t.MobileNetV2ForImageClassification(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+    return _images(model, 2 if tiny else 32, 33 if tiny else 224, size)
+
+
+def vit_b16(size: str = "tiny") -> ModelAndInputs:
+    """transformers' ViT classifier: 2 layers of width 36, patches of 5 on 2 images of 20x20 (tiny); ViTConfig() as
+    shipped (ViT-B/16), 32 images of 224x224 (suite)."""
+    t = _transformers()
+    if size == "tiny":
+        config = t.ViTConfig(hidden_size=36, num_hidden_layers=2, num_attention_heads=4, intermediate_size=60,
+                             image_size=20, patch_size=5, num_labels=5)
+        return _images(t.ViTForImageClassification(config), 2, 20, size)
+    return _images(t.ViTForImageClassification(t.ViTConfig()), 32, 224, size)
+
+
+def t5_encoder(size: str = "tiny") -> ModelAndInputs:
+    """transformers' T5 encoder (relative position buckets, RMS norm, ReLU FFN): 2 layers of width 40 (tiny); t5-base
+    dims (T5Config() is t5-small): d_model 768, 12 layers, 12 heads, d_ff 3072, batch 16, 512 tokens (suite)."""
+    t = _transformers()
+    if size == "tiny":
+        config = t.T5Config(d_model=40, d_kv=8, num_heads=4, d_ff=56, num_layers=2, vocab_size=211)
+        batch, length = 2, 13
+    else:
+        config, batch, length = t.T5Config(d_model=768, d_kv=64, num_heads=12, d_ff=3072, num_layers=12), 16, 512
+    return _tokens(t.T5EncoderModel(config), config.vocab_size, batch, length, size)
+
+
+def gemma2(size: str = "tiny") -> ModelAndInputs:
+    """transformers' Gemma-2 LM: attention and final-logit soft-capping (so eager attention, as shipped), a head width
+    of its own (not hidden/heads), sliding-window layers alternating with global ones. Tiny: 2 layers of width 48,
+    4 heads of 16, a window of 8 on 13 tokens; suite: Gemma2Config() as shipped (Gemma-2-2B: hidden 2304, 26 layers,
+    8 heads of 256, window 4096, so wider than the sequence; vocab 256000), batch 2, 1024 tokens."""
+    t = _transformers()
+    if size == "tiny":
+        config = t.Gemma2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=16, query_pre_attn_scalar=16, intermediate_size=72, vocab_size=211,
+                                sliding_window=8, max_position_embeddings=64)
+        batch, length = 2, 13
+    else:
+        config, batch, length = t.Gemma2Config(), 2, 1024
+    return _tokens(t.Gemma2ForCausalLM(config), config.vocab_size, batch, length, size)
+
+
+def qwen2(size: str = "tiny") -> ModelAndInputs:
+    """transformers' Qwen2 LM (biased QKV, grouped-query attention): 2 layers of width 64 (tiny); Qwen2-1.5B dims:
+    hidden 1536, 28 layers, 12 heads, 2 KV heads, tied embeddings, vocab 151936, batch 4, 1024 tokens (suite)."""
+    t = _transformers()
+    if size == "tiny":
+        config = t.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=96, vocab_size=211, max_position_embeddings=64)
+        batch, length = 2, 13
+    else:
+        config = t.Qwen2Config(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                               intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                               tie_word_embeddings=True)
+        batch, length = 4, 1024
+    return _tokens(t.Qwen2ForCausalLM(config), config.vocab_size, batch, length, size)
+
+
+def moe64(size: str = "tiny") -> ModelAndInputs:
+    """transformers' OLMoE LM with many experts, 64 of them, top-8: 2 layers of width 32, experts 16 wide, on 26
+    tokens so that most experts get none (tiny); OlmoeConfig() as shipped: hidden 2048, 16 layers, experts 2048
+    wide (13.4B parameters, 25 GiB in bf16, built in fp32 first: 51 GiB at the peak), batch 4, 512 tokens (suite)."""
+    t = _transformers()
+    if size == "tiny":
+        config = t.OlmoeConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=16, vocab_size=211, num_experts=64, num_experts_per_tok=8,
+                               max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+        batch, length = 2, 13
+    else:
+        config, batch, length = t.OlmoeConfig(), 4, 512
+    return _tokens(t.OlmoeForCausalLM(config), config.vocab_size, batch, length, size)
+
+
 BUILTIN: dict[str, Callable[[str], ModelAndInputs]] = {
     "demo": demo, "mlp": mlp, "cnn": cnn, "unet": unet, "gpt2": gpt2, "llama": llama, "llama_b1": llama_b1, "mixtral": mixtral,
     "bert": bert, "bert_masked": bert_masked, "qwen2_moe": qwen2_moe, "olmoe": olmoe,
+    "resnet50": resnet50, "convnext_t": convnext_t, "mobilenet_v2": mobilenet_v2, "vit_b16": vit_b16,
+    "t5_encoder": t5_encoder, "gemma2": gemma2, "qwen2": qwen2, "moe64": moe64,
 }
 
 
