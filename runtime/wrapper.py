@@ -499,10 +499,11 @@ ROW_MAJOR_RESULTS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.emb
 """Ops whose results are always fresh row-major tensors, whatever their inputs' strides (a matrix product's
 output, rows gathered from a table): exactly strided when the IR type says row-major."""
 
-LAID_OUT_RESULTS = frozenset({torch.ops.aten.scaled_dot_product_attention.default})
+LAID_OUT_RESULTS = frozenset({torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.convolution.default})
 """Ops whose result's strides follow the kernel torch picks at run time (a fused attention's are its kernel's
-choice): the wrapper holds the result at its IR type's strides (`laid_out`), so that the views and matrix
-products after it are written exactly rather than asked of torch (three dispatches a layer on BERT)."""
+choice; cuDNN returns a convolution channels-last where its input is, whatever tracing said): the wrapper holds
+the result at its IR type's strides (`laid_out`), so that generated kernels, views and matrix products after it
+read it exactly rather than asking torch (three dispatches a layer on BERT)."""
 
 
 def laid_out(tensor: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:

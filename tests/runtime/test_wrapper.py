@@ -65,7 +65,9 @@ def test_the_wrapper_computes_what_the_step_loop_computes_bit_for_bit(name, aren
         interpreted = list(allocated)
         got = program.executor(tensors)
     _assert_bitwise_equal(got, want)
-    assert allocated == 2 * interpreted and (bool(interpreted) is arena)  # the same arenas, opened as often
+    planned = bool(program.report.memory.get("arenas"))  # a model whose results all reuse memory may need none
+    assert allocated == 2 * interpreted and (bool(interpreted) is (arena and planned))  # the same arenas, as often
+    assert planned or not arena or name == "mobilenet_v2"   # every other built-in plans an arena
 
 
 @pytest.mark.parametrize("name", ["demo", "llama_b1"])
