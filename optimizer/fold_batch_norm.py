@@ -42,6 +42,11 @@ class _Fold:
     var: str
 
 
+def rounds_to_tf32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether cuDNN runs a convolution of this dtype on this device in TF32: float32 on CUDA, TF32 allowed."""
+    return dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+
+
 def fold_batch_norm(graph: Graph) -> Graph:
     """The graph with each inference batch norm that alone reads a convolution's result folded into that
     convolution's weight and bias (see `_foldable` for when it is not)."""
@@ -135,6 +140,9 @@ def _foldable(norm: Node, graph: Graph, producers: dict[str, Node], reads: Count
         return "the weights lie on more than one device"
     if not graph.weights[weight].is_floating_point():
         return f"the convolution's weight is {graph.weights[weight].dtype}"
+    if rounds_to_tf32(graph.weights[weight].dtype, graph.weights[weight].device):
+        return ("a float32 convolution on CUDA runs in TF32 (torch.backends.cudnn.allow_tf32): the folded weight would "
+                "round differently from eager's by about 1e-3; set allow_tf32 = False to fold it exactly")
     return _Fold(conv, norm, weight, bias, scale, shift, mean, var)
 
 

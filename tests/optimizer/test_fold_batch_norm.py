@@ -161,3 +161,16 @@ def test_a_training_batch_norm_stays_and_updates_its_statistics_as_eager_does():
         assert any("training" in line for line in program.report.pass_decisions["fold_batch_norm"])
         assert_agrees(program(x), reference(x))
         assert_agrees(model[1].running_mean, reference[1].running_mean)
+
+
+def test_float32_cuda_weights_under_tf32_are_not_folded(monkeypatch):
+    """cuDNN runs float32 convolutions in TF32 by default: a folded weight rounds differently from eager's (1.7e-3
+    on MobileNetV2 on an H200), so such a batch norm is kept unless TF32 is off."""
+    from ember.optimizer.fold_batch_norm import rounds_to_tf32
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert rounds_to_tf32(torch.float32, cuda)
+    assert not rounds_to_tf32(torch.bfloat16, cuda) and not rounds_to_tf32(torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not rounds_to_tf32(torch.float32, cuda)
