@@ -54,12 +54,12 @@ def traces_from(sources: Sequence[str], size: str = "tiny", seed: int = 0) -> li
 
 def compare(fit: Sequence[RoutingTrace], score: Sequence[RoutingTrace], gpus: int, *, method: str = "mip",
             replicas: int = 0, gpus_per_node: int = 8, k: int = 1, time_limit_s: float = 60.0,
-            hidden: int = 4096, profile: str = "h200", methods: Sequence[str] | None = None) -> dict[str, MethodResult]:
+            hidden: int = 4096, profile: str = "h200") -> dict[str, MethodResult]:
     """Each method's plan fitted on `fit`, simulated on `fit` and `score`: the baselines, EPLB, and `method`.
     Baselines keep one replica per expert; EPLB and the affinity methods place `replicas` more per layer."""
     device = load_profile(profile)
     results = {}
-    for name in methods or dict.fromkeys((*BASELINES, method)):
+    for name in dict.fromkeys((*BASELINES, method)):
         plan = plan_placement(fit, gpus, method=name, replicas=0 if name in ("contiguous", "round_robin") else replicas,
                               gpus_per_node=gpus_per_node, k=k, time_limit_s=time_limit_s)
         results[name] = MethodResult(plan, tuple(simulate(plan, trace, device, hidden=hidden) for trace in fit),
