@@ -28,9 +28,9 @@ import torch
 from common import environment, write_results
 
 from ember.optimizer.cost import load_profile
-from ember.optimizer.expert_placement import Placement, plan_placement
+from ember.optimizer.expert_placement import Placement, crossing_share, plan_placement
 from ember.optimizer.moe_traces import RoutingTrace, load_trace, save_trace, synthetic_trace, transitions
-from ember.optimizer.placement_search import state_count, EXACT_STATES
+from ember.optimizer.placement_search import EXACT_STATES, state_count
 from ember.optimizer.placement_sim import simulate
 
 CATEGORIES = ("coding", "math", "reasoning", "roleplay", "writing")
@@ -61,19 +61,13 @@ def held_out_rows(traces: dict[str, RoutingTrace], time_limit: float, profile) -
                 sim = simulate(plan, score, profile)
                 rows.append({"gpus": gpus, "held_out": held, "method": method, "k": k, "replicas": replicas,
                              "fitted_top1": plan.fitted_cost if k == 1 else None,
-                             "held_out_top1_objective": _objective(plan, top1),
+                             "held_out_top1_objective": crossing_share(plan.gpus_of, top1),
                              "held_out_top1_remote": sim.top1_remote, "trips_per_token_layer": sim.trips_per_token_layer,
                              "load_imbalance": sim.load_imbalance, "worst_layer_imbalance": sim.worst_load_imbalance,
                              "a2a_us_per_token": sim.all_to_all_us / sim.tokens, "solve_s": plan.solve_s,
                              "status": plan.status, "gap": plan.gap, "notes": plan.notes})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def _objective(plan: Placement, counts: torch.Tensor) -> float:
-    from ember.optimizer.expert_placement import crossing_share
-
-    return crossing_share(plan.gpus_of, counts)
 
 
 def synthetic_rows(time_limit: float, profile) -> list[dict]:

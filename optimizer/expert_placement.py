@@ -21,6 +21,7 @@ import torch
 
 from ..errors import PlanError
 from .moe_traces import RoutingTrace, compatible, loads, transitions
+from .placement_search import affinity_search, crossing, held_of
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +200,24 @@ def replica_counts(load: torch.Tensor, physical: int, most: int) -> torch.Tensor
 
 
 def balanced_packing(weights: Sequence[float], bins: int, capacity: int,
-                     exclude: Sequence[Sequence[int]] | None = None) -> list[int]:
-    """Each item's bin: heaviest first, into the lightest bin with room (and, when `exclude[item]` names bins,
-    not one of those): EPLB's packing. PlanError when an item finds no bin."""
+                     kinds: Sequence[int] | None = None) -> list[int]:
+    """Each item's bin: heaviest first, into the lightest bin with room and, when `kinds` are given, no item of
+    its kind yet (two replicas of one expert never share a GPU): EPLB's packing. PlanError when an item finds no
+    bin."""
     fill = [0] * bins
     total = [0.0] * bins
+    held: dict[int, set[int]] = {}
     where = [-1] * len(weights)
     for item in sorted(range(len(weights)), key=lambda i: -weights[i]):
-        banned = set(exclude[item]) if exclude else set()
-        open_bins = [b for b in range(bins) if fill[b] < capacity and b not in banned]
+        taken = held.setdefault(kinds[item], set()) if kinds is not None else set()
+        open_bins = [b for b in range(bins) if fill[b] < capacity and b not in taken]
         if not open_bins:
             raise PlanError(f"balanced packing: no bin left for item {item} ({bins} bins of {capacity})")
         chosen = min(open_bins, key=lambda b: (total[b], b))
         where[item] = chosen
         fill[chosen] += 1
         total[chosen] += weights[item]
+        taken.add(chosen)
     return where
 
 
@@ -242,17 +246,9 @@ def eplb(load: torch.Tensor, gpus: int, replicas: int = 0, gpus_per_node: int = 
 def _spread(replica_of: Sequence[int], share: Sequence[float], gpus: int, slots: int,
             num_experts: int) -> tuple[tuple[int, ...], ...]:
     """Pack replicas onto GPUs for balance, no two replicas of one expert together; gpus_of per expert."""
-    where = [-1] * len(replica_of)
-    fill, total = [0] * gpus, [0.0] * gpus
-    on: list[set[int]] = [set() for _ in range(num_experts)]
-    for item in sorted(range(len(replica_of)), key=lambda i: -share[i]):
-        expert = replica_of[item]
-        open_gpus = [g for g in range(gpus) if fill[g] < slots and g not in on[expert]]
-        if not open_gpus:
-            raise PlanError(f"EPLB: no GPU left for a replica of expert {expert}")
-        chosen = min(open_gpus, key=lambda g: (total[g], g))
-        where[item], fill[chosen], total[chosen] = chosen, fill[chosen] + 1, total[chosen] + share[item]
-        on[expert].add(chosen)
+    on: list[list[int]] = [[] for _ in range(num_experts)]
+    for item, gpu in enumerate(balanced_packing(share, gpus, slots, replica_of)):
+        on[replica_of[item]].append(gpu)
     return tuple(tuple(sorted(gpus_of)) for gpus_of in on)
 
 
@@ -291,15 +287,8 @@ def crossing_share(gpus_of: Sequence[Sequence[Sequence[int]]], transition_counts
     total = float(transition_counts.sum())
     if total == 0:
         return 0.0
-    num_experts = transition_counts.shape[-1]
     gpus = 1 + max(g for layer in gpus_of for entry in layer for g in entry)
-    held = torch.zeros(len(gpus_of), num_experts, gpus, dtype=torch.float64)
-    for layer, experts in enumerate(gpus_of):
-        for expert, entry in enumerate(experts):
-            held[layer, expert, list(entry)] = 1.0
-    share = held / held.sum(-1, keepdim=True)
-    same = torch.einsum("lig,lij,ljg->", share[:-1], transition_counts, held[1:])
-    return 1.0 - float(same) / total
+    return crossing(held_of(gpus_of, gpus), transition_counts) / total
 
 
 def plan_placement(traces: Sequence[RoutingTrace], gpus: int, *, method: str = "mip", replicas: int = 0,
@@ -308,8 +297,6 @@ def plan_placement(traces: Sequence[RoutingTrace], gpus: int, *, method: str = "
     """Fit a placement of the traces' experts on `gpus` GPUs by `method` (see METHODS). `replicas` extra expert
     replicas per layer go to the hottest experts; `balance` caps each GPU's load at that multiple of the mean
     (affinity methods; 1.10 by default when replicating). The result is verified before it is returned."""
-    from .placement_search import affinity_search
-
     if method not in METHODS:
         raise PlanError(f"unknown placement method {method!r}; choose one of {', '.join(METHODS)}")
     layers, num_experts = compatible(traces)

@@ -46,10 +46,9 @@ MIP_SHARE = 0.75
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
-    """A placement, the crossing transitions it leaves (a count) and a proven lower bound on them (NaN if none)."""
+    """A placement and a proven lower bound on the crossing transitions (a count; NaN if none)."""
 
     gpus_of: tuple[tuple[tuple[int, ...], ...], ...]
-    cost: float
     lower_bound: float
     status: str
     notes: str = ""
@@ -94,7 +93,7 @@ def affinity_search(counts: torch.Tensor, expert_load: torch.Tensor, gpus: int, 
     "descent", "exact" or "mip". `start` (a balanced placement with the replicas wanted, e.g. EPLB's) seeds the
     search; without replicas, contiguous and random starts do."""
     started = time.perf_counter()
-    layers, num_experts = expert_load.shape
+    num_experts = expert_load.shape[1]
     if method == "exact":
         return _exact_or_error(counts, num_experts, gpus, slots, replicas, balance)
     if start is None and replicas:
@@ -106,9 +105,9 @@ def affinity_search(counts: torch.Tensor, expert_load: torch.Tensor, gpus: int, 
     held = _descent_from_starts(counts, expert_load, gpus, slots, balance, start, seed, descent_budget)
     cost = crossing(held, counts)
     if method == "descent":
-        return SearchResult(gpus_of_held(held), cost, math.nan, "heuristic", "descent")
+        return SearchResult(gpus_of_held(held), math.nan, "heuristic", "descent")
     if terms > MIP_TERMS:
-        return SearchResult(gpus_of_held(held), cost, math.nan, "heuristic",
+        return SearchResult(gpus_of_held(held), math.nan, "heuristic",
                             f"MIP too large ({terms} terms > {MIP_TERMS}) with replicas: the descent's plan")
     left = time_limit_s - (time.perf_counter() - started)
     solved, bound, status = _mip(counts, expert_load, held, slots, balance, max(0.5, left))
@@ -117,7 +116,7 @@ def affinity_search(counts: torch.Tensor, expert_load: torch.Tensor, gpus: int, 
         held, cost = solved, solved_cost
     if cost <= bound + 1e-6:
         status = "optimal"
-    return SearchResult(gpus_of_held(held), cost, min(bound, cost), status,
+    return SearchResult(gpus_of_held(held), min(bound, cost), status,
                         f"MIP {status}, descent warm start")
 
 
@@ -263,7 +262,7 @@ def _exact_or_error(counts: torch.Tensor, num_experts: int, gpus: int, slots: in
                         f"and at most {EXACT_STATES} placements per layer ({states} here); use mip or descent")
     assignment, cost = exact_placement(counts, gpus, slots)
     gpus_of = tuple(tuple((int(g),) for g in row) for row in assignment)
-    return SearchResult(gpus_of, cost, cost, "optimal", f"dynamic program over {states} placements per layer")
+    return SearchResult(gpus_of, cost, "optimal", f"dynamic program over {states} placements per layer")
 
 
 def exact_placement(counts: torch.Tensor, gpus: int, slots: int) -> tuple[torch.Tensor, float]:
@@ -401,8 +400,7 @@ def _bipartition(counts: torch.Tensor, expert_load: torch.Tensor, gpus: int, slo
         pending.append((low, middle, [m[~s] for m, s in zip(members, sides)]))
         pending.append((middle, high, [m[s] for m, s in zip(members, sides)]))
     held = torch.nn.functional.one_hot(gpu_of, gpus).to(torch.float64)
-    cost = crossing(held, counts)
-    return SearchResult(gpus_of_held(held), cost, math.nan, "heuristic",
+    return SearchResult(gpus_of_held(held), math.nan, "heuristic",
                         f"recursive bipartition ({int((counts > 0).sum()) * gpus} MIP terms: too many for one MIP)")
 
 
