@@ -10,6 +10,11 @@ and held beside the original; pure views of weights stay views; values that any 
 memory a node mutates (a KV cache), or are made from a buffer written back after each call, never fold; nor do
 values made from a tensor that requires grad (a parameter, by default): one a training step updates would leave
 its folded value stale after every step (the backend would compile again each time).
+
+A value the graph returns is made afresh on every call (its caller may write to it), except one a node copies
+from another device (transformers' caches move a CPU `torch.tensor(...)` to the GPU and hand it back): that one
+folds where it is going and is handed out as a copy made there, so no call copies from the host (which a CUDA
+graph cannot capture).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..ir import Graph, Node, Value
+from ..ir import Graph, Node, TensorType, Value
 from .canonicalize import eliminate_dead_code
 from ..units import format_bytes
 from .decisions import record
@@ -54,16 +59,24 @@ def fold_constants(graph: Graph) -> Graph:
         frontier = _frontier(graph, folded, values)
     if not frontier:
         return graph
+    handed, held = _hand_out(graph, folded, frontier)
     weights, derived, params = dict(graph.weights), dict(graph.derived), list(graph.params)
     for value in frontier:
-        weights[value.name] = values[value.name]
-        derived[value.name] = tuple({id(tensor): tensor for name in sources[value.name]
-                                     for tensor in derived.get(name, (graph.weights[name],))}.values())
-        params.append(value)
+        name = held.get(value.name, value.name)
+        weights[name] = values[value.name]
+        derived[name] = tuple({id(tensor): tensor for source in sources[value.name]
+                               for tensor in derived.get(source, (graph.weights[source],))}.values())
+        params.append(Value(name, value.type))
     record(f"{len(folded)} nodes computed from weights and constants alone, worked out at compile time: "
-           f"{len(frontier)} constants of {format_bytes(sum(value.type.nbytes for value in frontier))} kept instead")
-    nodes = tuple(node for node in graph.nodes if node.name not in folded)
-    return eliminate_dead_code(dataclasses.replace(graph, nodes=nodes, params=tuple(params), weights=weights,
+           f"{len(frontier)} constants of {format_bytes(sum(value.type.nbytes for value in frontier))} kept instead"
+           + (f"; {len(held)} of them returned after a copy to another device ({', '.join(held)}), held there and "
+              "returned as copies made there, so no call copies from the host" if held else ""))
+    nodes = []
+    for node in graph.nodes:
+        if node.name not in folded:
+            nodes.append(renamed_inputs(node, held))
+        nodes.extend(handed.get(node.name, ()))
+    return eliminate_dead_code(dataclasses.replace(graph, nodes=tuple(nodes), params=tuple(params), weights=weights,
                                                    derived=derived))
 
 
@@ -108,20 +121,23 @@ def mutated_memory(graph: Graph) -> set[str]:
 
 
 def _frontier(graph: Graph, folded: dict[str, Node], values: dict[str, torch.Tensor]) -> list[Value]:
-    """The folded values that a node that stays reads, each laid out as the IR types it. A value the graph
-    returns (a caller may write to it) or one no dense tensor can hold (an `expand`) unfolds its node, which
-    then reads folded values in turn."""
+    """The folded values that a node that stays reads or the graph returns, each laid out as the IR types it.
+    A value the graph returns (a caller may write to it) unfolds its node, which then reads folded values in
+    turn, unless that node copies it from another device (it is then returned as a copy, `_hand_out`); so does
+    one no dense tensor can hold (an `expand`)."""
+    types = graph.types()
+    returned = set(graph.outputs)
     while True:
         produced = {value.name: node for node in folded.values() for value in node.outputs}
         read = {name for node in graph.nodes if node.name not in folded for name in node.inputs}
-        returned = set(graph.outputs)
-        unfold = {produced[name].name for name in produced if name in returned
-                  or (name in read and not _dense(produced[name], name))}
+        unfold = {produced[name].name for name in produced
+                  if (name in returned and not _crosses_devices(produced[name], types))
+                  or ((name in read or name in returned) and not _dense(produced[name], name))}
         if not unfold:
             break
         for name in unfold:
             del folded[name]
-    frontier = [value for node in folded.values() for value in node.outputs if value.name in read]
+    frontier = [value for node in folded.values() for value in node.outputs if value.name in read | returned]
     for value in frontier:
         result = values[value.name]
         if result.stride() != value.type.layout:
@@ -139,3 +155,44 @@ def _dense(node: Node, name: str) -> bool:
             return False
         expected *= size
     return True
+
+
+def _crosses_devices(node: Node, types: Mapping[str, TensorType]) -> bool:
+    """Whether the node reads a value on one device and makes one on another (a `_to_copy` to the GPU)."""
+    made = {value.type.device for value in node.outputs}
+    return any(types[name].device not in made for name in node.inputs)
+
+
+def _hand_out(graph: Graph, folded: Mapping[str, Node], frontier: list[Value]) -> tuple[dict[str, list[Node]], dict[str, str]]:
+    """For the folded values the graph returns (each made on another device than its node read: `_frontier`),
+    the copies that hand them out, by the name of the folded node they replace, and the name each one's folded
+    value is held under. The copy keeps the returned value's name, so the graph's outputs stay as they were; a
+    node that stays reads the held value itself."""
+    returned = set(graph.outputs) & {value.name for value in frontier}
+    taken = {value.name for value in (*graph.inputs, *graph.params)}
+    taken |= {name for node in graph.nodes for name in (node.name, *(value.name for value in node.outputs))}
+    handed: dict[str, list[Node]] = {}
+    held: dict[str, str] = {}
+    for node in folded.values():
+        for value in (value for value in node.outputs if value.name in returned):
+            held[value.name] = fresh_name(f"{value.name}_folded", taken)
+            name = node.name if len(node.outputs) == 1 else fresh_name(f"{value.name}_copy", taken)
+            handed.setdefault(node.name, []).append(Node(name, "clone", (held[value.name],), {}, (value,),
+                                                         source=node.source))
+    return handed, held
+
+
+def fresh_name(name: str, taken: set[str]) -> str:
+    """`name`, or it with a number after it, not among `taken` (which it joins)."""
+    fresh, number = name, 1
+    while fresh in taken:
+        fresh, number = f"{name}_{number}", number + 1
+    taken.add(fresh)
+    return fresh
+
+
+def renamed_inputs(node: Node, renamed: Mapping[str, str]) -> Node:
+    """`node` reading each renamed value under its new name."""
+    if not any(name in renamed for name in node.inputs):
+        return node
+    return dataclasses.replace(node, inputs=tuple(renamed.get(name, name) for name in node.inputs))

@@ -22,7 +22,7 @@ from ..ir.types import type_of
 from ..units import format_bytes
 from .canonicalize import eliminate_dead_code
 from .decisions import record
-from .fold import mutated_memory
+from .fold import fresh_name, mutated_memory, renamed_inputs
 
 BATCH_NORM = op_name(torch.ops.aten._native_batch_norm_legit_no_training.default)
 CONVOLUTION = op_name(torch.ops.aten.convolution.default)
@@ -79,7 +79,7 @@ def fold_batch_norm(graph: Graph) -> Graph:
         for fold in folds:
             names = []
             for role, tensor in zip(("weight", "bias"), _folded(fold, graph.weights)):
-                name = _fresh(f"{fold.conv.name}_{role}_folded", taken)
+                name = fresh_name(f"{fold.conv.name}_{role}_folded", taken)
                 weights[name], derived[name] = tensor, _sources(fold, graph)
                 params.append(Value(name, type_of(tensor)))
                 names.append(name)
@@ -89,7 +89,7 @@ def fold_batch_norm(graph: Graph) -> Graph:
             renamed[fold.norm.outputs[0].name] = fold.conv.outputs[0].name
             _record_fold(fold, weights[names[0]], weights[names[1]])
     dropped = {fold.norm.name for fold in folds}
-    nodes = tuple(_rename(rewritten.get(node.name, node), renamed) for node in graph.nodes if node.name not in dropped)
+    nodes = tuple(renamed_inputs(rewritten.get(node.name, node), renamed) for node in graph.nodes if node.name not in dropped)
     outputs = tuple(renamed.get(name, name) for name in graph.outputs)
     return eliminate_dead_code(dataclasses.replace(graph, nodes=nodes, outputs=outputs, params=tuple(params),
                                                    weights=weights, derived=derived))
@@ -191,19 +191,3 @@ def _dense(tensor: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-def _fresh(name: str, taken: set[str]) -> str:
-    """`name`, or it with a number after it, not among `taken` (which it joins)."""
-    fresh, number = name, 1
-    while fresh in taken:
-        fresh, number = f"{name}_{number}", number + 1
-    taken.add(fresh)
-    return fresh
-
-
-def _rename(node: Node, renamed: dict[str, str]) -> Node:
-    """`node` reading each renamed value under its new name."""
-    if not any(name in renamed for name in node.inputs):
-        return node
-    return dataclasses.replace(node, inputs=tuple(renamed.get(name, name) for name in node.inputs))

@@ -171,3 +171,66 @@ def test_nothing_made_from_a_parameter_that_requires_grad_folds():
     torch.testing.assert_close(folded_grad, model.log_scale.grad)
     frozen = Exponent().requires_grad_(False)
     assert "exp" not in ops_of(fold_constants(from_module(frozen, (x,)).graph))
+
+
+def test_a_returned_copy_to_the_gpu_folds_there_and_is_handed_out_as_a_copy_made_there():
+    """transformers' sliding-window cache moves a CPU `torch.tensor(window)` to the GPU and hands it back: the copy
+    folds into a constant already on the GPU, returned as a fresh copy of it made there (the caller owns what it is
+    given), so no call copies from the host, which a CUDA graph cannot capture. The GPU is faked in the IR's types;
+    the copy's attrs name no device, so that its reference (which gives the folded value) runs on this CPU."""
+    from ember.ir import Graph, Node, TensorType, Value
+
+    window = torch.tensor([4, 8, 15])
+    on_gpu = TensorType((3,), torch.float32, (1,), "cuda")
+    x, lifted = Value("x", on_gpu), Value("lifted", TensorType((3,), torch.int64, (1,), "cpu"))
+    nodes = (Node("moved", "_to_copy", ("lifted",), {"dtype": torch.float32}, (Value("moved", on_gpu),)),
+             Node("add", "add.Tensor", ("x", "moved"), {}, (Value("add", on_gpu),)))
+    graph = fold_constants(Graph((x,), (lifted,), nodes, ("add", "moved"), {"lifted": window}))
+    assert sorted(ops_of(graph)) == ["add.Tensor", "clone"] and graph.outputs == ("add", "moved")
+    types = graph.types()
+    assert all(types[name].device == "cuda" for node in graph.nodes for name in node.inputs)
+    copy, add = sorted(graph.nodes, key=lambda node: node.op != "clone")
+    (held,) = copy.inputs
+    assert types[held] == on_gpu and copy.outputs == (Value("moved", on_gpu),)
+    assert add.inputs == ("x", held)  # the add reads the constant, not the copy handed out
+    assert graph.weights[held].dtype == torch.float32 and torch.equal(graph.weights[held], window.to(torch.float32))
+    assert graph.derived[held] == (window,)
+
+
+class MovedConstants(torch.nn.Module):
+    """Tensors made in forward and moved to the input's device: one read, one returned as transformers' sliding
+    window cache returns its window, one returned in another dtype."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        window = torch.tensor(8, dtype=torch.long).to(x.device)
+        offsets = torch.tensor([1, 2, 3]).to(x.device) + torch.tensor(5, device=x.device)
+        return x + offsets + window, window, torch.tensor([2.5, -1.0]).to(device=x.device, dtype=torch.bfloat16)
+
+
+def test_after_the_passes_no_constant_crosses_from_the_host_to_the_device():
+    """On a device other than the CPU (meta stands in for CUDA: any machine has it) every copy of a constant to the
+    device is gone after the graph passes, and the constants are held on the device as the copies make them."""
+    from ember.api import optimize
+
+    graph = optimize(from_module(MovedConstants(), (torch.randn(4, 3, device="meta"),)).graph, ember.Options(), {})
+    graph.verify()
+    types = graph.types()
+    assert not [node.name for node in graph.nodes if any(types[name].device == "cpu" for name in node.inputs)]
+    assert all(tensor.device.type == "meta" for tensor in graph.weights.values())
+    _, window, scaled = (types[name] for name in graph.outputs)
+    assert (window.dtype, window.device, scaled.dtype, scaled.device) == (torch.int64, "meta", torch.bfloat16, "meta")
+    made = {value.name: node for node in graph.nodes for value in node.outputs}
+    assert all(made[name].op == "clone" and made[name].inputs[0] in graph.weights for name in graph.outputs[1:])
+
+
+def test_constants_moved_to_the_inputs_device_agree_with_eager_and_are_returned_fresh(compiled_programs):
+    model, x = MovedConstants(), torch.randn(4, 3)
+    with torch.no_grad():
+        expected = model(x)
+        for compiled in (ember.compile(model, (x,)), torch.compile(model, backend="ember")):
+            first = compiled(x)
+            for actual, wanted in zip(first, expected):
+                torch.testing.assert_close(actual, wanted, rtol=0, atol=0)
+            first[1].add_(100)  # the caller owns what it is given
+            torch.testing.assert_close(compiled(x)[1], expected[1], rtol=0, atol=0)
+    assert len(compiled_programs) == 2  # neither ran eagerly
