@@ -51,7 +51,8 @@ def operands(schema: Any, attrs: Mapping[str, Any], variables: Sequence[str]) ->
     return named
 
 
-def _literal(value: Any) -> str | None:
+def literal(value: Any) -> str | None:
+    """A number as a Triton float literal (inf spelled out), None for anything else."""
     if isinstance(value, bool):
         return "1.0" if value else "0.0"
     if isinstance(value, (int, float)) and math.isinf(value):
@@ -63,7 +64,7 @@ def _literal(value: Any) -> str | None:
 
 def _operand(value: Any) -> str | None:
     """A variable stays a name; a number becomes a float literal; anything else is unsupported."""
-    return value if isinstance(value, str) else _literal(value)
+    return value if isinstance(value, str) else literal(value)
 
 
 def _unary(form: str) -> Emit:
@@ -79,7 +80,7 @@ def _binary(form: str, scaled: bool = False) -> Emit:
         if x is None or y is None:
             return None
         if scaled and args.get("alpha", 1) != 1:
-            alpha = _literal(args["alpha"])
+            alpha = literal(args["alpha"])
             if alpha is None:
                 return None
             y = f"({y} * {alpha})"
@@ -92,7 +93,7 @@ def _compare(symbol: str) -> Emit:
 
 
 def _rsub(args: Mapping[str, Any]) -> str | None:
-    other, alpha = _literal(args["other"]), _literal(args.get("alpha", 1))
+    other, alpha = literal(args["other"]), literal(args.get("alpha", 1))
     return None if other is None or alpha is None else f"({other} - {args['self']} * {alpha})"
 
 
@@ -137,7 +138,7 @@ def _masked_fill(args: Mapping[str, Any]) -> str | None:
 
 
 def _leaky_relu(args: Mapping[str, Any]) -> str | None:
-    slope = _literal(args.get("negative_slope", 0.01))
+    slope = literal(args.get("negative_slope", 0.01))
     return None if slope is None else f"tl.where({args['self']} < 0.0, {args['self']} * {slope}, {args['self']})"
 
 
@@ -328,7 +329,8 @@ MAX_SUMMED = 8
 def movable(node: Node, types: Mapping[str, TensorType]) -> bool:
     """Whether a pointwise kernel can read through this node (a move of the op table, ir.moves): values of the
     kernel's dtypes, index tensors of int32 or int64, pieces of equal ranks and a slice of step 1, indices of adjacent
-    dims (broadcast against each other, as `mask[batch, position]`), a short sum."""
+    dims (broadcast against each other, as `mask[batch, position]`), a short sum, a pad by a number the result's
+    dtype holds."""
     move = node.definition.move
     if move is None:
         return False
@@ -343,6 +345,9 @@ def movable(node: Node, types: Mapping[str, TensorType]) -> bool:
         taken = [dim for dim, slot in enumerate(node.attrs["indices"]) if slot is not None]
         return (bool(indices) and all(index.dtype in INDEX_TYPES for index in indices)
                 and taken == list(range(taken[0], taken[-1] + 1)) and len(node.attrs["indices"]) <= len(values[0].shape))
+    if move.kind == "pad":
+        fill = node.attrs.get("value", 0)
+        return literal(fill) is not None and (node.outputs[0].type.dtype in FLOATS or float(fill).is_integer())
     if move.kind == "sum":
         source = values[0].shape
         dims = summed_dims(node.attrs, source)

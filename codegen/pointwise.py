@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 
 from ..ir import Graph, Node, TensorType
 from ..ir.moves import summed_dims
-from .expressions import INDEX_TYPES, STORED_TYPES, expression
+from .expressions import INDEX_TYPES, STORED_TYPES, expression, literal
 from ..ir.plans import reads_of
-from .source import IDENTIFIER, KernelSource, check_dtypes, coordinates, header, load, offset, spread
+from .source import IDENTIFIER, KernelSource, check_dtypes, coordinates, header, load, memory_order, offset, spread
 
 BLOCK = 1024
 
@@ -36,7 +36,7 @@ def generate(name: str, nodes: Sequence[Node], graph: Graph, outputs: Sequence[s
     lines = header(name, nodes, graph, inputs, len(outputs), "numel, BLOCK: tl.constexpr")
     lines += ["    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
               "    mask = index < numel"]
-    lines += coordinates("index", shape, "c")
+    lines += coordinates("index", shape, "c", memory_order(types[outputs[0]]))
     pointer = {value: f"in{i}_ptr" for i, value in enumerate(inputs)}
     made_by = {value.name: node for node in nodes for value in node.outputs}
     computed: dict[tuple[str, Coordinates, str], str] = {}
@@ -100,6 +100,8 @@ def _read_through(node: Node, value: str, at: Coordinates, where: str, types: di
         return _read_index(node, at, where, types, value_at, fresh)
     if move.kind == "sum":
         return _read_sum(node, at, where, types, value_at, fresh)
+    if move.kind == "pad":
+        return _read_padded(node, at, where, types, value_at, fresh)
     flat = " + ".join(f"{coordinate} * {stride}" for coordinate, stride in zip(at, _row_major(shape)) if coordinate != "0")
     flat = fresh(flat or "0")  # a reshape keeps the row-major order of elements
     kept = types[source].shape
@@ -139,6 +141,26 @@ def _read_pieces(node: Node, value: str, at: Coordinates, where: str, types: dic
         piece = value_at(source, shifted, guard)
         result = piece if result is None else fresh(f"tl.where({inside}, {piece}, {result})")
     return result
+
+
+def _read_padded(node: Node, at: Coordinates, where: str, types: dict[str, TensorType], value_at: ValueAt,
+                 fresh: Callable[[str], str]) -> str:
+    """A constant pad: along each padded dim (the last first, as `pad` lists them), result coordinate c reads the
+    operand at c - low where that lies inside it, and the fill value elsewhere (a negative pad crops)."""
+    source, pads = node.inputs[0], node.attrs["pad"]
+    kept = types[source].shape
+    shifted, inside = list(at), []
+    for pair in range(len(pads) // 2):
+        dim, low, high = len(kept) - 1 - pair, pads[2 * pair], pads[2 * pair + 1]
+        if low == 0 and high == 0:
+            continue
+        shifted[dim] = fresh(f"{at[dim]} - {low}") if low else at[dim]
+        inside.append(f"({shifted[dim]} >= 0) & ({shifted[dim]} < {kept[dim]})")
+    if not inside:
+        return value_at(source, at, where)
+    within = fresh(" & ".join(inside))
+    read = value_at(source, tuple(shifted), fresh(f"{where} & {within}"))
+    return fresh(f"tl.where({within}, {read}, {literal(node.attrs.get('value', 0))})")
 
 
 def _read_sum(node: Node, at: Coordinates, where: str, types: dict[str, TensorType], value_at: ValueAt,

@@ -51,14 +51,21 @@ def header(name: str, nodes: Sequence[Node], graph: Graph, inputs: Sequence[str]
                     f"def {name}({', '.join(pointers)}, {parameters}):"]
 
 
-def coordinates(index: str, shape: Sequence[int], prefix: str) -> list[str]:
-    """`{prefix}0, {prefix}1, …`: the index of each dimension of `shape` for the flat index `index`."""
+def coordinates(index: str, shape: Sequence[int], prefix: str, order: Sequence[int] | None = None) -> list[str]:
+    """`{prefix}0, {prefix}1, …`: the index of each dimension of `shape` for the flat index `index`, which runs over
+    the dims in `order` (outermost first; row-major by default)."""
     lines, inner = [], 1
-    for dim in reversed(range(len(shape))):
+    for dim in reversed(range(len(shape)) if order is None else order):
         value = f"({index} // {inner}) % {shape[dim]}" if shape[dim] != 1 else "0"
         lines.append(f"    {prefix}{dim} = {value}")
         inner *= shape[dim]
     return lines
+
+
+def memory_order(value_type: TensorType) -> tuple[int, ...]:
+    """The dims of a value from the largest stride to the smallest (ties in dim order): iterating in this order
+    walks its memory forward, so a kernel's loads and stores of it coalesce (row-major order for a row-major value)."""
+    return tuple(sorted(range(len(value_type.shape)), key=lambda dim: -value_type.layout[dim]))
 
 
 def offset(value_type: TensorType, names: Sequence[str]) -> str:

@@ -24,7 +24,8 @@ Piece = tuple[str, int, int, int]
 class Move:
     """kind: "pieces" (slice, split, cat: `pieces` along one dim), "insert" (unsqueeze: a new size-1 dim), "broadcast"
     (expand), "permute" (`order`), "reshape" (view: the row-major order of elements kept), "gather" (index with
-    tensors of adjacent dims) or "sum" (a sum over a few elements of some dims). `stored`: the result is a new dense
+    tensors of adjacent dims), "sum" (a sum over a few elements of some dims) or "pad" (constant_pad_nd: the operand
+    shifted by the low pads, the fill value outside it). `stored`: the result is a new dense
     tensor, which a kernel may store (a view's may not be)."""
 
     kind: str
@@ -87,6 +88,7 @@ MOVES: Mapping[str, Move] = {
     "t": Move("permute", order=_transposition),
     "index.Tensor": Move("gather", stored=True),
     "sum.dim_IntList": Move("sum", stored=True),
+    "constant_pad_nd": Move("pad", stored=True),
 }
 """The op table's moves, by IR name (ir.ops gives each entry its own)."""
 

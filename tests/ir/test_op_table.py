@@ -522,10 +522,13 @@ KEEPING = [pytest.param(name, i, id=f"{name}-{i}") for name in sorted(OP_TABLE) 
 @pytest.mark.parametrize("name, index", KEEPING)
 def test_moves_and_ops_that_keep_values_only_pick_their_input_elements(name, index):
     """What the op table says of a move (ir.moves) or of `keeps_values`: every element of a result (but an index
-    result) is an element of an operand. Sample data are random floats, so a computed element would be new."""
+    result) is an element of an operand, or a pad's fill value. Sample data are random floats, so a computed
+    element would be new."""
     op, inputs, attrs, direct = run_sample(name, index, torch.float64)
     operands = inputs if op.move is not None else inputs[:1]
     known = set(torch.cat([t.reshape(-1) for t in operands if t.is_floating_point()]).tolist())
+    if op.move is not None and op.move.kind == "pad":
+        known.add(float(attrs.get("value", 0)))
     picked = [t for position, t in enumerate(direct) if position != op.index_result]
     assert picked and all(set(t.reshape(-1).tolist()) <= known for t in picked)
 

@@ -572,3 +572,22 @@ def test_a_one_element_result_is_stored_through_a_block_of_addresses(tmp_path):
     y, sums = program(x)
     torch.testing.assert_close(sums, (4 * x * x).sum(-1))
     torch.testing.assert_close(y, 2 * x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_constant_pad_is_read_through_by_the_kernel_around_it(dtype):
+    """TF "same" padding (MobileNet) between an activation and a convolution: no kernel of its own. Pads on either
+    side, a negative one (a crop), a fill value, a transposed input of odd sizes; relu, doubling and negation round
+    nothing, so any difference from eager is a wrong read."""
+
+    class Padded(nn.Module):
+        def forward(self, x):
+            same = nn.functional.pad(torch.relu(x) * 2.0, (1, 2, 0, 3), value=-0.5)
+            return -same, nn.functional.pad(x, (-1, 1))
+
+    x = torch.randn(2, 3, 5, 7, dtype=dtype).transpose(2, 3)
+    program = ember.compile(Padded(), (x,), ember.Options(fusion=True))
+    assert [step.node for step in program.executor.steps] == ["fused_constant_pad_nd_mul_neg_relu_0",
+                                                              "fused_constant_pad_nd_1"]
+    for expected, actual in zip(Padded()(x), program(x)):
+        assert actual.dtype == dtype and models.max_error(expected, actual) == 0
