@@ -6,7 +6,7 @@ how many kernels Triton still compiled at the first call (none: ember.compile pr
 error is the worse of two calls, the second on other inputs and from another stream, checked after both;
 and checked once more after the Program is dropped and the memory it freed written over (results it lent
 from a CUDA graph's pool must have moved out).
-Usage: python bench/gpu_check.py [--out DIR]
+Usage: python bench/gpu_check.py [--out DIR] [--models resnet50 ...]
 """
 from __future__ import annotations
 
@@ -83,10 +83,11 @@ def check(name: str, dtype: torch.dtype, device: torch.device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--models", nargs="*", default=list(models.BUILTIN))
     args = parser.parse_args()
     device = torch.device("cuda")
     rows = []
-    for name in models.BUILTIN:
+    for name in args.models:
         for dtype in (torch.float32, torch.bfloat16):
             try:
                 rows.append(check(name, dtype, device))
