@@ -20,11 +20,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = ("demo", "mlp", "cnn", "unet", "gpt2", "llama", "llama_b1", "mixtral", "bert", "bert_masked",
-                  "qwen2_moe", "olmoe", "resnet50", "convnext_t", "mobilenet_v2", "vit_b16", "t5_encoder", "gemma2",
-                  "qwen2", "moe64")
+                  "qwen2_moe", "olmoe", "resnet50", "convnext_t", "mobilenet_v2", "mobilenet_v3", "vit_b16",
+                  "t5_encoder", "gemma2", "qwen2", "moe64")
 """The names `ember.models.BUILTIN` resolves (kept here so `--help` needs no torch; a test keeps them equal)."""
 SIZES = ("tiny", "suite")
-MODEL_HELP = (f"a built-in ({', '.join(BUILTIN_MODELS)}; all but demo, mlp, cnn and unet need transformers) "
+MODEL_HELP = (f"a built-in ({', '.join(BUILTIN_MODELS)}; all but demo, mlp, cnn, unet and mobilenet_v3 need "
+              "transformers, and mobilenet_v3's suite size torchvision) "
               "or package.module:function returning (model, example_inputs), looked up from the current directory first")
 
 

@@ -78,7 +78,7 @@ class Decoder(nn.Module):
 SIZES = ("tiny", "suite")
 """tiny: odd-sized fp32 configs for tests; suite: the bf16 benchmark configs every benchmark uses."""
 SUITE = ("mlp", "gpt2", "llama", "llama_b1", "mixtral", "bert")
-BROADER = ("resnet50", "convnext_t", "mobilenet_v2", "vit_b16", "t5_encoder", "gemma2", "qwen2", "moe64")
+BROADER = ("resnet50", "convnext_t", "mobilenet_v2", "mobilenet_v3", "vit_b16", "t5_encoder", "gemma2", "qwen2", "moe64")
 """Architectures ember was not tuned on: convolution networks, a ViT, an encoder with relative position buckets,
 soft-capped sliding-window attention, a biased-QKV decoder and a 64-expert MoE, each at its library default."""
 
@@ -321,6 +321,78 @@ def mobilenet_v2(size: str = "tiny") -> ModelAndInputs:
     return _images(model, 2 if tiny else 32, 33 if tiny else 224, size)
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV3's block as torchvision builds it: a 1x1 expansion, a depthwise convolution, an optional
+    squeeze-and-excitation gate (average pool, 1x1 down, ReLU, 1x1 up, hard sigmoid), a 1x1 projection; batch norm
+    after each convolution, ReLU or hard swish after all but the projection, a residual where the shape is kept."""
+
+    def __init__(self, inputs: int, kernel: int, expanded: int, outputs: int, squeeze: bool, activation: type[nn.Module],
+                 stride: int):
+        super().__init__()
+
+        def unit(c_in: int, c_out: int, size: int = 1, groups: int = 1, act: type[nn.Module] | None = activation,
+                 step: int = 1) -> list[nn.Module]:
+            layers = [nn.Conv2d(c_in, c_out, size, step, (size - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+            return layers + ([act()] if act is not None else [])
+
+        layers = unit(inputs, expanded) if expanded != inputs else []
+        layers += unit(expanded, expanded, kernel, expanded, step=stride)
+        self.expand_and_filter = nn.Sequential(*layers)
+        squeezed = max(8, (expanded // 4 + 4) // 8 * 8)
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(expanded, squeezed, 1), nn.ReLU(),
+                                  nn.Conv2d(squeezed, expanded, 1), nn.Hardsigmoid()) if squeeze else None
+        self.project = nn.Sequential(*unit(expanded, outputs, act=None))
+        self.residual = stride == 1 and inputs == outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.expand_and_filter(x)
+        if self.gate is not None:
+            y = y * self.gate(y)
+        y = self.project(y)
+        return x + y if self.residual else y
+
+
+class MobileNetV3(nn.Module):
+    """torchvision's MobileNetV3 layout at a small width: a hard-swish stem, inverted residual blocks mixing ReLU and
+    hard swish, 3x3 and 5x5 depthwise convolutions, squeeze-and-excitation gates, a 1x1 head, average pooling and a
+    hard-swish classifier."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        settings = [(8, 3, 8, 8, True, nn.ReLU, 2), (8, 3, 24, 12, False, nn.ReLU, 2), (12, 5, 36, 12, True, nn.Hardswish, 1),
+                    (12, 5, 36, 16, True, nn.Hardswish, 2)]
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish(),
+                                      *(InvertedResidual(*setting) for setting in settings),
+                                      nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48), nn.Hardswish())
+        self.classifier = nn.Sequential(nn.Linear(48, 64), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(64, classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.features(images), 1).flatten(1))
+
+
+def mobilenet_v3(size: str = "tiny") -> ModelAndInputs:
+    """MobileNetV3: torchvision's `mobilenet_v3_large()` as shipped, 32 images of 224x224 (suite); at the tiny size
+    the same blocks in `MobileNetV3`, widths 8-48, on 2 images of 35x35, with random batch-norm statistics.
+
+    The tiny one is written here because torchvision's PyPI wheel is a CUDA build that does not import beside a CPU
+    torch, so the tests could not build torchvision's."""
+    if size == "tiny":
+        model = MobileNetV3().eval()
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.running_mean.uniform_(-0.5, 0.5)
+                    module.running_var.uniform_(0.5, 2.0)
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.5, 0.5)
+        return _images(model, 2, 35, size)
+    try:
+        torchvision = importlib.import_module("torchvision")
+    except (ImportError, RuntimeError) as error:
+        raise CompileError(f"mobilenet_v3 at the suite size needs torchvision, which does not import: {error}") from error
+    return _images(torchvision.models.mobilenet_v3_large(), 32, 224, size)
+
+
 def vit_b16(size: str = "tiny") -> ModelAndInputs:
     """transformers' ViT classifier: 2 layers of width 36, patches of 5 on 2 images of 20x20 (tiny); ViTConfig() as
     shipped (ViT-B/16), 32 images of 224x224 (suite)."""
@@ -395,7 +467,8 @@ def moe64(size: str = "tiny") -> ModelAndInputs:
 BUILTIN: dict[str, Callable[[str], ModelAndInputs]] = {
     "demo": demo, "mlp": mlp, "cnn": cnn, "unet": unet, "gpt2": gpt2, "llama": llama, "llama_b1": llama_b1, "mixtral": mixtral,
     "bert": bert, "bert_masked": bert_masked, "qwen2_moe": qwen2_moe, "olmoe": olmoe,
-    "resnet50": resnet50, "convnext_t": convnext_t, "mobilenet_v2": mobilenet_v2, "vit_b16": vit_b16,
+    "resnet50": resnet50, "convnext_t": convnext_t, "mobilenet_v2": mobilenet_v2, "mobilenet_v3": mobilenet_v3,
+    "vit_b16": vit_b16,
     "t5_encoder": t5_encoder, "gemma2": gemma2, "qwen2": qwen2, "moe64": moe64,
 }
 

@@ -119,6 +119,10 @@ def _clamp(low_key: str | None, high_key: str | None) -> Emit:
     return emit
 
 
+_RELU6 = "tl.where({x} < 0.0, 0.0, tl.where({x} > 6.0, 6.0, {x}))"
+"""min(max(x, 0), 6), NaN kept: hardsigmoid and hardswish as ATen's CUDA kernels compute them (MobileNetV3)."""
+
+
 def _gelu(args: Mapping[str, Any]) -> str | None:
     x = args["self"]
     if args.get("approximate", "none") == "tanh":
@@ -202,6 +206,8 @@ EXPRESSIONS: dict[torch._ops.OpOverload, Emit] = {
     aten.clamp_min.default: _clamp("min", None),
     aten.clamp_max.default: _clamp(None, "max"),
     aten.hardtanh.default: _clamp("min_val", "max_val"),
+    aten.hardsigmoid.default: _unary(f"({_RELU6.format(x='({x} + 3.0)')} * 0.16666666666666666)"),
+    aten.hardswish.default: _unary(f"({{x}} * {_RELU6.format(x='({x} + 3.0)')} / 6.0)"),
     aten.where.self: _where,
     aten.where.ScalarOther: _where,
     aten.where.Scalar: _where,

@@ -21,7 +21,7 @@ from ember.optimizer.conv_layout import convolutions_channels_last, split_convol
 from ember.optimizer.decisions import recording
 from ember.tolerance import result_tolerance
 
-CNNS = ["cnn", "unet", "resnet50", "convnext_t", "mobilenet_v2"]
+CNNS = ["cnn", "unet", "resnet50", "convnext_t", "mobilenet_v2", "mobilenet_v3"]
 
 
 @pytest.fixture(autouse=True)
