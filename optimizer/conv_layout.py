@@ -35,6 +35,7 @@ CONVOLUTION = op_name(torch.ops.aten.convolution.default)
 ADD = op_name(torch.ops.aten.add.Tensor)
 VIEW = op_name(torch.ops.aten.view.default)
 CLONE = op_name(torch.ops.aten.clone.default)
+PERMUTE = op_name(torch.ops.aten.permute.default)
 
 LAYOUT_DEVICES = frozenset({"cuda"})
 """Device types whose convolutions these passes rewrite: cuDNN's. (ATen's CPU convolution adds its bias in the
@@ -43,30 +44,57 @@ kernel, and CPU graphs run no generated kernels to fuse an epilogue into.)"""
 
 def split_convolution_bias(graph: Graph) -> Graph:
     """The graph with each 2-D CUDA convolution's bias added by an `add` after it, for fusion to join to its
-    epilogue."""
+    epilogue; where the convolution's one reader is a permute (ConvNeXt's to channels-last, before its layer
+    norm), the add goes behind the permute, so that it shares the layer norm's rows and joins its kernel."""
     types = graph.types()
     taken = {*types, *(node.name for node in graph.nodes)}
-    nodes: list[Node] = []
+    readers: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        for name in dict.fromkeys(node.inputs):
+            readers.setdefault(name, []).append(node)
+    replaced: dict[str, list[Node]] = {}
     for node in graph.nodes:
         if not _splittable(node, types):
-            nodes.append(node)
             continue
-        result = node.outputs[0]
-        bias = node.inputs[2]
-        channels = result.type.shape[1]
-        shape = (channels, *([1] * (len(result.type.shape) - 2)))
+        result, bias = node.outputs[0], node.inputs[2]
         plain = Value(fresh_name(f"{result.name}_unbiased", taken), result.type)
-        column = Value(fresh_name(f"{node.name}_bias_column", taken),
-                       TensorType(shape, types[bias].dtype, None, types[bias].device))
-        nodes += [dataclasses.replace(node, inputs=node.inputs[:2], attrs={**node.attrs, "bias": None}, outputs=(plain,)),
-                  Node(column.name, VIEW, (bias,), {"size": shape}, (column,), source=node.source),
-                  Node(fresh_name(f"{node.name}_bias", taken), ADD, (plain.name, column.name), {}, (result,),
-                       source=node.source)]
-    if len(nodes) == len(graph.nodes):
+        unbiased = dataclasses.replace(node, inputs=node.inputs[:2], attrs={**node.attrs, "bias": None}, outputs=(plain,))
+        permute = _lone_permute(result.name, readers, graph.outputs)
+        if permute is None:
+            replaced[node.name] = [unbiased, *_bias_add(node, plain, result, 1, bias, types, taken)]
+            continue
+        permuted = permute.outputs[0]
+        behind = Value(fresh_name(f"{permuted.name}_unbiased", taken), permuted.type)
+        channel = [dim % len(result.type.shape) for dim in permute.attrs["dims"]].index(1)
+        replaced[node.name] = [unbiased]
+        replaced[permute.name] = [dataclasses.replace(permute, inputs=(plain.name,), outputs=(behind,)),
+                                  *_bias_add(node, behind, permuted, channel, bias, types, taken)]
+    if not replaced:
         return graph
-    record(f"{(len(nodes) - len(graph.nodes)) // 2} convolution bias(es) added after the convolution, where fusion "
-           "joins them to the activation or residual add that follows (cuDNN adds a bias in a kernel of its own)")
-    return dataclasses.replace(graph, nodes=tuple(nodes))
+    record(f"{sum(node.op == CONVOLUTION for node in graph.nodes if node.name in replaced)} convolution bias(es) "
+           "added after the convolution (behind a permute where that is its one reader), where fusion joins them to "
+           "the activation, residual add or layer norm that follows (cuDNN adds a bias in a kernel of its own)")
+    return dataclasses.replace(graph, nodes=tuple(new for node in graph.nodes for new in replaced.get(node.name, [node])))
+
+
+def _lone_permute(name: str, readers: Mapping[str, list[Node]], outputs: tuple[str, ...]) -> Node | None:
+    """The permute that alone reads `name` (which the graph does not return), else None."""
+    reading = readers.get(name, [])
+    if len(reading) != 1 or name in outputs or reading[0].op != PERMUTE or len(reading[0].inputs) != 1:
+        return None
+    return reading[0]
+
+
+def _bias_add(conv: Node, plain: Value, result: Value, channel: int, bias: str, types: Mapping[str, TensorType],
+              taken: set[str]) -> list[Node]:
+    """The view of `bias` along dim `channel` of `result` and the add of it to `plain`, which makes `result`."""
+    rank = len(result.type.shape)
+    shape = (result.type.shape[channel], *([1] * (rank - 1 - channel)))
+    column = Value(fresh_name(f"{conv.name}_bias_column", taken),
+                   TensorType(shape, types[bias].dtype, None, types[bias].device))
+    return [Node(column.name, VIEW, (bias,), {"size": shape}, (column,), source=conv.source),
+            Node(fresh_name(f"{conv.name}_bias", taken), ADD, (plain.name, column.name), {}, (result,),
+                 source=conv.source)]
 
 
 def _splittable(node: Node, types: Mapping[str, TensorType]) -> bool:

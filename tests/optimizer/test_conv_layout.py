@@ -139,3 +139,27 @@ def test_generated_kernels_walk_a_value_in_memory_order():
     assert memory_order(TensorType((2, 3, 5, 7), torch.float32)) == (0, 1, 2, 3)
     assert memory_order(TensorType((2, 3, 5, 7), torch.float32, (105, 1, 21, 3))) == (0, 2, 3, 1)
     assert memory_order(TensorType((2, 3, 1, 1), torch.float32, (3, 1, 3, 3))) == (0, 2, 3, 1)
+
+
+def test_a_bias_read_through_a_permute_joins_the_layer_norm_after_it():
+    """ConvNeXt's block: a depthwise convolution, a permute to channels-last and a layer norm over channels. The
+    bias add goes behind the permute, where it shares the layer norm's rows: one row kernel for both."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.filter, self.norm = nn.Conv2d(6, 6, 7, padding=3, groups=6), nn.LayerNorm(6)
+
+        def forward(self, x):
+            return self.norm(self.filter(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + x
+
+    model, x = Block().eval(), torch.randn(2, 6, 9, 11)
+    graph = split_convolution_bias(from_module(model, (x,)).graph)
+    verify(graph)
+    (conv,) = convolutions(graph)
+    (permute,) = [node for node in graph.nodes if conv.outputs[0].name in node.inputs]
+    assert permute.op == conv_layout.PERMUTE and [n.op for n in graph.nodes].index("add.Tensor") > graph.nodes.index(permute)
+    with torch.no_grad():
+        program = ember.compile(model, (x,), ember.Options(fusion=True))
+        assert models.max_error(model(x), program(x)) <= result_tolerance(model(x))
+    assert any(step.node.startswith("fused_add_native_layer_norm") for step in program.executor.steps)
