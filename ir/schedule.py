@@ -125,8 +125,11 @@ def _writes(node: Node) -> Writes:
 def _bases(steps: tuple[ScheduleStep, ...], last_read: Mapping[str, int], kept: set[str],
            types: Mapping[str, TensorType]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """(bases, views, reused) as `Schedule` describes them: a result is written over an input of its type, dense,
-    in an intermediate's memory that nothing reads later nor through another value in that step, neither of them
-    a graph output."""
+    in an intermediate's memory that nothing reads later nor through another value in that step, the input not a
+    graph output. A returned result may be, over an input that owns its memory (not itself written over another,
+    so that runtime.executor.tail_start still finds a late output late): that memory is then allocated on each call
+    outside the arenas, as every returned value's is, and a returned softcap over the logits needs no second
+    logits buffer."""
     bases: dict[str, str] = {}
     views: dict[str, str] = {}
     base_last: dict[str, int] = {}  # owning value -> the last step reading it or anything sharing its memory
@@ -141,8 +144,10 @@ def _bases(steps: tuple[ScheduleStep, ...], last_read: Mapping[str, int], kept: 
                 bases[name], views[name] = bases[step.reads[0]], views[step.reads[0]]
             else:
                 bases[name] = views[name] = name
-                if step.how in (Writes.ELEMENTWISE, Writes.IN_PLACE) and name not in kept:
+                if step.how in (Writes.ELEMENTWISE, Writes.IN_PLACE):
                     candidates = step.reads[:1] if step.how is Writes.IN_PLACE else step.reads
+                    if name in kept:
+                        candidates = tuple(source for source in candidates if bases.get(source) == source)
                     source = _overwritable(name, candidates, step.reads, index, bases, base_last, types, kept | taken)
                     if source is not None:
                         reused[name], bases[name] = source, bases[source]

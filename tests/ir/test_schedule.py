@@ -21,15 +21,13 @@ def test_views_extend_their_base_and_outputs_live_to_the_end():
         Node("view", "view", ("a",), {"size": (32,)}, (_v("view", 32),)),     # alias of a
         Node("b", "neg", ("x",), {}, (_v("b", 4, 8),)),                      # 128 B, step 2
         Node("c", "relu", ("view",), {}, (_v("c", 32),)),                    # reads a through the view at step 3
-        Node("d", "add.Tensor", ("b", "b"), {}, (_v("d", 4, 8),)),           # step 4, graph output
+        Node("d", "add.Tensor", ("b", "b"), {}, (_v("d", 4, 8),)),           # step 4, graph output written over b
         Node("xv", "view", ("x",), {"size": (32,)}, (_v("xv", 32),)),         # a view of an input owns nothing
     )
     graph = Graph((x,), (), nodes, ("c", "d", "xv"))
     graph.verify()
-    assert schedule_of(graph).buffers == (
-        Buffer("a", 128, 0, 3), Buffer("b", 128, 2, 4), Buffer("c", 128, 3, 5), Buffer("d", 128, 4, 5),
-    )
-    assert live_bytes(schedule_of(graph).buffers, len(nodes)).tolist() == [128, 128, 256, 384, 384, 256]
+    assert schedule_of(graph).buffers == (Buffer("a", 128, 0, 3), Buffer("b", 128, 2, 5), Buffer("c", 128, 3, 5))
+    assert live_bytes(schedule_of(graph).buffers, len(nodes)).tolist() == [128, 128, 256, 384, 256, 256]
     assert peak_live_bytes(schedule_of(graph)) == (384, 3)
 
 
@@ -41,14 +39,13 @@ def test_an_elementwise_result_is_written_over_an_input_that_dies_there():
         Node("c", "add.Tensor", ("b", "x"), {}, (_v("c", 4, 4),)),      # b dies here: c takes its memory, a's
         Node("t", "t", ("c",), {}, (Value("t", TensorType((4, 4), torch.float32, strides=(1, 4))),)),
         Node("d", "add.Tensor", ("c", "t"), {}, (_v("d", 4, 4),)),      # would race with its read of c.t()
-        Node("e", "relu", ("d",), {}, (_v("e", 4, 4),)),                # returned: allocated on its own
+        Node("e", "relu", ("d",), {}, (_v("e", 4, 4),)),                # returned, over d (it owns its memory)
         Node("f", "sum", ("e",), {}, (_v("f"),)),
     )
     graph = Graph((x,), (), nodes, ("e", "f"))
     graph.verify()
-    assert schedule_of(graph).reused == {"b": "a", "c": "b"}
-    assert schedule_of(graph).buffers == (Buffer("a", 64, 0, 4), Buffer("d", 64, 4, 5), Buffer("e", 64, 5, 6),
-                              Buffer("f", 4, 6, 6))
+    assert schedule_of(graph).reused == {"b": "a", "c": "b", "e": "d"}
+    assert schedule_of(graph).buffers == (Buffer("a", 64, 0, 4), Buffer("d", 64, 4, 6), Buffer("f", 4, 6, 6))
 
 
 def test_nothing_is_written_over_memory_a_returned_view_keeps():
@@ -79,8 +76,8 @@ def test_an_op_whose_out_overload_copies_is_written_over_its_first_input_in_plac
     graph = Graph((x, y, mask, table, ids), (), nodes, ("f",))
     graph.verify()
     assert [node.fills_given_memory for node in nodes] == [True, False, True, False, True]
-    assert schedule_of(graph).reused == {"b": "a", "c": "b"}
-    assert [buffer.name for buffer in schedule_of(graph).buffers] == ["a", "e", "f"]
+    assert schedule_of(graph).reused == {"b": "a", "c": "b", "f": "e"}  # the returned f over e, which owns its memory
+    assert [buffer.name for buffer in schedule_of(graph).buffers] == ["a", "e"]
 
 
 def test_an_inverse_permutation_is_written_into_the_buffer_it_fills_not_a_copy_of_it():
@@ -127,3 +124,21 @@ def test_an_extern_op_returning_a_view_extends_its_base():
     graph = Graph((x,), (), nodes, ("m", "r"))
     graph.verify()
     assert Buffer("s", 128, 0, 3) in schedule_of(graph).buffers
+
+
+def test_a_returned_result_is_written_over_an_input_owning_memory_that_dies_there():
+    """A returned softcap over the logits needs no second logits buffer; but a result over a value itself written
+    over another keeps memory of its own, so that an output made late is still made late (runtime.executor.tail_start)."""
+    x = _v("x", 4, 8)
+    nodes = (
+        Node("logits", "exp", ("x",), {}, (_v("logits", 4, 8),)),
+        Node("capped", "tanh", ("logits",), {}, (_v("capped", 4, 8),)),     # returned, over the logits
+        Node("a", "neg", ("x",), {}, (_v("a", 4, 8),)),
+        Node("b", "sin", ("a",), {}, (_v("b", 4, 8),)),                      # over a, not returned
+        Node("c", "cos", ("b",), {}, (_v("c", 4, 8),)),                      # returned: b's memory is a's
+    )
+    graph = Graph((x,), (), nodes, ("capped", "c"))
+    graph.verify()
+    schedule = schedule_of(graph)
+    assert schedule.reused == {"capped": "logits", "b": "a"}
+    assert schedule.made_at("capped") == 0 and schedule.made_at("c") == 4
