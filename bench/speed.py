@@ -12,7 +12,7 @@ calls included), and each ember variant's max error against eager.
 Compile caches on disk (Inductor's, Triton's, ember's) start empty in a fresh temporary directory, so each tool's
 first variant of a model compiles cold, as on a user's first run (a tool's later variants reuse what its first
 compiled, in both tools); --warm-caches keeps the usual ones.
-Usage: python bench/speed.py [--out bench/results] [--models mlp gpt2 ...] [--rounds 5] [--stem speed]
+Usage: python bench/speed.py [--out bench/results] [--models mlp gpt2 ... | --broader] [--rounds 5] [--stem speed]
        python bench/speed.py --from-json part1.json part2.json   (one table from runs split across calls)
 """
 from __future__ import annotations
@@ -101,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--broader", action="store_true", help="the broader suite (models.BROADER) instead of --models")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stem", default="speed", help="name of the result files")
     parser.add_argument("--from-json", nargs="*", default=[], help="tabulate the rows of earlier runs instead of measuring")
@@ -118,7 +119,7 @@ def main() -> None:
                       table([row for run in runs for row in run["models"]]))
         return
     rows = []
-    for name in args.models:
+    for name in models.BROADER if args.broader else args.models:
         rows.append(measure(name, args.rounds))
         print(f"{name}: eager {rows[-1]['eager_ms']:.3f} ms, ember backend {rows[-1]['ember_backend_ms']:.3f} ms, "
               f"export {rows[-1]['ember_export_ms']:.3f} ms", flush=True)
