@@ -79,8 +79,9 @@ SIZES = ("tiny", "suite")
 """tiny: odd-sized fp32 configs for tests; suite: the bf16 benchmark configs every benchmark uses."""
 SUITE = ("mlp", "gpt2", "llama", "llama_b1", "mixtral", "bert")
 BROADER = ("resnet50", "convnext_t", "mobilenet_v2", "mobilenet_v3", "vit_b16", "t5_encoder", "gemma2", "qwen2", "moe64")
-"""Architectures ember was not tuned on: convolution networks, a ViT, an encoder with relative position buckets,
-soft-capped sliding-window attention, a biased-QKV decoder and a 64-expert MoE, each at its library default."""
+"""Architectures ember was not tuned on: convolution networks (MobileNetV3's hard swish and squeeze-and-excitation
+among them), a ViT, an encoder with relative position buckets, soft-capped sliding-window attention, a biased-QKV
+decoder and a 64-expert MoE, each at its library default."""
 
 
 def demo(size: str = "tiny") -> ModelAndInputs:
