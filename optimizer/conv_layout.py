@@ -11,9 +11,11 @@ ReLU, the residual add), and the convolutions' weights are held channels-last (m
 derived weights), so that cuDNN returns channels-last results; every value computed from them is retyped by
 torch's own rule (fake tensors at the new strides), as eager would lay it out, and generated kernels read and
 write them in that order. Where a value must keep the strides it was traced with (a graph output, an op whose
-rule refuses the new strides), a copy restores them. Channels-last is chosen when the bytes cuDNN would
-transpose exceed the bytes of those copies and of the inputs cuDNN converts on entry. A float32 convolution that
-cuDNN may run in TF32 keeps its layout, as batch norm folding keeps its weights (fold_batch_norm.rounds_to_tf32).
+rule refuses the new strides), a copy restores them. Channels-last is chosen when the bytes cuDNN would transpose
+exceed the bytes of those copies and of the inputs cuDNN converts on entry. A float32 convolution that cuDNN may
+run in TF32 keeps its layout, as batch norm folding keeps its weights (fold_batch_norm.rounds_to_tf32).
+A permute that alone reads a pointwise result on its way to a layer norm (ConvNeXt's channels-first norms) moves
+before that op, which then computes in the norm's rows and joins its kernel.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..ir import Graph, Node, TensorType, Value
+from ..ir import OP_TABLE, Graph, Node, TensorType, Value
 from ..ir.ops import infer_by_tracing, op_name
 from ..units import format_bytes
 from .canonicalize import eliminate_dead_code
@@ -36,6 +38,7 @@ ADD = op_name(torch.ops.aten.add.Tensor)
 VIEW = op_name(torch.ops.aten.view.default)
 CLONE = op_name(torch.ops.aten.clone.default)
 PERMUTE = op_name(torch.ops.aten.permute.default)
+ROW_KINDS = frozenset({"reduction", "normalization"})
 
 LAYOUT_DEVICES = frozenset({"cuda"})
 """Device types whose convolutions these passes rewrite: cuDNN's. (ATen's CPU convolution adds its bias in the
@@ -238,3 +241,113 @@ def _retyped(node: Node, types: Mapping[str, TensorType]) -> Node | None:
             return None
         outputs.append(Value(value.name, dataclasses.replace(value.type, strides=found.layout)))
     return dataclasses.replace(node, outputs=tuple(outputs))
+
+
+def hoist_permutes(graph: Graph) -> Graph:
+    """The graph with each permute that alone reads a pointwise result, and leads (through pointwise ops) to a
+    reduction or normalization, moved before that result: the op reads its inputs permuted (views) and makes the
+    permuted result itself. Its kernel walks the same memory in the same order, but in the permute's coordinates,
+    which the row kernel after it shares: ConvNeXt's downsampling layer norm (permute, layer norm over channels,
+    permute back) then joins the layer scale and residual add before it. On the layout devices only: elsewhere no
+    row kernel is generated to take them."""
+    hoisted = 0
+    while True:
+        rewritten = _hoist_one(graph)
+        if rewritten is None:
+            break
+        graph, hoisted = rewritten, hoisted + 1
+    if hoisted:
+        record(f"{hoisted} permute(s) moved before the pointwise op whose result they alone read, so that the op "
+               "computes in the permuted coordinates of the row kernel after it")
+    return graph
+
+
+def _hoist_one(graph: Graph) -> Graph | None:
+    """The graph with one permute hoisted (the last that can be), or None."""
+    types = graph.types()
+    readers: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        for name in dict.fromkeys(node.inputs):
+            readers.setdefault(name, []).append(node)
+    made_by = {value.name: node for node in graph.nodes for value in node.outputs}
+    for permute in reversed(graph.nodes):
+        if permute.op != PERMUTE or len(permute.inputs) != 1 or permute.outputs[0].type.device not in LAYOUT_DEVICES:
+            continue
+        node = made_by.get(permute.inputs[0])
+        if (node is None or node.is_extern or node.definition.kind != "pointwise" or len(node.outputs) != 1
+                or [reader.name for reader in readers[node.outputs[0].name]] != [permute.name]
+                or node.outputs[0].name in graph.outputs or not _feeds_rows(permute, readers, graph.outputs)):
+            continue
+        rewritten = _hoisted(node, permute, types, graph, made_by, readers)
+        if rewritten is not None:
+            return rewritten
+    return None
+
+
+def _feeds_rows(node: Node, readers: Mapping[str, list[Node]], outputs: tuple[str, ...]) -> bool:
+    """Whether every reader of the node's result is a reduction or normalization, or a pointwise op whose own
+    readers all are (so that hoisting a permute there lets a row kernel take the ops before it)."""
+    reading = readers.get(node.outputs[0].name, [])
+    if not reading or node.outputs[0].name in outputs:
+        return False
+    return all(reader.definition.kind in ROW_KINDS or (reader.definition.kind == "pointwise" and len(reader.outputs) == 1
+                                                       and _feeds_rows(reader, readers, outputs))
+               for reader in reading)
+
+
+def _hoisted(node: Node, permute: Node, types: Mapping[str, TensorType], graph: Graph, made_by: Mapping[str, Node],
+             readers: Mapping[str, list[Node]]) -> Graph | None:
+    """The graph with `permute` moved before `node`, or None where a rank or torch's layout rule disagrees. An
+    operand that is itself a permute read only by `node` is permuted once, by the two composed (none if they undo
+    each other), so that a chain of hoists goes on through it."""
+    rank = len(node.outputs[0].type.shape)
+    dims = [dim % rank for dim in permute.attrs["dims"]]
+    taken = {*types, *(n.name for n in graph.nodes)}
+    before: list[Node] = []
+    dropped: set[str] = set()
+    operands = []
+    for name in node.inputs:
+        value_type = types[name]
+        if len(value_type.shape) > rank:
+            return None
+        source, order = name, dims
+        inner = made_by.get(name)
+        if (inner is not None and inner.op == PERMUTE and len(value_type.shape) == rank
+                and [reader.name for reader in readers[name]] == [node.name] and name not in graph.outputs):
+            first = [dim % rank for dim in inner.attrs["dims"]]
+            source, order, value_type = inner.inputs[0], [first[dim] for dim in dims], types[inner.inputs[0]]
+            dropped.add(inner.name)
+            if order == list(range(rank)):
+                operands.append(Value(source, value_type))
+                continue
+        if len(value_type.shape) < rank:  # broadcast from the right: leading size-1 dims made explicit
+            full = (1,) * (rank - len(value_type.shape)) + value_type.shape
+            widened = Value(fresh_name(f"{name}_{permute.name}_full", taken),
+                            _traced(VIEW, (value_type,), {"size": full}))
+            before.append(Node(widened.name, VIEW, (name,), {"size": full}, (widened,), source=permute.source))
+            source = widened.name
+            value_type = widened.type
+        moved = Value(fresh_name(f"{name}_{permute.name}", taken), _traced(PERMUTE, (value_type,), {"dims": order}))
+        before.append(Node(moved.name, PERMUTE, (source,), {"dims": order}, (moved,), source=permute.source))
+        operands.append(moved)
+    result = permute.outputs[0]
+    try:
+        (made,) = infer_by_tracing(node.definition, [value.type for value in operands], node.attrs)
+    except Exception:  # torch's rule refusing the permuted operands is the answer
+        return None
+    if made is None or not made.same_as(result.type) or made.layout != result.type.layout:
+        return None
+    moved_node = dataclasses.replace(node, inputs=tuple(value.name for value in operands), outputs=(result,))
+    nodes = []
+    for n in graph.nodes:
+        if n is node:
+            nodes += [*before, moved_node]
+        elif n is not permute and n.name not in dropped:
+            nodes.append(n)
+    return dataclasses.replace(graph, nodes=tuple(nodes))
+
+
+def _traced(op: str, inputs: tuple[TensorType, ...], attrs: Mapping[str, object]) -> TensorType:
+    """The type torch's rule gives a view op's result."""
+    (made,) = infer_by_tracing(OP_TABLE[op], list(inputs), attrs)
+    return made

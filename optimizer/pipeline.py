@@ -38,7 +38,7 @@ from .cost.calibrate import calibrated_name
 from .decisions import record, recording
 from .expert_placement import match_routers
 from .fold import fold_constants
-from .conv_layout import convolutions_channels_last, split_convolution_bias
+from .conv_layout import convolutions_channels_last, hoist_permutes, split_convolution_bias
 from .fold_batch_norm import fold_batch_norm
 from .fusion import FusionPlan, plan_fusion
 from .fusion_verify import verify_fusion
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 Pass = Callable[[Graph], Graph]
 
 PASSES: tuple[Pass, ...] = (eliminate_dead_code, fold_constant_masks, fold_constants, fold_batch_norm,
-                            split_convolution_bias, convolutions_channels_last,
+                            split_convolution_bias, convolutions_channels_last, hoist_permutes,
                             drop_empty_cat_inputs, drop_decided_masks, cover_grouped_rows, offsets_by_search,
                             decompose_attention, group_query_heads, fold_query_groups, convert_attention_masks,
                             pad_linear_features, join_vector_products)

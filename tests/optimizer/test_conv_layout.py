@@ -163,3 +163,40 @@ def test_a_bias_read_through_a_permute_joins_the_layer_norm_after_it():
         program = ember.compile(model, (x,), ember.Options(fusion=True))
         assert models.max_error(model(x), program(x)) <= result_tolerance(model(x))
     assert any(step.node.startswith("fused_add_native_layer_norm") for step in program.executor.steps)
+
+
+class Downsample(nn.Module):
+    """ConvNeXt's block end and downsampling: a layer-scaled branch permuted back and added to the residual, then a
+    channels-first layer norm (permute, layer norm over channels, permute back) before a strided convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mix = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 6)
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+        self.norm, self.down = nn.LayerNorm(6), nn.Conv2d(6, 4, 2, stride=2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        branch = (self.scale * self.mix(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        y = x + branch
+        return self.down(self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_a_permute_before_a_layer_norm_moves_before_the_ops_it_reads_and_they_join_its_kernel():
+    model, x = Downsample().eval(), torch.randn(2, 3, 8, 10)
+    with torch.no_grad():
+        program = ember.compile(model, (x,), ember.Options(fusion=True))
+        assert models.max_error(model(x), program(x)) <= result_tolerance(model(x))
+    steps = [step.node for step in program.executor.steps]
+    assert any(step.startswith("fused_add_mul_native_layer_norm") for step in steps)
+    assert "native_layer_norm" not in steps  # no layer norm left to ATen
+    assert any("permute" in decision for decision in program.report.pass_decisions["hoist_permutes"])
+
+
+def test_a_permute_that_leads_to_no_row_kernel_stays_where_it_is():
+    class Back(nn.Module):
+        def forward(self, x):
+            return torch.relu(x * 2.0).permute(0, 3, 1, 2) + 1.0
+
+    graph = from_module(Back(), (torch.randn(2, 5, 7, 3),)).graph
+    assert conv_layout.hoist_permutes(graph) is graph
