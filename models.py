@@ -237,15 +237,19 @@ def qwen2_moe(size: str = "tiny") -> ModelAndInputs:
     return _tokens(t.Qwen2MoeForCausalLM(config), config.vocab_size, batch, length, size)
 
 
+def _tiny_olmoe(t: Any, hidden: int, intermediate: int, experts: int, top_k: int) -> Any:
+    """A 2-layer OLMoE config of these widths, 4 heads over 2 KV heads, a 211-word vocabulary."""
+    return t.OlmoeConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=intermediate, vocab_size=211, num_experts=experts, num_experts_per_tok=top_k,
+                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+
+
 def olmoe(size: str = "tiny") -> ModelAndInputs:
     """transformers' OLMoE LM, top-k softmax routing (not renormalised): 2 layers, 8 experts, top-2 (tiny); hidden
     1024, 4 layers, 64 experts, top-8, b4 s512 (suite)."""
     t = _transformers()
     if size == "tiny":
-        config = t.OlmoeConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               intermediate_size=48, vocab_size=211, num_experts=8, num_experts_per_tok=2,
-                               max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
-        batch, length = 2, 13
+        config, batch, length = _tiny_olmoe(t, hidden=64, intermediate=48, experts=8, top_k=2), 2, 13
     else:
         config = t.OlmoeConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
                                intermediate_size=512, vocab_size=32000, num_experts=64, num_experts_per_tok=8,
@@ -456,10 +460,7 @@ def moe64(size: str = "tiny") -> ModelAndInputs:
     wide (13.4B parameters, 25 GiB in bf16, built in fp32 first: 51 GiB at the peak), batch 4, 512 tokens (suite)."""
     t = _transformers()
     if size == "tiny":
-        config = t.OlmoeConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               intermediate_size=16, vocab_size=211, num_experts=64, num_experts_per_tok=8,
-                               max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
-        batch, length = 2, 13
+        config, batch, length = _tiny_olmoe(t, hidden=32, intermediate=16, experts=64, top_k=8), 2, 13
     else:
         config, batch, length = t.OlmoeConfig(), 4, 512
     return _tokens(t.OlmoeForCausalLM(config), config.vocab_size, batch, length, size)

@@ -98,6 +98,14 @@ class Graph:
             table.update((value.name, value.type) for value in node.outputs)
         return table
 
+    def readers(self) -> dict[str, list[Node]]:
+        """Value name -> the nodes that read it, in graph order, each once (values nothing reads are absent)."""
+        table: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for name in dict.fromkeys(node.inputs):
+                table.setdefault(name, []).append(node)
+        return table
+
     def verify(self) -> None:
         """Raise ember.ir.VerifyError unless the graph is well formed (see ir/verify.py)."""
         verify(self)

@@ -1,9 +1,12 @@
 """Plans as plain data, made by the optimizer and read by codegen and the runtime: which nodes run as one
-generated kernel, and in what order the steps run."""
+generated kernel, and in what order the steps run; and where expert parallelism homes each token, which the
+placement simulator assumes and the runtime does."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from .graph import Node
 
@@ -48,3 +51,9 @@ def reads_of(nodes: Sequence[Node]) -> tuple[str, ...]:
 
 class FusionError(ValueError):
     """A fusion plan that would compute something else: a cycle, a node twice, a shape mismatch."""
+
+
+def home_ranks(tokens: int, ranks: int) -> torch.Tensor:
+    """int64 [tokens]: the rank each token starts on under expert parallelism, in contiguous chunks (token t on rank
+    t * ranks // tokens)."""
+    return torch.arange(tokens) * ranks // tokens

@@ -14,8 +14,8 @@ write them in that order. Where a value must keep the strides it was traced with
 rule refuses the new strides), a copy restores them. Channels-last is chosen when the bytes cuDNN would transpose
 exceed the bytes of those copies and of the inputs cuDNN converts on entry. A float32 convolution that cuDNN may
 run in TF32 keeps its layout, as batch norm folding keeps its weights (fold_batch_norm.rounds_to_tf32).
-A permute that alone reads a pointwise result on its way to a layer norm (ConvNeXt's channels-first norms) moves
-before that op, which then computes in the norm's rows and joins its kernel.
+A permute that alone reads a pointwise result on its way to a layer norm (ConvNeXt's, after a bias add or a
+residual add) moves before that op, which then computes in the norm's rows and joins its kernel.
 """
 from __future__ import annotations
 
@@ -47,57 +47,29 @@ kernel, and CPU graphs run no generated kernels to fuse an epilogue into.)"""
 
 def split_convolution_bias(graph: Graph) -> Graph:
     """The graph with each 2-D CUDA convolution's bias added by an `add` after it, for fusion to join to its
-    epilogue; where the convolution's one reader is a permute (ConvNeXt's to channels-last, before its layer
-    norm), the add goes behind the permute, so that it shares the layer norm's rows and joins its kernel."""
+    epilogue (or, once `hoist_permutes` moves ConvNeXt's permute before it, to the layer norm after)."""
     types = graph.types()
     taken = {*types, *(node.name for node in graph.nodes)}
-    readers: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        for name in dict.fromkeys(node.inputs):
-            readers.setdefault(name, []).append(node)
-    replaced: dict[str, list[Node]] = {}
+    nodes: list[Node] = []
     for node in graph.nodes:
         if not _splittable(node, types):
+            nodes.append(node)
             continue
         result, bias = node.outputs[0], node.inputs[2]
+        shape = (result.type.shape[1], *([1] * (len(result.type.shape) - 2)))
         plain = Value(fresh_name(f"{result.name}_unbiased", taken), result.type)
-        unbiased = dataclasses.replace(node, inputs=node.inputs[:2], attrs={**node.attrs, "bias": None}, outputs=(plain,))
-        permute = _lone_permute(result.name, readers, graph.outputs)
-        if permute is None:
-            replaced[node.name] = [unbiased, *_bias_add(node, plain, result, 1, bias, types, taken)]
-            continue
-        permuted = permute.outputs[0]
-        behind = Value(fresh_name(f"{permuted.name}_unbiased", taken), permuted.type)
-        channel = [dim % len(result.type.shape) for dim in permute.attrs["dims"]].index(1)
-        replaced[node.name] = [unbiased]
-        replaced[permute.name] = [dataclasses.replace(permute, inputs=(plain.name,), outputs=(behind,)),
-                                  *_bias_add(node, behind, permuted, channel, bias, types, taken)]
-    if not replaced:
+        column = Value(fresh_name(f"{node.name}_bias_column", taken),
+                       TensorType(shape, types[bias].dtype, None, types[bias].device))
+        nodes += [dataclasses.replace(node, inputs=node.inputs[:2], attrs={**node.attrs, "bias": None}, outputs=(plain,)),
+                  Node(column.name, VIEW, (bias,), {"size": shape}, (column,), source=node.source),
+                  Node(fresh_name(f"{node.name}_bias", taken), ADD, (plain.name, column.name), {}, (result,),
+                       source=node.source)]
+    if len(nodes) == len(graph.nodes):
         return graph
-    record(f"{sum(node.op == CONVOLUTION for node in graph.nodes if node.name in replaced)} convolution bias(es) "
-           "added after the convolution (behind a permute where that is its one reader), where fusion joins them to "
-           "the activation, residual add or layer norm that follows (cuDNN adds a bias in a kernel of its own)")
-    return dataclasses.replace(graph, nodes=tuple(new for node in graph.nodes for new in replaced.get(node.name, [node])))
-
-
-def _lone_permute(name: str, readers: Mapping[str, list[Node]], outputs: tuple[str, ...]) -> Node | None:
-    """The permute that alone reads `name` (which the graph does not return), else None."""
-    reading = readers.get(name, [])
-    if len(reading) != 1 or name in outputs or reading[0].op != PERMUTE or len(reading[0].inputs) != 1:
-        return None
-    return reading[0]
-
-
-def _bias_add(conv: Node, plain: Value, result: Value, channel: int, bias: str, types: Mapping[str, TensorType],
-              taken: set[str]) -> list[Node]:
-    """The view of `bias` along dim `channel` of `result` and the add of it to `plain`, which makes `result`."""
-    rank = len(result.type.shape)
-    shape = (result.type.shape[channel], *([1] * (rank - 1 - channel)))
-    column = Value(fresh_name(f"{conv.name}_bias_column", taken),
-                   TensorType(shape, types[bias].dtype, None, types[bias].device))
-    return [Node(column.name, VIEW, (bias,), {"size": shape}, (column,), source=conv.source),
-            Node(fresh_name(f"{conv.name}_bias", taken), ADD, (plain.name, column.name), {}, (result,),
-                 source=conv.source)]
+    record(f"{(len(nodes) - len(graph.nodes)) // 2} convolution bias(es) added after the convolution, where fusion "
+           "joins them to the activation, residual add or layer norm that follows (cuDNN adds a bias in a kernel of "
+           "its own)")
+    return dataclasses.replace(graph, nodes=tuple(nodes))
 
 
 def _splittable(node: Node, types: Mapping[str, TensorType]) -> bool:
@@ -158,12 +130,13 @@ def _channels_last(value_type: TensorType) -> TensorType:
 def _converted(graph: Graph, convolutions: set[str]) -> tuple[Graph, int, int] | str:
     """(the rewritten graph, bytes copied back to traced strides, bytes cuDNN converts on entry), or why not."""
     weights, derived, params = dict(graph.weights), dict(graph.derived), list(graph.params)
+    original_types = graph.types()
     types = {value.name: value.type for value in (*graph.inputs, *graph.params)}
     changed: set[str] = set()
     restored: dict[str, str] = {}
     held: dict[str, str] = {}
     """weight -> its channels-last copy"""
-    taken = {*graph.types(), *weights}
+    taken = {*original_types, *weights}
     nodes: list[Node] = []
     copied = entering = 0
 
@@ -183,7 +156,6 @@ def _converted(graph: Graph, convolutions: set[str]) -> tuple[Graph, int, int] |
             copied += original.nbytes
         return restored[name]
 
-    original_types = graph.types()
     try:
         for node in graph.nodes:
             if node.name in convolutions:
@@ -265,10 +237,7 @@ def hoist_permutes(graph: Graph) -> Graph:
 def _hoist_one(graph: Graph) -> Graph | None:
     """The graph with one permute hoisted (the last that can be), or None."""
     types = graph.types()
-    readers: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        for name in dict.fromkeys(node.inputs):
-            readers.setdefault(name, []).append(node)
+    readers = graph.readers()
     made_by = {value.name: node for node in graph.nodes for value in node.outputs}
     for permute in reversed(graph.nodes):
         if permute.op != PERMUTE or len(permute.inputs) != 1 or permute.outputs[0].type.device not in LAYOUT_DEVICES:
@@ -313,7 +282,7 @@ def _hoisted(node: Node, permute: Node, types: Mapping[str, TensorType], graph: 
         source, order = name, dims
         inner = made_by.get(name)
         if (inner is not None and inner.op == PERMUTE and len(value_type.shape) == rank
-                and [reader.name for reader in readers[name]] == [node.name] and name not in graph.outputs):
+                and _read_only_by(name, node, readers, graph.outputs)):
             first = [dim % rank for dim in inner.attrs["dims"]]
             source, order, value_type = inner.inputs[0], [first[dim] for dim in dims], types[inner.inputs[0]]
             dropped.add(inner.name)
@@ -322,19 +291,24 @@ def _hoisted(node: Node, permute: Node, types: Mapping[str, TensorType], graph: 
                 continue
         if len(value_type.shape) < rank:  # broadcast from the right: leading size-1 dims made explicit
             full = (1,) * (rank - len(value_type.shape)) + value_type.shape
-            widened = Value(fresh_name(f"{name}_{permute.name}_full", taken),
-                            _traced(VIEW, (value_type,), {"size": full}))
-            before.append(Node(widened.name, VIEW, (name,), {"size": full}, (widened,), source=permute.source))
+            if inner is not None and inner.op == VIEW and _read_only_by(name, node, readers, graph.outputs):
+                source, value_type = inner.inputs[0], types[inner.inputs[0]]  # one view, not a view of a view
+                dropped.add(inner.name)
+            widened_type = _traced(VIEW, (value_type,), {"size": full})
+            if widened_type is None:
+                return None
+            widened = Value(fresh_name(f"{name}_{permute.name}_full", taken), widened_type)
+            before.append(Node(widened.name, VIEW, (source,), {"size": full}, (widened,), source=permute.source))
             source = widened.name
             value_type = widened.type
-        moved = Value(fresh_name(f"{name}_{permute.name}", taken), _traced(PERMUTE, (value_type,), {"dims": order}))
+        moved_type = _traced(PERMUTE, (value_type,), {"dims": order})
+        if moved_type is None:
+            return None
+        moved = Value(fresh_name(f"{name}_{permute.name}", taken), moved_type)
         before.append(Node(moved.name, PERMUTE, (source,), {"dims": order}, (moved,), source=permute.source))
         operands.append(moved)
     result = permute.outputs[0]
-    try:
-        (made,) = infer_by_tracing(node.definition, [value.type for value in operands], node.attrs)
-    except Exception:  # torch's rule refusing the permuted operands is the answer
-        return None
+    made = _traced(node.op, tuple(value.type for value in operands), node.attrs)
     if made is None or not made.same_as(result.type) or made.layout != result.type.layout:
         return None
     moved_node = dataclasses.replace(node, inputs=tuple(value.name for value in operands), outputs=(result,))
@@ -347,7 +321,15 @@ def _hoisted(node: Node, permute: Node, types: Mapping[str, TensorType], graph: 
     return dataclasses.replace(graph, nodes=tuple(nodes))
 
 
-def _traced(op: str, inputs: tuple[TensorType, ...], attrs: Mapping[str, object]) -> TensorType:
-    """The type torch's rule gives a view op's result."""
-    (made,) = infer_by_tracing(OP_TABLE[op], list(inputs), attrs)
+def _read_only_by(name: str, node: Node, readers: Mapping[str, list[Node]], outputs: tuple[str, ...]) -> bool:
+    """Whether `node` is the one reader of `name`, which the graph does not return."""
+    return [reader.name for reader in readers.get(name, [])] == [node.name] and name not in outputs
+
+
+def _traced(op: str, inputs: tuple[TensorType, ...], attrs: Mapping[str, object]) -> TensorType | None:
+    """The type torch's rule gives the op's one result, or None where the rule refuses these inputs."""
+    try:
+        (made,) = infer_by_tracing(OP_TABLE[op], list(inputs), attrs)
+    except Exception:  # a view that needs other strides, operands torch will not take: the refusal is the answer
+        return None
     return made

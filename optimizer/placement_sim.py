@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import PlanError
+from ..ir.plans import home_ranks
 from .cost.profile import DeviceProfile
 from .expert_placement import Placement
 from .moe_traces import RoutingTrace
@@ -87,11 +88,6 @@ class Simulation:
         return max(layer.load_imbalance for layer in self.layers)
 
 
-def home_gpus(tokens: int, gpus: int) -> torch.Tensor:
-    """int64 [tokens]: where each token starts, contiguous chunks (as the runtime homes them)."""
-    return torch.arange(tokens) * gpus // tokens
-
-
 def simulate(plan: Placement, trace: RoutingTrace, profile: DeviceProfile, *, hidden: int = 4096,
              element_bytes: int = 2, mode: str = "stay", replica_choice: str = "capped",
              tokens: int | None = None) -> Simulation:
@@ -113,7 +109,7 @@ def simulate(plan: Placement, trace: RoutingTrace, profile: DeviceProfile, *, hi
     held, replica_gpu, replica_count = _replica_tables(plan)
     node = torch.arange(gpus) // plan.gpus_per_node
     token_ids = torch.arange(count)
-    home = home_gpus(count, gpus)
+    home = home_ranks(count, gpus)
     row_bytes = hidden * element_bytes
     layers, remote_steps, previous_top1 = [], 0, home
     for layer in range(plan.layers):

@@ -60,10 +60,7 @@ def find_routers(graph: Graph) -> tuple[Router, ...]:
     DISPATCH_STEPS nodes): a top-k sampling head over logits is not one. PlanError when there is none.
     """
     producer = {value.name: node for node in graph.nodes for value in node.outputs}
-    readers: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        for name in dict.fromkeys(node.inputs):
-            readers.setdefault(name, []).append(node)
+    readers = graph.readers()
     types = graph.types()
     params = {value.name for value in graph.params}
     made_at = {value.name: index for index, node in enumerate(graph.nodes) for value in node.outputs}

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import InputError, PlanError
+from ..ir.plans import home_ranks
 from ..tolerance import result_tolerance
 
 log = logging.getLogger(__name__)
@@ -222,9 +223,8 @@ def build_expert_parallel(config: MoEConfig, placement: Sequence[Sequence[int]],
 
 
 def home_tokens(tokens: int, world: int, rank: int) -> torch.Tensor:
-    """int64 ids of the tokens homed on `rank` at the start: token t of `tokens` lives on rank t * world // tokens."""
-    ids = torch.arange(tokens)
-    return ids[ids * world // tokens == rank]
+    """int64 ids of the tokens homed on `rank` at the start (ir.plans.home_ranks, as the simulator assumes)."""
+    return torch.arange(tokens)[home_ranks(tokens, world) == rank]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Shared fixtures: deterministic seeds, a fresh dynamo cache, a spy on the programs ember builds; hypothesis profiles."""
+"""Shared fixtures: deterministic seeds, a fresh dynamo cache, a spy on the programs ember builds, the CLI's one-line
+error; hypothesis profiles."""
 from __future__ import annotations
 
 import os
@@ -42,3 +43,14 @@ def compiled_programs(monkeypatch):
 
     monkeypatch.setattr(ember.api, "compile_graph", spy)
     return programs
+
+
+@pytest.fixture
+def one_line_error(capsys):
+    """Reads what the CLI wrote to stderr and checks it is one `error: ` line without a traceback."""
+    def read() -> str:
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith("error: ") and "Traceback" not in err
+        return err
+    return read

@@ -52,13 +52,6 @@ def in_user_directory(tmp_path, monkeypatch):
     sys.modules.pop("usermodels", None)
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and "Traceback" not in err
-    return err
-
-
 def test_a_module_in_the_current_directory_is_found(in_user_directory, capsys):
     assert main(["demo", "usermodels:inputs_as_a_list", "--device", "cpu", "--json"]) == 0
     assert '"passed": true' in capsys.readouterr().out
@@ -74,9 +67,9 @@ def test_a_module_in_the_current_directory_is_found(in_user_directory, capsys):
     ("usermodels:scalar_out", "such as a tensor's .item()"),
     ("usermodels:data_dependent_shape", "torch.export could not capture DataDependentShape"),
 ])
-def test_a_bad_model_spec_is_one_line(in_user_directory, capsys, spec, expected):
+def test_a_bad_model_spec_is_one_line(in_user_directory, capsys, spec, expected, one_line_error):
     assert main(["demo", spec, "--device", "cpu"]) == 2
-    assert expected in one_line_error(capsys)
+    assert expected in one_line_error()
 
 
 def test_a_failed_export_does_not_print_torchs_graph(in_user_directory, capsys):
@@ -86,29 +79,29 @@ def test_a_failed_export_does_not_print_torchs_graph(in_user_directory, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_a_gpu_is_one_line(capsys):
+def test_cuda_without_a_gpu_is_one_line(capsys, one_line_error):
     assert main(["demo", "--device", "cuda"]) == 2
-    assert "sees no CUDA GPU: run with --device cpu" in one_line_error(capsys)
+    assert "sees no CUDA GPU: run with --device cpu" in one_line_error()
 
 
-def test_an_unknown_device_is_one_line(capsys):
+def test_an_unknown_device_is_one_line(capsys, one_line_error):
     assert main(["demo", "--device", "tpu"]) == 2
-    assert "unknown device 'tpu'" in one_line_error(capsys)
+    assert "unknown device 'tpu'" in one_line_error()
 
 
-def test_a_missing_extra_names_it_literally(capsys, monkeypatch):
+def test_a_missing_extra_names_it_literally(capsys, monkeypatch, one_line_error):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
     assert main(["demo", "gpt2"]) == 2
-    assert "pip install 'ember[test]'" in one_line_error(capsys)
+    assert "pip install 'ember[test]'" in one_line_error()
 
 
-def test_an_internal_error_is_one_line_and_debug_shows_it(capsys, monkeypatch):
+def test_an_internal_error_is_one_line_and_debug_shows_it(capsys, monkeypatch, one_line_error):
     def broken(args):
         raise KeyError("a bug in ember")
 
     monkeypatch.setitem(cli.COMMANDS, "demo", broken)
     assert main(["demo"]) == 1
-    err = one_line_error(capsys)
+    err = one_line_error()
     assert "internal error: KeyError" in err and "a bug in ember" in err and "--debug" in err
     with pytest.raises(KeyError):
         main(["--debug", "demo"])

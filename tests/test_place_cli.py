@@ -29,13 +29,6 @@ def _place_json(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and "Traceback" not in err
-    return err
-
-
 def test_json_placement_is_per_layer_gpus_that_verify(capsys, traces):
     fit, score = traces
     result = _place_json(capsys, fit, "--gpus", "2", "--score", score, *FAST)
@@ -114,10 +107,10 @@ def _corrupt(tmp_path: Path) -> str:
     (lambda tmp, fit: [fit, "--gpus", "0"], "--gpus 0 must be a positive multiple"),
     (lambda tmp, fit: [fit, "--gpus", "2", "--replicas", "9", "--method", "eplb"], "at most 8"),
 ])
-def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, traces, args, message):
+def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, traces, args, message, one_line_error):
     fit, _ = traces
     assert main(["place", *args(tmp_path, fit), *FAST]) == 2
-    assert message in one_line_error(capsys)
+    assert message in one_line_error()
 
 
 def test_a_built_in_moe_model_is_recorded_and_placed(capsys):

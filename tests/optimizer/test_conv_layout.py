@@ -139,11 +139,19 @@ def test_generated_kernels_walk_a_value_in_memory_order():
     assert memory_order(TensorType((2, 3, 5, 7), torch.float32)) == (0, 1, 2, 3)
     assert memory_order(TensorType((2, 3, 5, 7), torch.float32, (105, 1, 21, 3))) == (0, 2, 3, 1)
     assert memory_order(TensorType((2, 3, 1, 1), torch.float32, (3, 1, 3, 3))) == (0, 2, 3, 1)
+    model, x = Stages().eval(), torch.randn(2, 3, 9, 11)
+    program = ember.compile(model, (x,), ember.Options(fusion=True))
+    types = program.graph.types()
+    kernels = [item.kernel.source for item in program.executor.work if hasattr(item, "kernel")]
+    walked = [kernel for kernel in kernels if kernel.name.startswith("fused_") and "index //" in kernel.source
+              and channels_last(types[kernel.outputs[0]])]
+    assert walked  # the activations after the convolutions: the channel coordinate moves fastest, not the width's
+    assert all("c1 = (index // 1) %" in kernel.source for kernel in walked)
 
 
 def test_a_bias_read_through_a_permute_joins_the_layer_norm_after_it():
     """ConvNeXt's block: a depthwise convolution, a permute to channels-last and a layer norm over channels. The
-    bias add goes behind the permute, where it shares the layer norm's rows: one row kernel for both."""
+    permute moves before the bias add, which then shares the layer norm's rows: one row kernel for both."""
 
     class Block(nn.Module):
         def __init__(self):
@@ -154,7 +162,7 @@ def test_a_bias_read_through_a_permute_joins_the_layer_norm_after_it():
             return self.norm(self.filter(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + x
 
     model, x = Block().eval(), torch.randn(2, 6, 9, 11)
-    graph = split_convolution_bias(from_module(model, (x,)).graph)
+    graph = conv_layout.hoist_permutes(split_convolution_bias(from_module(model, (x,)).graph))
     verify(graph)
     (conv,) = convolutions(graph)
     (permute,) = [node for node in graph.nodes if conv.outputs[0].name in node.inputs]

@@ -14,7 +14,8 @@ from ember.errors import PlanError
 from ember.optimizer.cost import load_profile
 from ember.optimizer.expert_placement import placement_from_lists
 from ember.optimizer.moe_traces import RoutingTrace
-from ember.optimizer.placement_sim import CAP_SLACK, _all_to_all_us, _cap_replicas, home_gpus, simulate
+from ember.ir.plans import home_ranks
+from ember.optimizer.placement_sim import CAP_SLACK, _all_to_all_us, _cap_replicas, simulate
 
 PROFILE = dataclasses.replace(load_profile("h200"), link_gbps=100.0, network_gbps=10.0, collective_latency_us=5.0)
 """Round bandwidths, so that hand-computed times read plainly."""
@@ -112,9 +113,9 @@ def test_load_imbalance_is_the_busiest_gpu_over_the_mean():
 
 
 def test_homes_are_contiguous_chunks():
-    assert home_gpus(4, 2).tolist() == [0, 0, 1, 1]
-    assert home_gpus(5, 3).tolist() == [0, 0, 1, 1, 2]
-    assert home_gpus(2, 4).tolist() == [0, 2]
+    assert home_ranks(4, 2).tolist() == [0, 0, 1, 1]
+    assert home_ranks(5, 3).tolist() == [0, 0, 1, 1, 2]
+    assert home_ranks(2, 4).tolist() == [0, 2]
 
 
 def test_tokens_replays_a_prefix_of_the_trace():
