@@ -34,6 +34,9 @@ def phases(name: str, cuda_graphs: bool) -> list[str]:
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         program = ember.compile(model, inputs, ember.Options(cuda_graphs=cuda_graphs))
+        memory = program.report.memory
+        if memory:
+            rows.append(f"predicted peak {memory['peak_bytes'] / 2**20:.0f} arena {memory['arena_bytes'] / 2**20:.0f}")
         mark("compile")
         for call in range(3):
             result = program(*inputs)

@@ -13,7 +13,7 @@ torch's own rule (fake tensors at the new strides), as eager would lay it out, a
 write them in that order. Where a value must keep the strides it was traced with (a graph output, an op whose
 rule refuses the new strides), a copy restores them. Channels-last is chosen when the bytes cuDNN would transpose
 exceed the bytes of those copies and of the inputs cuDNN converts on entry. A float32 convolution that cuDNN may
-run in TF32 keeps its layout, as batch norm folding keeps its weights (fold_batch_norm.rounds_to_tf32).
+run in TF32 keeps its layout, as batch norm folding keeps its weights (cudnn.rounds_to_tf32).
 A permute that alone reads a pointwise result on its way to a layer norm (ConvNeXt's, after a bias add or a
 residual add) moves before that op, which then computes in the norm's rows and joins its kernel.
 """
@@ -29,9 +29,9 @@ from ..ir import OP_TABLE, Graph, Node, TensorType, Value
 from ..ir.ops import infer_by_tracing, op_name
 from ..units import format_bytes
 from .canonicalize import eliminate_dead_code
+from . import cudnn
 from .decisions import record
 from .fold import fresh_name, mutated_memory
-from .fold_batch_norm import rounds_to_tf32
 
 CONVOLUTION = op_name(torch.ops.aten.convolution.default)
 ADD = op_name(torch.ops.aten.add.Tensor)
@@ -39,10 +39,6 @@ VIEW = op_name(torch.ops.aten.view.default)
 CLONE = op_name(torch.ops.aten.clone.default)
 PERMUTE = op_name(torch.ops.aten.permute.default)
 ROW_KINDS = frozenset({"reduction", "normalization"})
-
-LAYOUT_DEVICES = frozenset({"cuda"})
-"""Device types whose convolutions these passes rewrite: cuDNN's. (ATen's CPU convolution adds its bias in the
-kernel, and CPU graphs run no generated kernels to fuse an epilogue into.)"""
 
 
 def split_convolution_bias(graph: Graph) -> Graph:
@@ -78,7 +74,7 @@ def _splittable(node: Node, types: Mapping[str, TensorType]) -> bool:
         return False
     result = node.outputs[0].type
     bias = types[node.inputs[2]]
-    return (result.device in LAYOUT_DEVICES and len(result.shape) == 4 and not node.attrs.get("transposed")
+    return (result.device in cudnn.LAYOUT_DEVICES and len(result.shape) == 4 and not node.attrs.get("transposed")
             and bias.shape == (result.shape[1],) and bias.dtype == result.dtype)
 
 
@@ -117,8 +113,8 @@ def _convertible(node: Node, graph: Graph) -> bool:
         return False
     result = node.outputs[0].type
     weight = graph.weights.get(node.inputs[1]) if len(node.inputs) > 1 else None
-    return (result.device in LAYOUT_DEVICES and len(result.shape) == 4 and weight is not None
-            and weight.dim() == 4 and weight.is_floating_point() and not rounds_to_tf32(weight.dtype, weight.device))
+    return (result.device in cudnn.LAYOUT_DEVICES and len(result.shape) == 4 and weight is not None
+            and weight.dim() == 4 and weight.is_floating_point() and not cudnn.rounds_to_tf32(weight.dtype, weight.device))
 
 
 def _channels_last(value_type: TensorType) -> TensorType:
@@ -240,7 +236,7 @@ def _hoist_one(graph: Graph) -> Graph | None:
     readers = graph.readers()
     made_by = {value.name: node for node in graph.nodes for value in node.outputs}
     for permute in reversed(graph.nodes):
-        if permute.op != PERMUTE or len(permute.inputs) != 1 or permute.outputs[0].type.device not in LAYOUT_DEVICES:
+        if permute.op != PERMUTE or len(permute.inputs) != 1 or permute.outputs[0].type.device not in cudnn.LAYOUT_DEVICES:
             continue
         node = made_by.get(permute.inputs[0])
         if (node is None or node.is_extern or node.definition.kind != "pointwise" or len(node.outputs) != 1

@@ -11,7 +11,7 @@ from torch import nn
 import ember
 from ember import cli, models
 from ember.errors import CompileError
-from ember.optimizer import conv_layout
+from ember.optimizer import cudnn
 from ember.tolerance import result_tolerance
 
 
@@ -43,7 +43,7 @@ def test_tiny_mobilenet_v3_has_its_blocks_and_they_are_generated_kernels(monkeyp
     """Hard swish, squeeze-and-excitation gates with a hard sigmoid, 5x5 depthwise convolutions and residuals: with
     the convolution layout passes on (as on CUDA) each activation and gate joins the kernel adding its convolution's
     bias, so none runs as an ATen op of its own."""
-    monkeypatch.setattr(conv_layout, "LAYOUT_DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(cudnn, "LAYOUT_DEVICES", frozenset({"cpu", "cuda"}))
     model, inputs = models.load("mobilenet_v3")
     kinds = {type(module) for module in model.modules()}
     assert {nn.Hardswish, nn.Hardsigmoid, nn.AdaptiveAvgPool2d} <= kinds

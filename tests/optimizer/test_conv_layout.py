@@ -16,7 +16,7 @@ from ember.codegen.source import memory_order
 from ember.frontend import from_module
 from ember.ir import TensorType
 from ember.ir.verify import verify
-from ember.optimizer import conv_layout
+from ember.optimizer import conv_layout, cudnn
 from ember.optimizer.conv_layout import convolutions_channels_last, split_convolution_bias
 from ember.optimizer.decisions import recording
 from ember.tolerance import result_tolerance
@@ -26,7 +26,7 @@ CNNS = ["cnn", "unet", "resnet50", "convnext_t", "mobilenet_v2", "mobilenet_v3"]
 
 @pytest.fixture(autouse=True)
 def on_the_cpu(monkeypatch):
-    monkeypatch.setattr(conv_layout, "LAYOUT_DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(cudnn, "LAYOUT_DEVICES", frozenset({"cpu", "cuda"}))
 
 
 def convolutions(graph) -> list:

@@ -9,6 +9,7 @@ from torch import nn
 import ember
 from ember import models
 from ember.frontend import from_module
+from ember.optimizer import cudnn
 from ember.optimizer.fold_batch_norm import fold_batch_norm
 from ember.tolerance import result_tolerance
 
@@ -166,11 +167,65 @@ def test_a_training_batch_norm_stays_and_updates_its_statistics_as_eager_does():
 def test_float32_cuda_weights_under_tf32_are_not_folded(monkeypatch):
     """cuDNN runs float32 convolutions in TF32 by default: a folded weight rounds differently from eager's (1.7e-3
     on MobileNetV2 on an H200), so such a batch norm is kept unless TF32 is off."""
-    from ember.optimizer.fold_batch_norm import rounds_to_tf32
-
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert rounds_to_tf32(torch.float32, cuda)
-    assert not rounds_to_tf32(torch.bfloat16, cuda) and not rounds_to_tf32(torch.float32, torch.device("cpu"))
+    assert cudnn.rounds_to_tf32(torch.float32, cuda)
+    assert not cudnn.rounds_to_tf32(torch.bfloat16, cuda) and not cudnn.rounds_to_tf32(torch.float32, torch.device("cpu"))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert not rounds_to_tf32(torch.float32, cuda)
+    assert not cudnn.rounds_to_tf32(torch.float32, cuda)
+
+
+class Bottleneck(nn.Module):
+    """A 1x1 convolution (its weight already channels-last), a depthwise 3x3 (likewise) and a dense 3x3, each with a
+    batch norm, odd channel counts, a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce, self.reduce_norm = nn.Conv2d(5, 7, 1, bias=False), nn.BatchNorm2d(7)
+        self.depthwise, self.depthwise_norm = nn.Conv2d(7, 7, 3, padding=1, groups=7), nn.BatchNorm2d(7)
+        self.dense, self.dense_norm = nn.Conv2d(7, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        y = torch.relu(self.reduce_norm(self.reduce(x)))
+        y = nn.functional.relu6(self.depthwise_norm(self.depthwise(y)))
+        return torch.relu(self.dense_norm(self.dense(y)) + x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_on_cudnn_devices_a_channels_last_weight_keeps_its_memory_and_the_norm_joins_the_epilogue(monkeypatch, dtype):
+    """Where the weight is already channels-last (1x1, depthwise) the batch norm becomes a scale and shift after the
+    convolution, which fusion joins to the activation, so no copy of the weight is held; a dense 3x3's folds."""
+    monkeypatch.setattr(cudnn, "LAYOUT_DEVICES", frozenset({"cpu", "cuda"}))
+    model = with_statistics(Bottleneck()).to(dtype)
+    x = torch.randn(2, 5, 9, 7, dtype=dtype)
+    graph = fold_batch_norm(from_module(model, (x,)).graph)
+    assert not batch_norms(graph)
+    made = sorted(tuple(graph.weights[name].shape) for name in graph.derived)
+    assert made == [(5,), (5, 7, 3, 3), (7,), (7,), (7,), (7,)], made
+    held = {id(tensor) for tensor in graph.weights.values()}
+    assert id(model.reduce.weight) in held and id(model.depthwise.weight) in held
+    assert [node.op for node in graph.nodes].count("mul.Tensor") == 2
+    assert {id(t) for t in graph.derived["convolution_1_norm_shift_folded"]} == {
+        id(t) for t in (model.depthwise.bias, model.depthwise_norm.weight, model.depthwise_norm.bias,
+                        model.depthwise_norm.running_mean, model.depthwise_norm.running_var)}
+    with torch.no_grad():
+        program = ember.compile(model, (x,))
+        decisions = program.report.pass_decisions["fold_batch_norm"]
+        assert sum("scale and shift" in line for line in decisions) == 2, decisions
+        assert sum("folded into convolution" in line for line in decisions) == 1, decisions
+        assert not any(node.is_extern for node in program.graph.nodes), program.graph
+        assert_agrees(program(x), model(x))
+
+
+def test_under_tf32_every_batch_norm_becomes_an_epilogue(monkeypatch):
+    """A float32 convolution that cuDNN runs in TF32 keeps its weight (folding would round it differently from
+    eager's), and its batch norm still leaves ATen for the epilogue."""
+    from ember.optimizer import fold_batch_norm as module
+
+    monkeypatch.setattr(cudnn, "LAYOUT_DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(module.cudnn, "rounds_to_tf32", lambda dtype, device: dtype == torch.float32)
+    model = with_statistics(Bottleneck())
+    x = torch.randn(1, 5, 6, 6)
+    graph = fold_batch_norm(from_module(model, (x,)).graph)
+    assert not batch_norms(graph) and [node.op for node in graph.nodes].count("mul.Tensor") == 3
+    assert id(model.dense.weight) in {id(tensor) for tensor in graph.weights.values()}
