@@ -120,8 +120,7 @@ def test_cache_passed_in_runs_or_is_a_compile_error_naming_the_backend():
 
 def test_the_returned_cache_holds_the_programs_tensors_not_copies(monkeypatch):
     """transformers rebuilds a DynamicCache by `update`, a cat per layer: a copy of the whole cache per call.
-    ember's cache holds the tensors its program made, and a sliding-window cache (which also counts tokens)
-    is rebuilt by transformers itself."""
+    ember's cache holds the tensors its program made."""
     model = tiny_llama().eval()
     input_ids = torch.randint(0, VOCAB, (2, 7))
     with torch.no_grad():
@@ -136,6 +135,41 @@ def test_the_returned_cache_holds_the_programs_tensors_not_copies(monkeypatch):
     assert cache_layers and all(keys.data_ptr() in pointers and values.data_ptr() in pointers
                                 for keys, values in cache_layers)
     assert_same_result(result, model(input_ids))
+
+
+def tiny_gemma2() -> torch.nn.Module:
+    """Sliding-window layers (a window of 4 on 7 tokens, so that they keep only the last 3) between global ones."""
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4, max_position_embeddings=64))
+
+
+def test_a_sliding_window_cache_holds_the_programs_tensors_as_transformers_would_rebuild_it(monkeypatch):
+    """A sliding-window layer also counts the tokens it was given and keeps the last window - 1: ember's cache
+    holds views of the program's tensors, equal in every attribute to transformers' own rebuild (which copies
+    them), and decoding continues from it as from that rebuild."""
+    from torch.utils import _pytree as pytree
+
+    from ember.results import _same_layers
+
+    model = tiny_gemma2().eval()
+    prompt, step = torch.randint(0, VOCAB, (2, 7)), torch.randint(0, VOCAB, (2, 1))
+    with torch.no_grad():
+        program = ember.compile(model, (prompt,))
+        made = []
+        run = type(program.executor).__call__
+        monkeypatch.setattr(type(program.executor), "__call__",
+                            lambda executor, tensors: made.append(run(executor, tensors)) or made[-1])
+        result = program(prompt)
+        cache = cache_of(result)
+        rebuilt = cache_of(pytree.tree_unflatten(list(made[-1]), program.out_spec))
+        kinds = {type(layer).__name__ for layer in cache.layers}
+        assert kinds == {"DynamicLayer", "DynamicSlidingWindowLayer"}, kinds
+        storages = {tensor.untyped_storage().data_ptr() for tensor in made[-1]}
+        assert all(layer.keys.untyped_storage().data_ptr() in storages for layer in cache.layers)
+        assert _same_layers(cache, rebuilt)
+        assert min(layer.keys.shape[-2] for layer in cache.layers) == 3
+        assert_same_result(with_cache(model, step, cache), with_cache(model, step, rebuilt))
 
 
 def test_each_call_returns_a_cache_of_its_own_that_the_model_can_extend():
