@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -338,6 +339,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     console.print(f"peaks (TFLOP/s): {peaks}")
     console.print(f"bandwidth: {profile.memory_bandwidth_gbps:,.1f} GB/s DRAM, {profile.l2_bandwidth_gbps:,.1f} GB/s L2; "
                   f"launch {profile.launch_overhead_us:.1f} µs; attention at {profile.attention_efficiency:.0%} of peak")
+    classes = {kind: [point[5] for point in profile.convolution_points if point[0] == kind]
+               for kind in dict.fromkeys(point[0] for point in profile.convolution_points)}
+    if classes:
+        console.print("convolutions at " + ", ".join(f"{statistics.median(fractions):.1%} ({kind})"
+                                                     for kind, fractions in classes.items()) + " of peak (median)")
     console.print(f"saved {path}; use it with --device {profile.name if args.out is None else path}")
     return 0
 

@@ -1,7 +1,8 @@
 """`ember calibrate`: measure the ceilings of the device at hand and write them as a DeviceProfile.
 
 Large matmuls per dtype give the peaks, a device-to-device copy the bandwidths, a one-element op the
-launch overhead, and a grid of matmul shapes the efficiency points the cost model interpolates.
+launch overhead, and grids of matmul, attention and convolution shapes the efficiency points the cost model
+interpolates.
 Other work on the machine only ever adds time, so every figure is the fastest of repeated blocks.
 """
 from __future__ import annotations
@@ -165,11 +166,13 @@ def calibrate(device: str | torch.device | None = None, *, quick: bool = False, 
     size, tflops = squares[graded]
     base = _base_efficiency(draft, size, tflops / peak_tflops)
     attention = _attention_points(draft, device, quick, timing)
+    convolutions = _convolution_points(draft, device, quick, timing)
     misaligned = _misaligned_factor(device, quick, timing) if gpu else 1.0
     floors, dispatch = _dispatch_and_floors(device, timing)
     return dataclasses.replace(
         draft, matmul_base_efficiency=base, matmul_efficiency={DTYPE_KEYS[graded]: points},
-        misaligned_matmul_factor=misaligned, attention_points=attention, dispatch_us=dispatch, kernel_floor_us=floors,
+        misaligned_matmul_factor=misaligned, attention_points=attention, convolution_points=convolutions,
+        dispatch_us=dispatch, kernel_floor_us=floors,
         attention_efficiency=statistics.median(point[3] for point in attention),
     )
 
@@ -346,6 +349,40 @@ def _attention_points(draft: DeviceProfile, device: torch.device, quick: bool, t
                     seconds = device_time_us(fn, device, copies=5, timing=timing) / 1e6
                     points.append((variant, length, head_dim, _fraction(useful_flops / seconds / peak)))
                     update(advance=1)
+    return tuple(points)
+
+
+CONVOLUTION_STAGES = {"gpu": ((56, 64), (28, 128), (14, 256), (7, 512)), "quick": ((28, 128), (7, 512)),
+                      "cpu": ((14, 16), (7, 32))}
+"""(image side, channels) of the convolution stages measured: ResNet's four on a GPU, two small ones on the CPU."""
+
+
+def _convolution_points(draft: DeviceProfile, device: torch.device, quick: bool, timing: Timing) -> tuple:
+    """Fraction of peak 2-D convolutions reach, per class, at each stage: a 1x1 reducing 4C channels to C, a 3x3
+    from C to C, a depthwise 3x3 over 4C channels (bottleneck and inverted-residual blocks' three kinds).
+
+    On a GPU in bfloat16, channels-last as ember runs them (batch 32); on the CPU in float32 (batch 2). Device
+    time, by CUDA-graph replay on a GPU; each point as (class, groups, m, n, k, fraction), its implicit GEMM
+    per group as the op table gives it."""
+    gpu = device.type == "cuda"
+    dtype, batch = (torch.bfloat16, 32) if gpu else (torch.float32, 2)
+    stages = CONVOLUTION_STAGES["quick" if quick and gpu else "gpu" if gpu else "cpu"]
+    layout = torch.channels_last if gpu else torch.contiguous_format
+    peak = draft.peak_flops("tensor" if gpu else "cuda", dtype)
+    points = []
+    with task("calibrating: convolutions", total=3 * len(stages)) as update:
+        for side, channels in stages:
+            for kind, (inputs, outputs, kernel, groups) in {
+                    "pointwise": (4 * channels, channels, 1, 1), "dense": (channels, channels, 3, 1),
+                    "depthwise": (4 * channels, 4 * channels, 3, 4 * channels)}.items():
+                x = torch.randn(batch, inputs, side, side, dtype=dtype, device=device).to(memory_format=layout)
+                weight = torch.randn(outputs, inputs // groups, kernel, kernel, dtype=dtype, device=device)
+                weight = weight.to(memory_format=layout)
+                m, n, k = batch * side * side, outputs // groups, inputs // groups * kernel * kernel
+                seconds = device_time_us(lambda: F.conv2d(x, weight, padding=kernel // 2, groups=groups), device,
+                                         copies=5, timing=timing) / 1e6
+                points.append((kind, groups, m, n, k, _fraction(2 * groups * m * n * k / seconds / peak)))
+                update(advance=1)
     return tuple(points)
 
 

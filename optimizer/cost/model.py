@@ -185,8 +185,33 @@ class CostModel:
             causal = node.attrs.get("is_causal", False) and inputs[0].shape[-2] == inputs[1].shape[-2]
             return (flops / 2 if causal else flops) / (peak * self.attention_efficiency(node, inputs)) * 1e6
         shape = matmul_shape(node, inputs, outputs)
-        efficiency = self.matmul_efficiency(shape, dtype) if shape else 1.0
+        if shape is None:
+            efficiency = 1.0
+        elif kind == "convolution":
+            efficiency = self.convolution_efficiency(node, inputs, shape, dtype)
+        else:
+            efficiency = self.matmul_efficiency(shape, dtype)
         return flops / (peak * efficiency) * 1e6
+
+    def convolution_efficiency(self, node: Node, inputs: Sequence[TensorType], shape: MatmulShape,
+                               dtype: torch.dtype) -> float:
+        """The implicit GEMM's analytic efficiency, corrected by the measured convolutions of the same class
+        nearby (cuDNN's kernels differ by class: a depthwise one is a stencil, not a GEMM); the matmul points'
+        correction where the profile measured none of the class."""
+        kind = convolution_class(node, inputs)
+        points = [point[1:] for point in self.profile.convolution_points if point[0] == kind]
+        if not points:
+            return self.matmul_efficiency(shape, dtype)
+        here = (math.log2(shape.m * shape.batch), math.log2(shape.n), math.log2(shape.k))
+        nearest = sorted(points, key=lambda p: math.dist(here, _log_gemm(p)))[:3]
+        weights = [1 / (1e-3 + math.dist(here, _log_gemm(p))) for p in nearest]
+        corrections = [p[4] / self._gemm_efficiency(MatmulShape(*p[:4]), dtype) for p in nearest]
+        correction = sum(w * c for w, c in zip(weights, corrections)) / sum(weights)
+        return min(1.0, max(1e-3, self._gemm_efficiency(shape, dtype) * correction))
+
+    def _gemm_efficiency(self, shape: MatmulShape, dtype: torch.dtype) -> float:
+        """The analytic efficiency with the misalignment penalty."""
+        return self.analytic_efficiency(shape) * self._aligned(shape, dtype)
 
     def attention_efficiency(self, node: Node, inputs: Sequence[TensorType]) -> float:
         """The measured point of the same variant nearest in (sequence length, head dim), scaled by how
@@ -259,6 +284,23 @@ def matmul_shape(node: Node, inputs: Sequence[TensorType], outputs: Sequence[Ten
     """The GEMM a matmul-like node runs, as the op table gives it (convolution as implicit GEMM); None for other ops."""
     gemm = node.definition.gemm
     return MatmulShape(*gemm(inputs, outputs, node.attrs)) if gemm is not None else None
+
+
+def convolution_class(node: Node, inputs: Sequence[TensorType]) -> str | None:
+    """"pointwise" (1x1, one group), "dense" (one group), "depthwise" (a group per input channel) or None (other
+    groupings, transposed): the classes calibration measures."""
+    if node.attrs.get("transposed") or len(inputs) < 2:
+        return None
+    weight, groups = inputs[1], node.attrs.get("groups", 1)
+    if groups == 1:
+        return "pointwise" if all(size == 1 for size in weight.shape[2:]) else "dense"
+    return "depthwise" if weight.shape[1] == 1 else None
+
+
+def _log_gemm(point: Sequence[float]) -> tuple[float, float, float]:
+    """A convolution point's (groups, m, n, k) in the log space the nearest points are found in."""
+    groups, m, n, k = point[:4]
+    return math.log2(m * groups), math.log2(n), math.log2(k)
 
 
 def _distance(here: tuple[float, float, float], point: Iterable[float]) -> float:

@@ -47,6 +47,9 @@ class DeviceProfile:
     attention_efficiency: fraction of tensor peak a fused attention kernel reaches, where no point is measured.
     attention_points: measured (variant, sequence length, head dim, fraction of peak); variants are
         "plain", "causal" (is_causal) and "mask" (an explicit mask: a different kernel in PyTorch).
+    convolution_points: measured (class, groups, m, n, k, fraction of peak) of cuDNN's (or the CPU's) 2-D
+        convolutions as implicit GEMMs (per group: m output pixels, n output channels, k input channels × kernel
+        taps); classes are "pointwise" (1x1), "dense" (one group, a larger kernel) and "depthwise".
     link_gbps: what one GPU sends per second to the other GPUs of its node in an all-to-all (NVLink), GB/s.
     network_gbps: the same to GPUs on other nodes (the node's network, per GPU), GB/s.
     collective_latency_us: the fixed cost of one all-to-all (its launch and the exchange of split sizes).
@@ -66,6 +69,7 @@ class DeviceProfile:
     misaligned_matmul_factor: float = 1.0
     attention_efficiency: float = 0.45
     attention_points: tuple[tuple[str, int, int, float], ...] = ()
+    convolution_points: tuple[tuple[str, int, int, int, int, float], ...] = ()
     matmul_efficiency: Mapping[str, tuple[tuple[int, int, int, float], ...]] = field(default_factory=dict)
     link_gbps: float = 150.0
     network_gbps: float = 25.0
@@ -101,6 +105,7 @@ def profile_from_dict(data: Mapping[str, Any], where: str) -> DeviceProfile:
                 key: tuple(tuple(point) for point in points) for key, points in data.get("matmul_efficiency", {}).items()
             },
             "attention_points": tuple(tuple(point) for point in data.get("attention_points", ())),
+            "convolution_points": tuple(tuple(point) for point in data.get("convolution_points", ())),
         })
     except TypeError as error:
         raise ProfileError(f"{where} is not a device profile: {error}") from None

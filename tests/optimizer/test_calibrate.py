@@ -87,6 +87,7 @@ def test_calibrated_cpu_profile_is_complete_and_usable(calibrated, tmp_path):
     assert not profile.asynchronous and profile.launch_overhead_us == 0  # on the CPU the op is the dispatch
     assert set(profile.dispatch_us) >= {"default", "pointwise", "view", "matmul", "attention"}
     assert {point[0] for point in profile.attention_points} == {"plain", "causal", "mask"}
+    assert sorted(point[0] for point in profile.convolution_points) == ["dense"] * 2 + ["depthwise"] * 2 + ["pointwise"] * 2
     assert len(profile.matmul_efficiency["fp32"]) == 12
     reloaded = load_profile(save_profile(profile, tmp_path / "cpu.json"))
     assert reloaded == profile
@@ -107,6 +108,7 @@ def test_every_calibrated_efficiency_is_a_fraction(calibrated):
     profile, _ = calibrated
     efficiencies = [point[3] for point in profile.matmul_efficiency["fp32"]]
     efficiencies += [point[3] for point in profile.attention_points]
+    efficiencies += [point[5] for point in profile.convolution_points]
     efficiencies += [profile.matmul_base_efficiency, profile.attention_efficiency, profile.misaligned_matmul_factor]
     assert all(0 < efficiency <= 1 for efficiency in efficiencies), efficiencies
 
@@ -140,7 +142,7 @@ def test_calibration_reports_every_stage_to_the_end(calibrated):
     _, tasks = calibrated
     assert [description for description, _, _ in tasks] == [
         "calibrating: matmul peaks", "calibrating: matmul shapes", "calibrating: bandwidth",
-        "calibrating: attention", "calibrating: dispatch",
+        "calibrating: attention", "calibrating: convolutions", "calibrating: dispatch",
     ]
     assert all(total == advanced for _, total, advanced in tasks), tasks
 

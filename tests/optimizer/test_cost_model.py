@@ -239,3 +239,45 @@ def test_no_kernel_is_shorter_than_its_kinds_floor():
     costs = CostModel(floored).nodes(graph)
     assert costs["neg"].kernel_us == 2.0 and costs["total"].kernel_us == 5.0
     assert costs["exp"].kernel_us == pytest.approx(costs["exp"].memory_us + floored.launch_overhead_us)
+
+
+def _convolution(name: str, batch: int, channels: int, out_channels: int, side: int, kernel: int, groups: int):
+    """A bf16 2-D convolution node (same padding) and its input types."""
+    x = TensorType((batch, channels, side, side), torch.bfloat16)
+    weight = TensorType((out_channels, channels // groups, kernel, kernel), torch.bfloat16)
+    out = TensorType((batch, out_channels, side, side), torch.bfloat16)
+    attrs = {"stride": [1, 1], "padding": [kernel // 2] * 2, "dilation": [1, 1], "transposed": False,
+             "output_padding": [0, 0], "groups": groups, "bias": None}
+    return Node(name, "convolution", ("x", "w"), attrs, (Value(name, out),)), [x, weight]
+
+
+def test_convolution_efficiency_comes_from_the_measured_points_of_its_class():
+    """A depthwise convolution is a stencil, not a GEMM: its measured point, not the matmul points, prices it (as
+    a GEMM of one output channel per group the analytic model gives it the least efficiency there is); a
+    convolution of exactly a measured shape gets that point's efficiency; a class with no point falls back to
+    the matmul points' correction of its implicit GEMM."""
+    depthwise, depthwise_inputs = _convolution("d", 32, 512, 512, 28, 3, 512)
+    dense, dense_inputs = _convolution("c", 32, 128, 128, 28, 3, 1)
+    measured = dataclasses.replace(H100, convolution_points=(
+        ("depthwise", 512, 32 * 28 * 28, 1, 9, 0.015), ("dense", 1, 32 * 28 * 28, 128, 1152, 0.55)))
+    model, plain = CostModel(measured), CostModel(H100)
+    for node, inputs, expected in ((depthwise, depthwise_inputs, 0.015), (dense, dense_inputs, 0.55)):
+        shape = MatmulShape(*node.definition.gemm(inputs, [node.outputs[0].type], node.attrs))
+        assert model.convolution_efficiency(node, inputs, shape, torch.bfloat16) == pytest.approx(expected)
+        assert plain.convolution_efficiency(node, inputs, shape, torch.bfloat16) == \
+            plain.matmul_efficiency(shape, torch.bfloat16)
+    types = {"x": depthwise_inputs[0], "w": depthwise_inputs[1]}
+    cost = model.node(depthwise, types)
+    assert cost.compute_us == pytest.approx(cost.flops / (H100.peak_flops("tensor", torch.bfloat16) * 0.015) * 1e6)
+    assert plain.node(depthwise, types).compute_us > 10 * cost.compute_us
+    pointwise, pointwise_inputs = _convolution("p", 32, 512, 128, 28, 1, 1)
+    shape = MatmulShape(*pointwise.definition.gemm(pointwise_inputs, [pointwise.outputs[0].type], pointwise.attrs))
+    assert model.convolution_efficiency(pointwise, pointwise_inputs, shape, torch.bfloat16) == \
+        model.matmul_efficiency(shape, torch.bfloat16)
+
+
+def test_convolution_points_survive_a_profile_round_trip(tmp_path):
+    from ember.optimizer.cost.profile import save_profile
+
+    measured = dataclasses.replace(H100, name="conv-test", convolution_points=(("pointwise", 1, 100352, 64, 256, 0.4),))
+    assert load_profile(save_profile(measured, tmp_path / "p.json")).convolution_points == measured.convolution_points
