@@ -11,6 +11,7 @@ from torch import nn
 import ember
 from ember import cli, models
 from ember.errors import CompileError
+from ember.ir import Node
 from ember.optimizer import cudnn
 from ember.tolerance import result_tolerance
 
@@ -70,3 +71,41 @@ def test_suite_mobilenet_v3_without_torchvision_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", without_torchvision)
     with pytest.raises(CompileError, match="needs torchvision"):
         models.load("mobilenet_v3", "suite")
+
+
+def tiny_bloom() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """transformers' BLOOM: ALiBi, a per-head linear bias on the scores, added by baddbmm."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BloomConfig(vocab_size=97, hidden_size=32, n_layer=2, n_head=4)
+    return transformers.BloomForCausalLM(config).eval(), (torch.randint(0, 97, (2, 9)),)
+
+
+ATTENTION_VARIANTS = {"alibi": tiny_bloom, "softcap_sliding_window": lambda: models.load("gemma2"),
+                      "relative_position_buckets": lambda: models.load("t5_encoder")}
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+def test_attention_variants_take_a_fused_path_and_agree_with_eager(variant, compiled_programs):
+    """ALiBi (BLOOM) and soft-capping over a sliding window (Gemma-2), written out by the model: the scores are
+    biased, capped and masked in the row kernel that takes the softmax, between the two batched matmuls. T5's
+    bucketed relative position bias goes to scaled_dot_product_attention as an additive float mask, which torch's
+    fused (memory-efficient) kernel takes. Both entry points, against eager."""
+    torch.manual_seed(0)
+    model, inputs = ATTENTION_VARIANTS[variant]()
+    with torch.no_grad():
+        expected = model(*inputs)[0]
+        program = ember.compile(model, inputs, ember.Options(fusion=True))
+        exported = program(*inputs)[0]
+        backend = torch.compile(model, backend="ember", options={"fusion": True})(*inputs)[0]
+    for actual in (exported, backend):
+        assert models.max_error(expected, actual) <= result_tolerance(expected)
+    for compiled in (program, compiled_programs[-1]):
+        steps = [step.op for step in compiled.executor.work if isinstance(step, Node)]
+        if variant == "relative_position_buckets":
+            types = compiled.graph.types()
+            attention = [node for node in compiled.graph.nodes if node.op == "scaled_dot_product_attention"]
+            assert attention and all(len(node.inputs) == 4 and types[node.inputs[3]].dtype.is_floating_point
+                                     for node in attention)
+        else:
+            assert any("softmax" in node.op for node in compiled.graph.nodes)
+            assert not [op for op in steps if "softmax" in op], steps
