@@ -11,7 +11,8 @@ another.
 measured all-to-all bytes and time and MoE-layer time, against the simulator's prediction for the same tokens.
 Usage: python bench/placement.py --part traces [--time-limit 60]     (CPU; about 40 min on 2 cores)
        python bench/placement.py --part synthetic                      (CPU; about 5 min)
-       python bench/placement.py --part gpu --traces DIR               (2 GPUs; a few minutes)
+       python bench/placement.py --part gpu --traces DIR [--gpus 8]    (2 or 8 GPUs; a few minutes)
+       python bench/placement.py --part gpu --device cpu --gpus 8 --hidden 256 --ffn 512   (8 CPU processes)
 """
 from __future__ import annotations
 
@@ -144,17 +145,21 @@ def run_gpu(args: argparse.Namespace) -> None:
     traces = {name: load_trace(directory / f"{name}.json") for name in CATEGORIES}
     held = args.held_out
     fit = [traces[name] for name in CATEGORIES if name != held]
-    plans = {"contiguous": plan_placement(fit, 2, method="contiguous"),
-             "planned": plan_placement(fit, 2, method="mip", time_limit_s=args.time_limit)}
+    gpus = args.gpus
+    plans = {"contiguous": plan_placement(fit, gpus, method="contiguous"),
+             "planned": plan_placement(fit, gpus, method="mip", time_limit_s=args.time_limit)}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "placements.json").write_text(json.dumps({name: [[gpus[0] for gpus in layer] for layer in plan.gpus_of]
                                                       for name, plan in plans.items()}))
     save_trace(traces[held], work / "routing.safetensors")
     measured = work / "measured.json"
-    command = ["torchrun", "--standalone", "--nproc-per-node", "2", str(Path(__file__).with_name("placement_gpu.py")),
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus), str(Path(__file__).with_name("placement_gpu.py")),
                "--placements", str(work / "placements.json"), "--routing", str(work / "routing.safetensors"),
-               "--out", str(measured), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+               "--out", str(measured), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+               "--device", args.device, "--hidden", str(args.hidden), "--ffn", str(args.ffn)]
+    if args.device == "cpu":
+        command += ["--dtype", "float32", "--warmup", "1"]
     if args.layers:
         command += ["--layers", str(args.layers)]
     subprocess.run(command, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
@@ -165,30 +170,42 @@ def run_gpu(args: argparse.Namespace) -> None:
     predicted = {}
     for name, plan in plans.items():
         for mode in ("stay", "return"):
-            trimmed = Placement(plan.method, 2, plan.gpus_per_node, plan.num_experts, plan.slots, plan.gpus_of[:layers])
-            sim = simulate(trimmed, cut, profile, hidden=result["config"]["hidden"], mode=mode)
+            trimmed = Placement(plan.method, gpus, plan.gpus_per_node, plan.num_experts, plan.slots, plan.gpus_of[:layers])
+            sim = simulate(trimmed, cut, profile, hidden=result["config"]["hidden"], mode=mode,
+                           element_bytes=torch.finfo(getattr(torch, result["dtype"])).bits // 8)
             predicted[f"{name}/{mode}"] = {"bytes": sim.total_bytes, "a2a_ms": sim.all_to_all_us / 1e3,
                                            "top1_remote": sim.top1_remote}
     result["predicted"] = predicted
     result["plans"] = {name: {k: v for k, v in plan.to_dict().items() if k != "gpus_of"} for name, plan in plans.items()}
-    write_results(args.out, "placement_gpu", result, gpu_table(result))
+    stem = "placement_gpu" if gpus == 2 else f"placement_gpu{gpus}"
+    if args.device == "cpu":
+        stem = f"placement_cpu_gloo{gpus}"
+    write_results(args.out, stem, result, gpu_table(result))
 
 
 def gpu_table(result: dict) -> str:
-    """Measured against predicted, per placement and mode; then the planned placement's saving against the
-    simulator's predicted saving."""
-    lines = [f"{'placement/mode':<18} {'MiB sent':>9} {'predicted':>9} {'a2a ms':>7} {'pred ms':>7} {'step ms':>8}"]
+    """Measured against predicted, per placement and mode (bytes sent, target within 5%); on GPUs the times too,
+    and the planned placement's saving against the simulator's predicted saving."""
+    on_gpus = result["device"] != "cpu"
+    lines = [f"{result['world']} ranks on {result['device']}, {result['dtype']}, hidden {result['config']['hidden']}, "
+             f"{result['tokens']} tokens"]
+    lines.append(f"{'placement/mode':<18} {'MiB sent':>9} {'predicted':>9} {'ratio':>6}"
+                 + (f" {'a2a ms':>7} {'pred ms':>7} {'step ms':>8}" if on_gpus else ""))
     runs = {f"{name}/{mode}": run for name, modes in result["results"].items() for mode, run in modes.items()}
     for key, run in runs.items():
         sent = (run["dispatch_bytes"] + run["combine_bytes"]) / 2**20
         predicted = result["predicted"][key]
-        lines.append(f"{key:<18} {sent:9.1f} {predicted['bytes'] / 2**20:9.1f} {run['all_to_all_ms']:7.2f} "
-                     f"{predicted['a2a_ms']:7.2f} {run['step_ms']:8.2f}")
-    if "contiguous/stay" in runs and "planned/stay" in runs:
+        line = f"{key:<18} {sent:9.1f} {predicted['bytes'] / 2**20:9.1f} {sent * 2**20 / predicted['bytes']:6.3f}"
+        if on_gpus:
+            line += f" {run['all_to_all_ms']:7.2f} {predicted['a2a_ms']:7.2f} {run['step_ms']:8.2f}"
+        lines.append(line)
+    if on_gpus and "contiguous/stay" in runs and "planned/stay" in runs:
         saved = runs["contiguous/stay"]["step_ms"] - runs["planned/stay"]["step_ms"]
         predicted = result["predicted"]["contiguous/stay"]["a2a_ms"] - result["predicted"]["planned/stay"]["a2a_ms"]
         lines.append(f"MoE-layer time saved by the plan: {saved:.2f} ms measured, {predicted:.2f} ms predicted "
                      f"({saved / predicted:.0%} of the prediction)" if predicted else "no saving predicted")
+    if not on_gpus:
+        lines.append("CPU processes over gloo: bytes only (the times are the CPU's and are not compared)")
     checks = result.get("small_check", [])
     lines.append(f"small check against one device: {sum(c['passed'] for c in checks)}/{len(checks)} passed")
     return "\n".join(lines)
@@ -200,6 +217,11 @@ def main() -> None:
     parser.add_argument("--traces", help="folder of the Mixtral traces (default: ../shared/data/moe_traces/mixtral)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per MIP (default: 60)")
     parser.add_argument("--held-out", default="writing", help="the category the GPU run replays (default: writing)")
+    parser.add_argument("--gpus", type=int, default=2, help="ranks of the --part gpu run (default: 2)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the ranks as CPU processes over gloo (bytes checked, times not compared)")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--ffn", type=int, default=14336)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=30)

@@ -5,8 +5,12 @@ contiguous one as the classic reference, it replays a recorded routing trace thr
 weights, seeded, made on the GPUs) and records per layer the rows and bytes each rank sent, the all-to-all,
 expert and layer times (medians of `--repeats` steps after `--warmup`). At startup a small stack (hidden 256)
 is checked against the one-device reference on the GPUs, each placement and mode, and the result recorded.
+--device cpu runs the ranks as CPU processes over gloo instead (any number of them, no GPU): the rows and bytes
+sent are the same as on GPUs, so the simulator's byte counts can be checked at 8 ranks where no 8-GPU machine is
+lent; its times are the CPU's and say nothing of a GPU's.
 Usage: torchrun --nproc-per-node 2 bench/placement_gpu.py --placements P.json --routing R.safetensors
        --out OUT.json [--hidden 4096 --ffn 14336 --dtype bfloat16 --tokens 4096 --layers L --warmup 5 --repeats 30]
+       [--device cpu]
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: CPU processes over gloo (bytes as on GPUs, times not)")
     return parser.parse_args()
 
 
@@ -61,8 +67,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[dict[str, list[list[int]]], t
 
 def check_small(placements: dict[str, list[list[int]]], routing: torch.Tensor, device: torch.device,
                 dtype: torch.dtype, seed: int) -> list[dict]:
-    """Expert parallel against the one-device stack at hidden 256 on the GPUs: float32 with the router's own
-    routing, `dtype` with the trace's."""
+    """Expert parallel against the one-device stack at hidden 256 on the ranks' devices: float32 with the router's
+    own routing, `dtype` with the trace's."""
     checks = []
     layers = min(CHECK_LAYERS, routing.shape[1])
     for name, placement in placements.items():
@@ -95,9 +101,13 @@ def summary(stats: StepStats) -> dict:
 
 def main() -> None:
     args = parse_args()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = DTYPES[args.dtype]
     placements, routing = load_inputs(args)
@@ -123,7 +133,8 @@ def main() -> None:
                       f" sent {(row['dispatch_bytes'] + row['combine_bytes']) / 2**20:.1f} MiB")
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if rank == 0:
         result = {**environment(device), "world": world, "config": asdict(config), "dtype": args.dtype,
                   "tokens": args.tokens, "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
