@@ -118,6 +118,15 @@ def test_cache_passed_in_runs_or_is_a_compile_error_naming_the_backend():
                            with_cache(model, step, cache_of(model(prompt))))
 
 
+def recording_outputs(program: ember.Program, monkeypatch) -> list:
+    """The flat outputs of each of the program's calls from now on, as its executor made them, in a list."""
+    made = []
+    run = type(program.executor).__call__
+    monkeypatch.setattr(type(program.executor), "__call__",
+                        lambda executor, tensors: made.append(run(executor, tensors)) or made[-1])
+    return made
+
+
 def test_the_returned_cache_holds_the_programs_tensors_not_copies(monkeypatch):
     """transformers rebuilds a DynamicCache by `update`, a cat per layer: a copy of the whole cache per call.
     ember's cache holds the tensors its program made."""
@@ -125,10 +134,7 @@ def test_the_returned_cache_holds_the_programs_tensors_not_copies(monkeypatch):
     input_ids = torch.randint(0, VOCAB, (2, 7))
     with torch.no_grad():
         program = ember.compile(model, (input_ids,))
-        made = []
-        run = type(program.executor).__call__
-        monkeypatch.setattr(type(program.executor), "__call__",
-                            lambda executor, tensors: made.append(run(executor, tensors)) or made[-1])
+        made = recording_outputs(program, monkeypatch)
         result = program(input_ids)
     pointers = {tensor.data_ptr() for tensor in made[-1]}
     cache_layers = layers(cache_of(result))
@@ -156,10 +162,7 @@ def test_a_sliding_window_cache_holds_the_programs_tensors_as_transformers_would
     prompt, step = torch.randint(0, VOCAB, (2, 7)), torch.randint(0, VOCAB, (2, 1))
     with torch.no_grad():
         program = ember.compile(model, (prompt,))
-        made = []
-        run = type(program.executor).__call__
-        monkeypatch.setattr(type(program.executor), "__call__",
-                            lambda executor, tensors: made.append(run(executor, tensors)) or made[-1])
+        made = recording_outputs(program, monkeypatch)
         result = program(prompt)
         cache = cache_of(result)
         rebuilt = cache_of(pytree.tree_unflatten(list(made[-1]), program.out_spec))
