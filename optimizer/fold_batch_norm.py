@@ -87,19 +87,19 @@ def fold_batch_norm(graph: Graph) -> Graph:
     """batch norm -> the multiply and add (and their operands' views) that replace it"""
     with unset_fake_temporarily(), torch.no_grad():  # the backend runs under fake tensors; the weights are real
         for fold in folds:
-            held = _epilogue_reason(fold, graph.weights)
-            roles = ("scale", "shift") if held else ("weight", "bias")
+            epilogue = _epilogue_reason(fold, graph.weights)
+            roles = ("scale", "shift") if epilogue else ("weight", "bias")
             names = []
-            for role, tensor in zip(roles, _affine(fold, graph.weights) if held else _folded(fold, graph.weights)):
-                name = fresh_name(f"{fold.conv.name}_{'norm_' if held else ''}{role}_folded", taken)
-                weights[name], derived[name] = tensor, _sources(fold, graph, with_weight=not held)
+            for role, tensor in zip(roles, _affine(fold, graph.weights) if epilogue else _folded(fold, graph.weights)):
+                name = fresh_name(f"{fold.conv.name}_{'norm_' if epilogue else ''}{role}_folded", taken)
+                weights[name], derived[name] = tensor, _sources(fold, graph, with_weight=not epilogue)
                 params.append(Value(name, type_of(tensor)))
                 names.append(name)
             attrs = {key: value for key, value in fold.conv.attrs.items() if key != "bias"}
-            if held:
+            if epilogue:
                 inputs, attrs = fold.conv.inputs[:2], {**attrs, "bias": None}
                 epilogues[fold.norm.name] = _epilogue(fold, names, taken)
-                _record_epilogue(fold, held)
+                _record_epilogue(fold, epilogue)
             else:
                 inputs = (fold.conv.inputs[0], *names)
                 renamed[fold.norm.outputs[0].name] = fold.conv.outputs[0].name

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -203,10 +204,8 @@ class CostModel:
         if not points:
             return self.matmul_efficiency(shape, dtype)
         here = (math.log2(shape.m * shape.batch), math.log2(shape.n), math.log2(shape.k))
-        nearest = sorted(points, key=lambda p: math.dist(here, _log_gemm(p)))[:3]
-        weights = [1 / (1e-3 + math.dist(here, _log_gemm(p))) for p in nearest]
-        corrections = [p[4] / self._gemm_efficiency(MatmulShape(*p[:4]), dtype) for p in nearest]
-        correction = sum(w * c for w, c in zip(weights, corrections)) / sum(weights)
+        correction = _nearest_correction(here, points, _log_gemm,
+                                         lambda p: p[4] / self._gemm_efficiency(MatmulShape(*p[:4]), dtype))
         return min(1.0, max(1e-3, self._gemm_efficiency(shape, dtype) * correction))
 
     def _gemm_efficiency(self, shape: MatmulShape, dtype: torch.dtype) -> float:
@@ -259,10 +258,8 @@ class CostModel:
         if not points:
             return analytic
         here = (math.log2(shape.m * shape.batch), math.log2(shape.n), math.log2(shape.k))
-        nearest = sorted(points, key=lambda p: _distance(here, p))[:3]
-        weights = [1 / (1e-3 + _distance(here, p)) for p in nearest]
-        corrections = [p[3] / self.analytic_efficiency(MatmulShape(1, p[0], p[1], p[2])) for p in nearest]
-        correction = sum(w * c for w, c in zip(weights, corrections)) / sum(weights)
+        correction = _nearest_correction(here, points, lambda p: (math.log2(p[0]), math.log2(p[1]), math.log2(p[2])),
+                                         lambda p: p[3] / self.analytic_efficiency(MatmulShape(1, *p[:3])))
         return min(1.0, max(1e-3, analytic * correction))
 
     def _aligned(self, shape: MatmulShape, dtype: torch.dtype) -> float:
@@ -303,9 +300,13 @@ def _log_gemm(point: Sequence[float]) -> tuple[float, float, float]:
     return math.log2(m * groups), math.log2(n), math.log2(k)
 
 
-def _distance(here: tuple[float, float, float], point: Iterable[float]) -> float:
-    m, n, k = list(point)[:3]
-    return math.dist(here, (math.log2(m), math.log2(n), math.log2(k)))
+def _nearest_correction(here: tuple[float, float, float], points: Sequence[Sequence[Any]],
+                        where: Callable[[Sequence[Any]], tuple[float, float, float]],
+                        correction: Callable[[Sequence[Any]], float]) -> float:
+    """The corrections of the three measured points nearest `here` (log GEMM dims), weighted by inverse distance."""
+    nearest = sorted(points, key=lambda p: math.dist(here, where(p)))[:3]
+    weights = [1 / (1e-3 + math.dist(here, where(p))) for p in nearest]
+    return sum(w * correction(p) for w, p in zip(weights, nearest)) / sum(weights)
 
 
 def _bytes_read(name: str, nodes: Sequence[Node], types: Mapping[str, TensorType]) -> int:
